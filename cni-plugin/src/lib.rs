@@ -1,0 +1,1 @@
+//! nodeplane-cni (work in progress)
