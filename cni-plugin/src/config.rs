@@ -1,0 +1,311 @@
+//! The network configuration the runtime streams on stdin, parsed field by
+//! field so every mistake names its field and the fix (code 7), while unknown
+//! fields pass silently as the spec requires (runtimes add their own).
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+
+use ipnetwork::IpNetwork;
+use serde_json::{Map, Value};
+
+use crate::error::{Error, Result};
+use crate::version::Version;
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/nodeplane/cni";
+pub const DEFAULT_MTU: u32 = 1500;
+pub const DEFAULT_GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+pub const DEFAULT_GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+pub const DEFAULT_HOST_PREFIX: &str = "np";
+
+/// How much the optional log file records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    Error,
+    Warn,
+    Info,
+    Debug,
+}
+
+/// One attachment the runtime still considers live (GC input).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ValidAttachment {
+    pub container_id: String,
+    pub ifname: String,
+}
+
+/// A validated plugin configuration.
+#[derive(Debug, Clone)]
+pub struct NetConf {
+    pub version: Version,
+    pub name: String,
+    /// The node's pod CIDRs: at most one IPv4 and one IPv6 (Node.spec.podCIDRs).
+    pub pod_cidrs: Vec<IpNetwork>,
+    /// Addresses or ranges never handed out.
+    pub exclude: Vec<IpNetwork>,
+    pub state_dir: PathBuf,
+    pub mtu: u32,
+    pub gateway_v4: Ipv4Addr,
+    pub gateway_v6: Ipv6Addr,
+    /// Prefix of host-side veth names (at most 3 bytes; names are prefix + 12 hex).
+    pub host_prefix: String,
+    pub log_file: Option<PathBuf>,
+    pub log_level: LogLevel,
+    /// `prevResult` exactly as given, when this plugin runs after another.
+    pub prev_result: Option<Value>,
+    /// `cni.dev/valid-attachments` (GC only).
+    pub valid_attachments: Option<Vec<ValidAttachment>>,
+}
+
+impl NetConf {
+    /// Parses stdin bytes. JSON errors are code 6, bad fields code 7, an
+    /// unknown `cniVersion` code 1.
+    pub fn parse(bytes: &[u8]) -> Result<NetConf> {
+        let value: Value = serde_json::from_slice(bytes).map_err(Error::Decode)?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| Error::config("(top level)", "the configuration must be a JSON object"))?;
+        Self::from_object(obj)
+    }
+
+    fn from_object(obj: &Map<String, Value>) -> Result<NetConf> {
+        let version = Version::parse(&string(obj, "cniVersion")?.ok_or_else(|| {
+            Error::config("cniVersion", "missing; set it to the spec version, e.g. \"1.1.0\"")
+        })?)?;
+        let name = string(obj, "name")?
+            .ok_or_else(|| Error::config("name", "missing; every network needs a name"))?;
+        validate_network_name(&name)?;
+
+        let pod_cidrs = cidrs(obj, "podCIDRs")?;
+        if pod_cidrs.is_empty() {
+            return Err(Error::config(
+                "podCIDRs",
+                "missing or empty; give the node's pod CIDRs, e.g. [\"10.244.0.0/24\", \"fd00:10:244::/64\"]",
+            ));
+        }
+        validate_pools(&pod_cidrs)?;
+        let exclude = cidrs(obj, "exclude")?;
+
+        let mtu = match obj.get("mtu") {
+            None | Some(Value::Null) => DEFAULT_MTU,
+            Some(v) => match v.as_u64() {
+                Some(m @ 68..=65535) => m as u32,
+                _ => return Err(Error::config("mtu", format!("{v} is not an integer between 68 and 65535"))),
+            },
+        };
+        let gateway_v4 = match string(obj, "gatewayIPv4")? {
+            None => DEFAULT_GATEWAY_V4,
+            Some(s) => s.parse::<Ipv4Addr>().map_err(|_| {
+                Error::config("gatewayIPv4", format!("{s:?} is not an IPv4 address (default 169.254.1.1)"))
+            })?,
+        };
+        let gateway_v6 = match string(obj, "gatewayIPv6")? {
+            None => DEFAULT_GATEWAY_V6,
+            Some(s) => s.parse::<Ipv6Addr>().map_err(|_| {
+                Error::config("gatewayIPv6", format!("{s:?} is not an IPv6 address (default fe80::1)"))
+            })?,
+        };
+        let host_prefix = string(obj, "hostInterfacePrefix")?.unwrap_or_else(|| DEFAULT_HOST_PREFIX.into());
+        if host_prefix.is_empty()
+            || host_prefix.len() > 3
+            || !host_prefix.chars().all(|c| c.is_ascii_alphanumeric())
+        {
+            return Err(Error::config(
+                "hostInterfacePrefix",
+                format!("{host_prefix:?} must be 1 to 3 letters or digits (host names are prefix + 12 hex digits)"),
+            ));
+        }
+        let state_dir = string(obj, "stateDir")?.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        if !state_dir.starts_with('/') {
+            return Err(Error::config("stateDir", format!("{state_dir:?} must be an absolute path")));
+        }
+        let log_file = string(obj, "logFile")?.map(PathBuf::from);
+        let log_level = match string(obj, "logLevel")?.as_deref() {
+            None | Some("info") => LogLevel::Info,
+            Some("error") => LogLevel::Error,
+            Some("warn") => LogLevel::Warn,
+            Some("debug") => LogLevel::Debug,
+            Some(other) => {
+                return Err(Error::config("logLevel", format!("{other:?} is not one of error, warn, info, debug")))
+            }
+        };
+        let prev_result = match obj.get("prevResult") {
+            None | Some(Value::Null) => None,
+            Some(v @ Value::Object(_)) => Some(v.clone()),
+            Some(v) => return Err(Error::PrevResult(format!("prevResult must be an object, got {v}"))),
+        };
+        let valid_attachments = valid_attachments(obj)?;
+
+        Ok(NetConf {
+            version,
+            name,
+            pod_cidrs,
+            exclude,
+            state_dir: PathBuf::from(state_dir),
+            mtu,
+            gateway_v4,
+            gateway_v6,
+            host_prefix,
+            log_file,
+            log_level,
+            prev_result,
+            valid_attachments,
+        })
+    }
+
+    /// The gateway the pod routes through for an address family.
+    pub fn gateway_for(&self, ip: &IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => IpAddr::V4(self.gateway_v4),
+            IpAddr::V6(_) => IpAddr::V6(self.gateway_v6),
+        }
+    }
+}
+
+/// An optional string field; a non-string is a code-7 error naming the field.
+fn string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(Error::config(field, format!("must be a string, got {other}"))),
+    }
+}
+
+/// An optional list of CIDRs (a bare address means a /32 or /128).
+fn cidrs(obj: &Map<String, Value>, field: &str) -> Result<Vec<IpNetwork>> {
+    let list = match obj.get(field) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(a)) => a,
+        Some(other) => return Err(Error::config(field, format!("must be a list of CIDR strings, got {other}"))),
+    };
+    list.iter()
+        .map(|v| {
+            let s = v
+                .as_str()
+                .ok_or_else(|| Error::config(field, format!("entry {v} is not a string")))?;
+            s.parse::<IpNetwork>()
+                .map_err(|e| Error::config(field, format!("{s:?} is not a CIDR ({e}), e.g. \"10.244.0.0/24\"")))
+        })
+        .collect()
+}
+
+/// One pool per family, large enough to hold a pod, given in canonical form.
+fn validate_pools(pools: &[IpNetwork]) -> Result<()> {
+    let v4 = pools.iter().filter(|p| p.is_ipv4()).count();
+    let v6 = pools.iter().filter(|p| p.is_ipv6()).count();
+    if v4 > 1 || v6 > 1 {
+        return Err(Error::config(
+            "podCIDRs",
+            "give at most one IPv4 and one IPv6 CIDR (as Node.spec.podCIDRs does)",
+        ));
+    }
+    for p in pools {
+        if p.network() != p.ip() {
+            return Err(Error::config(
+                "podCIDRs",
+                format!("{p} has host bits set; did you mean {}/{}?", p.network(), p.prefix()),
+            ));
+        }
+        let too_small = match p {
+            IpNetwork::V4(n) => n.prefix() > 30,
+            IpNetwork::V6(n) => n.prefix() > 126,
+        };
+        if too_small {
+            return Err(Error::config("podCIDRs", format!("{p} is too small to allocate pod addresses from")));
+        }
+    }
+    Ok(())
+}
+
+/// Spec: `^[a-zA-Z0-9][a-zA-Z0-9_.\-]*$`; it also names our state directory,
+/// so this check keeps paths inside stateDir.
+fn validate_network_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::config(
+            "name",
+            format!("{name:?} must start with a letter or digit and contain only letters, digits, '_', '.' or '-'"),
+        ))
+    }
+}
+
+fn valid_attachments(obj: &Map<String, Value>) -> Result<Option<Vec<ValidAttachment>>> {
+    const FIELD: &str = "cni.dev/valid-attachments";
+    // libcni also sends the key under its pre-1.1 misspelling; accept either.
+    let list = match obj.get(FIELD).or_else(|| obj.get("cni.dev/attachments")) {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(a)) => a,
+        Some(other) => return Err(Error::config(FIELD, format!("must be a list, got {other}"))),
+    };
+    list.iter()
+        .map(|v| {
+            let get = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+            match (get("containerID"), get("ifname")) {
+                (Some(container_id), Some(ifname)) => Ok(ValidAttachment { container_id, ifname }),
+                _ => Err(Error::config(FIELD, format!("entry {v} needs string fields containerID and ifname"))),
+            }
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<NetConf> {
+        NetConf::parse(s.as_bytes())
+    }
+
+    const GOOD: &str = r#"{"cniVersion":"1.1.0","name":"nodeplane","type":"nodeplane-cni",
+        "podCIDRs":["10.244.0.0/24","fd00:10:244::/64"]}"#;
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse(GOOD).expect("valid");
+        assert_eq!(c.mtu, 1500);
+        assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(c.gateway_v4, DEFAULT_GATEWAY_V4);
+        assert_eq!(c.pod_cidrs.len(), 2);
+    }
+
+    #[test]
+    fn malformed_input_gets_the_right_code_and_names_the_field() {
+        let cases: &[(&str, u32, &str)] = &[
+            ("not json", 6, "JSON"),
+            ("[1,2]", 7, "object"),
+            (r#"{"name":"n","podCIDRs":["10.0.0.0/24"]}"#, 7, "cniVersion"),
+            (r#"{"cniVersion":"9.9.9","name":"n","podCIDRs":["10.0.0.0/24"]}"#, 1, "9.9.9"),
+            (r#"{"cniVersion":"1.0.0","podCIDRs":["10.0.0.0/24"]}"#, 7, "name"),
+            (r#"{"cniVersion":"1.0.0","name":"../x","podCIDRs":["10.0.0.0/24"]}"#, 7, "name"),
+            (r#"{"cniVersion":"1.0.0","name":"n"}"#, 7, "podCIDRs"),
+            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":"10.0.0.0/24"}"#, 7, "podCIDRs"),
+            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/33"]}"#, 7, "podCIDRs"),
+            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.1/24"]}"#, 7, "host bits"),
+            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24","10.1.0.0/24"]}"#, 7, "one IPv4"),
+            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"mtu":"big"}"#, 7, "mtu"),
+            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"mtu":10}"#, 7, "mtu"),
+            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"stateDir":"rel"}"#, 7, "stateDir"),
+            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"exclude":[5]}"#, 7, "exclude"),
+            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"prevResult":[]}"#, 6, "prevResult"),
+        ];
+        for (input, code, needle) in cases {
+            let e = parse(input).expect_err(input);
+            assert_eq!(e.code(), *code, "{input}: {e}");
+            assert!(e.to_string().contains(needle), "{input}: {e}");
+        }
+    }
+
+    #[test]
+    fn reads_valid_attachments() {
+        let c = parse(
+            r#"{"cniVersion":"1.1.0","name":"n","podCIDRs":["10.0.0.0/24"],
+            "cni.dev/valid-attachments":[{"containerID":"a","ifname":"eth0"}]}"#,
+        )
+        .expect("valid");
+        assert_eq!(c.valid_attachments.expect("present").len(), 1);
+    }
+}

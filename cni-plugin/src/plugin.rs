@@ -1,0 +1,264 @@
+//! The verbs: ADD, DEL, CHECK, GC, STATUS and VERSION, each a function from a
+//! validated invocation and configuration to a result or a CNI error.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::net::IpAddr;
+
+use serde_json::{json, Value};
+
+use crate::config::{NetConf, ValidAttachment};
+use crate::error::{Error, Result};
+use crate::invocation::{Attachment, Command, Invocation};
+use crate::ipam::{Pool, Record, Store};
+use crate::result::CniResult;
+use crate::version::{Version, SUPPORTED};
+use crate::wiring::{self, Plan};
+
+/// What a call produced: JSON for stdout (or nothing), and the cniVersion an
+/// error object must carry if there was an error.
+#[derive(Debug)]
+pub struct Outcome {
+    pub cni_version: String,
+    pub result: Result<Option<Value>>,
+}
+
+/// Runs one plugin invocation. Never panics on bad input.
+pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
+    // The error object echoes the configuration's version when it has one.
+    let cni_version = serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .filter(|v| Version::parse(v).is_ok())
+        .unwrap_or_else(|| Version::LATEST.as_str().to_string());
+    let result = Invocation::from_env(env).and_then(|inv| dispatch(&inv, stdin));
+    Outcome { cni_version, result }
+}
+
+fn dispatch(inv: &Invocation, stdin: &[u8]) -> Result<Option<Value>> {
+    if inv.command == Command::Version {
+        return Ok(Some(version(stdin)));
+    }
+    let conf = NetConf::parse(stdin)?;
+    let log = crate::log::Log::new(conf.log_file.clone(), conf.log_level);
+    let started = std::time::Instant::now();
+    let out = match (inv.command, &inv.attachment) {
+        (Command::Add, Some(a)) => add(&conf, a).map(Some),
+        (Command::Del, Some(a)) => del(&conf, a).map(|_| None),
+        (Command::Check, Some(a)) => check(&conf, a).map(|_| None),
+        (Command::Gc, _) => gc(&conf).map(|_| None),
+        (Command::Status, _) => status(&conf).map(|_| None),
+        _ => unreachable_env(),
+    };
+    let who = inv
+        .attachment
+        .as_ref()
+        .map(|a| format!(" {}/{}", a.container_id, a.ifname))
+        .unwrap_or_default();
+    let took = started.elapsed().as_micros();
+    match &out {
+        Ok(_) => log.write(crate::config::LogLevel::Info, &format!("{:?}{who} ok in {took} µs", inv.command)),
+        Err(e) => log.write(crate::config::LogLevel::Error, &format!("{:?}{who} failed in {took} µs: {e}", inv.command)),
+    }
+    out
+}
+
+fn unreachable_env() -> Result<Option<Value>> {
+    Err(Error::Env { var: "CNI_COMMAND", problem: "verb needs CNI_CONTAINERID and CNI_IFNAME".into() })
+}
+
+/// VERSION: echoes the requested version (or the latest) and lists all.
+fn version(stdin: &[u8]) -> Value {
+    let asked = serde_json::from_slice::<Value>(stdin)
+        .ok()
+        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| Version::LATEST.as_str().to_string());
+    json!({ "cniVersion": asked, "supportedVersions": SUPPORTED })
+}
+
+fn pools(conf: &NetConf) -> Vec<Pool> {
+    conf.pod_cidrs.iter().map(|c| Pool::new(*c, &conf.exclude)).collect()
+}
+
+fn host_if(conf: &NetConf, a: &Attachment) -> String {
+    wiring::host_ifname(&conf.host_prefix, &conf.name, &a.container_id, &a.ifname)
+}
+
+fn open_netns(path: &std::path::Path) -> Result<File> {
+    File::open(path).map_err(|e| Error::Netns { path: path.into(), source: e })
+}
+
+fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
+    let netns_path = a.netns.as_deref().ok_or_else(|| Error::Env {
+        var: "CNI_NETNS",
+        problem: "not set; ADD needs the pod's network namespace".into(),
+    })?;
+    // Open the namespace before touching IPAM: a missing netns allocates nothing.
+    let pod_ns = open_netns(netns_path)?;
+    let prev = conf.prev_result.as_ref().map(CniResult::from_prev).transpose()?;
+    let store = Store::open(&conf.state_dir, &conf.name)?;
+    let host_if = host_if(conf, a);
+
+    let record = {
+        let lock = store.lock()?;
+        match store.record(&a.container_id, &a.ifname)? {
+            // A repeated ADD (the runtime retrying after a crash) keeps its
+            // addresses; wiring below fails if the interface really exists.
+            Some(existing) => existing,
+            None => store.allocate(
+                &lock,
+                &pools(conf),
+                Record {
+                    container_id: a.container_id.clone(),
+                    ifname: a.ifname.clone(),
+                    ips: Vec::new(),
+                    host_interface: host_if.clone(),
+                    netns: Some(netns_path.display().to_string()),
+                    pod_namespace: a.arg("K8S_POD_NAMESPACE").map(str::to_string),
+                    pod_name: a.arg("K8S_POD_NAME").map(str::to_string),
+                },
+            )?,
+        }
+    };
+
+    let netns_str = netns_path.display().to_string();
+    let plan = Plan {
+        conf,
+        container_id: &a.container_id,
+        ifname: &a.ifname,
+        netns_path: &netns_str,
+        host_if: host_if.clone(),
+        ips: &record.ips,
+    };
+    if let Err(e) = wiring::wire(&plan, &pod_ns) {
+        // Roll back so a failed ADD holds nothing, except when the failure is
+        // that the attachment already exists: that one belongs to someone.
+        if !matches!(e, Error::AlreadyAttached { .. }) {
+            let _ = wiring::unwire(&host_if);
+            if let Ok(lock) = store.lock() {
+                let _ = store.release(&lock, &a.container_id, &a.ifname);
+            }
+        }
+        return Err(e);
+    }
+    let ours = plan.result();
+    let result = match prev {
+        Some(p) => p.merge(ours),
+        None => ours,
+    };
+    Ok(result.to_json(conf.version))
+}
+
+fn del(conf: &NetConf, a: &Attachment) -> Result<()> {
+    let store = Store::open(&conf.state_dir, &conf.name)?;
+    let host_if = store
+        .record(&a.container_id, &a.ifname)?
+        .map(|r| r.host_interface)
+        .unwrap_or_else(|| host_if(conf, a));
+    // Link first, addresses after: an address is never free while a route
+    // to it still points at the old pod.
+    wiring::unwire(&host_if)?;
+    let lock = store.lock()?;
+    store.release(&lock, &a.container_id, &a.ifname)?;
+    Ok(())
+}
+
+fn check(conf: &NetConf, a: &Attachment) -> Result<()> {
+    conf.version.require("CHECK", Version::V0_4_0)?;
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .ok_or_else(|| Error::config("prevResult", "CHECK needs the prevResult of the ADD"))
+        .and_then(CniResult::from_prev)?;
+    let netns_path = a.netns.as_deref().ok_or_else(|| Error::Env {
+        var: "CNI_NETNS",
+        problem: "not set; CHECK needs the pod's network namespace".into(),
+    })?;
+    let pod_ns = open_netns(netns_path)?;
+    let store = Store::open(&conf.state_dir, &conf.name)?;
+    let record = store.record(&a.container_id, &a.ifname)?.ok_or_else(|| {
+        Error::Drift(format!("no IPAM reservation for {}/{} in network {}", a.container_id, a.ifname, conf.name))
+    })?;
+
+    let mut drift = Vec::new();
+    // Every address prevResult gives our interface must be the one we reserved.
+    let netns_str = netns_path.display().to_string();
+    let our_if = prev
+        .interfaces
+        .iter()
+        .position(|i| i.name == a.ifname && i.sandbox.as_deref() == Some(netns_str.as_str()));
+    for ip in prev.ips.iter().filter(|ip| ip.interface.is_some() && ip.interface == our_if) {
+        let addr: Option<IpAddr> = ip.address.split('/').next().and_then(|s| s.parse().ok());
+        match addr {
+            Some(addr) if record.ips.contains(&addr) => {}
+            _ => drift.push(format!("prevResult address {} is not reserved for this attachment", ip.address)),
+        }
+    }
+    let expected_mac = our_if.and_then(|i| prev.interfaces[i].mac.clone());
+    let plan = Plan {
+        conf,
+        container_id: &a.container_id,
+        ifname: &a.ifname,
+        netns_path: &netns_str,
+        host_if: record.host_interface.clone(),
+        ips: &record.ips,
+    };
+    drift.extend(wiring::verify(&plan, &pod_ns, expected_mac.as_deref())?);
+    if drift.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Drift(drift.join("; ")))
+    }
+}
+
+fn gc(conf: &NetConf) -> Result<()> {
+    conf.version.require("GC", Version::V1_1_0)?;
+    let valid: HashSet<ValidAttachment> = conf
+        .valid_attachments
+        .clone()
+        .ok_or_else(|| {
+            Error::config(
+                "cni.dev/valid-attachments",
+                "missing; GC needs the list of attachments to keep (an empty list releases everything)",
+            )
+        })?
+        .into_iter()
+        .collect();
+    let keep = |cid: &str, ifname: &str| valid.contains(&ValidAttachment { container_id: cid.into(), ifname: ifname.into() });
+    let store = Store::open(&conf.state_dir, &conf.name)?;
+
+    // Links first (outside the lock), then addresses, as in DEL.
+    for r in store.records()? {
+        if !keep(&r.container_id, &r.ifname) {
+            wiring::unwire(&r.host_interface)?;
+        }
+    }
+    let live_ips: Vec<IpAddr> = {
+        let lock = store.lock()?;
+        for r in store.records()? {
+            if !keep(&r.container_id, &r.ifname) {
+                store.release(&lock, &r.container_id, &r.ifname)?;
+            }
+        }
+        store.sweep_orphans(&lock)?;
+        store.allocated()?
+    };
+    wiring::sweep(&conf.name, &keep, &live_ips, &conf.pod_cidrs)?;
+    Ok(())
+}
+
+fn status(conf: &NetConf) -> Result<()> {
+    conf.version.require("STATUS", Version::V1_1_0)?;
+    let unavailable = |e: Error| Error::NotAvailable(format!("cannot add pods: {e}"));
+    let store = Store::open(&conf.state_dir, &conf.name).map_err(unavailable)?;
+    let _lock = store.lock().map_err(unavailable)?;
+    for pool in pools(conf) {
+        if !store.has_free(&pool).map_err(unavailable)? {
+            return Err(Error::NotAvailable(format!(
+                "cannot add pods: no free address left in {} (network {}); DEL or GC stale pods, or give the node a larger pod CIDR",
+                pool.cidr, conf.name
+            )));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,320 @@
+//! Routed (L3) pod wiring: one veth per pod, no bridge.
+//!
+//! Host side: an unnumbered veth (`np` + 12 hex digits), a /32 (/128) route to
+//! each pod address through it, and a permanent neighbour entry for the pod.
+//! Pod side: the addresses as /32 (/128), a default route per family via a
+//! link-local gateway (169.254.1.1, fe80::1), and a permanent neighbour entry
+//! mapping that gateway to the host veth's MAC. Static neighbours on both
+//! sides mean no ARP/NDP exchange is ever needed, so the first packet flows at
+//! once and nothing depends on proxy-ARP sysctls.
+//!
+//! Every host veth carries an alias `nodeplane:<network>:<containerID>:<ifname>`
+//! so GC can recognise its own leftovers and never touches anyone else's links.
+
+use std::fs::File;
+use std::io;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+use crate::config::NetConf;
+use crate::error::{Error, Result};
+use crate::netlink::{self, Link, Rtnl, ROUTE_PROTOCOL};
+use crate::result::{CniResult, Interface, IpConfig, Route};
+
+/// Every host-side veth has this MAC: the pod only ever talks to its gateway,
+/// so the host end needs no unique L2 identity (Calico does the same).
+pub const HOST_MAC: [u8; 6] = [0xee; 6];
+
+/// The deterministic host-side name of an attachment: stable across retries,
+/// so DEL and GC find the link even without the IPAM record.
+pub fn host_ifname(prefix: &str, network: &str, container_id: &str, ifname: &str) -> String {
+    format!("{prefix}{:012x}", fnv1a(&[network, container_id, ifname]) & 0xffff_ffff_ffff)
+}
+
+/// The link alias that marks a host veth as ours.
+pub fn alias(network: &str, container_id: &str, ifname: &str) -> String {
+    format!("nodeplane:{network}:{container_id}:{ifname}")
+}
+
+/// Parses an alias back into (network, container ID, ifname).
+pub fn parse_alias(alias: &str) -> Option<(&str, &str, &str)> {
+    let rest = alias.strip_prefix("nodeplane:")?;
+    let (network, rest) = rest.split_once(':')?;
+    let (cid, ifname) = rest.split_once(':')?;
+    Some((network, cid, ifname))
+}
+
+/// A locally administered, unicast MAC derived from the attachment, so the pod
+/// keeps one MAC across re-wiring and CHECK can predict it.
+pub fn pod_mac(network: &str, container_id: &str, ifname: &str) -> [u8; 6] {
+    let h = fnv1a(&[network, container_id, ifname, "mac"]).to_be_bytes();
+    [0x02, h[0], h[1], h[2], h[3], h[4]]
+}
+
+fn fnv1a(parts: &[&str]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for p in parts {
+        for b in p.bytes().chain(std::iter::once(0)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    h
+}
+
+pub fn mac_string(mac: &[u8]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
+fn full_prefix(ip: &IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+/// What one attachment looks like once wired.
+#[derive(Debug, Clone)]
+pub struct Plan<'a> {
+    pub conf: &'a NetConf,
+    pub container_id: &'a str,
+    pub ifname: &'a str,
+    pub netns_path: &'a str,
+    pub host_if: String,
+    pub ips: &'a [IpAddr],
+}
+
+impl Plan<'_> {
+    fn pod_mac(&self) -> [u8; 6] {
+        pod_mac(&self.conf.name, self.container_id, self.ifname)
+    }
+
+    /// The CNI result describing this attachment.
+    pub fn result(&self) -> CniResult {
+        let mut routes = Vec::new();
+        let ips = self
+            .ips
+            .iter()
+            .map(|ip| {
+                let gw = self.conf.gateway_for(ip);
+                routes.push(Route {
+                    dst: if ip.is_ipv4() { "0.0.0.0/0" } else { "::/0" }.into(),
+                    gw: Some(gw.to_string()),
+                    ..Default::default()
+                });
+                IpConfig {
+                    version: None,
+                    address: format!("{ip}/{}", full_prefix(ip)),
+                    gateway: Some(gw.to_string()),
+                    interface: Some(1),
+                }
+            })
+            .collect();
+        CniResult {
+            interfaces: vec![
+                Interface { name: self.host_if.clone(), mac: Some(mac_string(&HOST_MAC)), mtu: Some(self.conf.mtu), ..Default::default() },
+                Interface {
+                    name: self.ifname.to_string(),
+                    mac: Some(mac_string(&self.pod_mac())),
+                    mtu: Some(self.conf.mtu),
+                    sandbox: Some(self.netns_path.to_string()),
+                    ..Default::default()
+                },
+            ],
+            ips,
+            routes,
+            dns: serde_json::Value::Null,
+        }
+    }
+}
+
+fn nl(op: &str) -> impl FnOnce(io::Error) -> Error + '_ {
+    move |e| Error::netlink(op, e)
+}
+
+/// Creates the veth pair and programs both sides. On failure the caller rolls
+/// back with [`unwire`]; nothing here is left half-done on purpose.
+pub fn wire(plan: &Plan<'_>, pod_ns: &File) -> Result<()> {
+    let conf = plan.conf;
+    let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
+    let mut pod = Rtnl::in_netns(pod_ns).map_err(|e| Error::Netns { path: plan.netns_path.into(), source: e })?;
+
+    let create = || {
+        vec![
+            netlink::new_veth(&plan.host_if, HOST_MAC, plan.ifname, plan.pod_mac(), pod_ns, conf.mtu),
+            netlink::set_alias(&plan.host_if, &alias(&conf.name, plan.container_id, plan.ifname)),
+        ]
+    };
+    if let Err(e) = host.batch(create()) {
+        if e.errno() != Some(libc::EEXIST) {
+            return Err(e.into());
+        }
+        // Either the pod already has an interface of that name (the spec
+        // says ADD must fail), or a crashed earlier ADD left our host end.
+        if pod.link(plan.ifname).map_err(nl("look up pod interface"))?.is_some() {
+            return Err(Error::AlreadyAttached {
+                container_id: plan.container_id.into(),
+                ifname: plan.ifname.into(),
+                network: conf.name.clone(),
+                detail: format!("interface {} already exists in {}", plan.ifname, plan.netns_path),
+            });
+        }
+        delete_link(&mut host, &plan.host_if)?;
+        host.batch(create())?;
+    }
+
+    let pod_link = pod
+        .link(plan.ifname)
+        .map_err(nl("look up pod interface"))?
+        .ok_or_else(|| Error::netlink("look up pod interface", io::ErrorKind::NotFound.into()))?;
+    let host_link = host
+        .link(&plan.host_if)
+        .map_err(nl("look up host interface"))?
+        .ok_or_else(|| Error::netlink("look up host interface", io::ErrorKind::NotFound.into()))?;
+
+    let mut pod_reqs = vec![netlink::set_up(pod_link.index)];
+    let mut host_reqs = Vec::new();
+    for ip in plan.ips {
+        let gw = conf.gateway_for(ip);
+        pod_reqs.push(netlink::add_addr(pod_link.index, *ip, full_prefix(ip)));
+        if ip.is_ipv4() {
+            // IPv4 needs an on-link route to the gateway before it can be a next hop.
+            pod_reqs.push(netlink::add_route(gw, 32, None, pod_link.index));
+        }
+        pod_reqs.push(netlink::add_neigh(pod_link.index, gw, HOST_MAC));
+        // Prefix 0: the default route of the gateway's family.
+        pod_reqs.push(netlink::add_route(gw, 0, Some(gw), pod_link.index));
+        host_reqs.push(netlink::add_route(*ip, full_prefix(ip), None, host_link.index));
+        host_reqs.push(netlink::add_neigh(host_link.index, *ip, plan.pod_mac()));
+    }
+    pod.batch(pod_reqs)?;
+    host.batch(host_reqs)?;
+    enable_forwarding(plan.ips)?;
+    Ok(())
+}
+
+/// Turns on forwarding in the host namespace for the families in use (the
+/// host routes between pods); written only when off, so it is one read normally.
+fn enable_forwarding(ips: &[IpAddr]) -> Result<()> {
+    let mut keys = Vec::new();
+    if ips.iter().any(IpAddr::is_ipv4) {
+        keys.push("/proc/sys/net/ipv4/ip_forward");
+    }
+    if ips.iter().any(IpAddr::is_ipv6) {
+        keys.push("/proc/sys/net/ipv6/conf/all/forwarding");
+    }
+    for key in keys {
+        let on = std::fs::read(key).map(|v| v.first() == Some(&b'1')).unwrap_or(false);
+        if !on {
+            std::fs::write(key, b"1").map_err(|e| Error::Sysctl { key: key.into(), source: e })?;
+        }
+    }
+    Ok(())
+}
+
+/// Deletes a link, treating "no such device" as done.
+fn delete_link(rt: &mut Rtnl, name: &str) -> Result<()> {
+    match rt.request(netlink::del_link(name)) {
+        Err(e) if e.errno() != Some(libc::ENODEV) => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+/// Removes the host veth (which takes the pod end, its routes and neighbour
+/// entries with it). Succeeds when it is already gone.
+pub fn unwire(host_if: &str) -> Result<()> {
+    let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
+    delete_link(&mut host, host_if)
+}
+
+/// CHECK: compares the kernel with what ADD made; returns every drift found.
+pub fn verify(plan: &Plan<'_>, pod_ns: &File, expected_mac: Option<&str>) -> Result<Vec<String>> {
+    let mut drift = Vec::new();
+    let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
+    let mut pod = Rtnl::in_netns(pod_ns).map_err(|e| Error::Netns { path: plan.netns_path.into(), source: e })?;
+
+    let pod_link = pod.link(plan.ifname).map_err(nl("look up pod interface"))?;
+    let host_link = host.link(&plan.host_if).map_err(nl("look up host interface"))?;
+    match &pod_link {
+        None => drift.push(format!("interface {} is missing from {}", plan.ifname, plan.netns_path)),
+        Some(l) => check_link(&mut drift, l, "pod interface", plan.conf.mtu, expected_mac),
+    }
+    match &host_link {
+        None => drift.push(format!("host interface {} is missing", plan.host_if)),
+        Some(l) => check_link(&mut drift, l, "host interface", plan.conf.mtu, None),
+    }
+    if let (Some(p), Some(h)) = (&pod_link, &host_link) {
+        let addrs = pod.addrs().map_err(nl("list pod addresses"))?;
+        let pod_routes = pod.routes().map_err(nl("list pod routes"))?;
+        let host_routes = host.routes().map_err(nl("list host routes"))?;
+        for ip in plan.ips {
+            if !addrs.iter().any(|a| a.index == p.index && a.ip == *ip) {
+                drift.push(format!("address {ip} is missing from {}", plan.ifname));
+            }
+            let gw = plan.conf.gateway_for(ip);
+            let has_default = pod_routes
+                .iter()
+                .any(|r| r.prefix == 0 && r.dst.is_ipv4() == ip.is_ipv4() && r.gateway == Some(gw) && r.oif == Some(p.index));
+            if !has_default {
+                drift.push(format!("pod default route via {gw} dev {} is missing", plan.ifname));
+            }
+            let has_host_route = host_routes
+                .iter()
+                .any(|r| r.dst == *ip && r.prefix == full_prefix(ip) && r.oif == Some(h.index));
+            if !has_host_route {
+                drift.push(format!("host route {ip}/{} dev {} is missing", full_prefix(ip), plan.host_if));
+            }
+        }
+    }
+    Ok(drift)
+}
+
+fn check_link(drift: &mut Vec<String>, l: &Link, what: &str, mtu: u32, mac: Option<&str>) {
+    if !l.up {
+        drift.push(format!("{what} {} is down", l.name));
+    }
+    if l.mtu != mtu {
+        drift.push(format!("{what} {} has MTU {} instead of {mtu}", l.name, l.mtu));
+    }
+    if let Some(m) = mac {
+        if !mac_string(&l.mac).eq_ignore_ascii_case(m) {
+            drift.push(format!("{what} {} has MAC {} instead of {m}", l.name, mac_string(&l.mac)));
+        }
+    }
+}
+
+/// GC: deletes host veths of `network` whose attachment is not in `keep`, and
+/// host routes we installed into `cidrs` for addresses nothing holds any more.
+pub fn sweep(
+    network: &str,
+    keep: &dyn Fn(&str, &str) -> bool,
+    live_ips: &[IpAddr],
+    cidrs: &[IpNetwork],
+) -> Result<Vec<String>> {
+    let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
+    let mut removed = Vec::new();
+    for link in host.links().map_err(nl("list links"))? {
+        let Some(alias) = link.alias.as_deref() else { continue };
+        match parse_alias(alias) {
+            Some((net, cid, ifname)) if net == network && !keep(cid, ifname) => {
+                delete_link(&mut host, &link.name)?;
+                removed.push(link.name);
+            }
+            _ => {}
+        }
+    }
+    for r in host.routes().map_err(nl("list routes"))? {
+        let ours = r.protocol == ROUTE_PROTOCOL
+            && r.prefix == full_prefix(&r.dst)
+            && cidrs.iter().any(|c| c.contains(r.dst));
+        if ours && !live_ips.contains(&r.dst) {
+            match host.request(netlink::del_host_route(r.dst)) {
+                Err(e) if e.errno() != Some(libc::ESRCH) => return Err(e.into()),
+                _ => {}
+            }
+        }
+    }
+    Ok(removed)
+}
