@@ -61,15 +61,18 @@ impl NetConf {
     /// unknown `cniVersion` code 1.
     pub fn parse(bytes: &[u8]) -> Result<NetConf> {
         let value: Value = serde_json::from_slice(bytes).map_err(Error::Decode)?;
-        let obj = value
-            .as_object()
-            .ok_or_else(|| Error::config("(top level)", "the configuration must be a JSON object"))?;
+        let obj = value.as_object().ok_or_else(|| {
+            Error::config("(top level)", "the configuration must be a JSON object")
+        })?;
         Self::from_object(obj)
     }
 
     fn from_object(obj: &Map<String, Value>) -> Result<NetConf> {
         let version = Version::parse(&string(obj, "cniVersion")?.ok_or_else(|| {
-            Error::config("cniVersion", "missing; set it to the spec version, e.g. \"1.1.0\"")
+            Error::config(
+                "cniVersion",
+                "missing; set it to the spec version, e.g. \"1.1.0\"",
+            )
         })?)?;
         let name = string(obj, "name")?
             .ok_or_else(|| Error::config("name", "missing; every network needs a name"))?;
@@ -89,22 +92,34 @@ impl NetConf {
             None | Some(Value::Null) => DEFAULT_MTU,
             Some(v) => match v.as_u64() {
                 Some(m @ 68..=65535) => m as u32,
-                _ => return Err(Error::config("mtu", format!("{v} is not an integer between 68 and 65535"))),
+                _ => {
+                    return Err(Error::config(
+                        "mtu",
+                        format!("{v} is not an integer between 68 and 65535"),
+                    ))
+                }
             },
         };
         let gateway_v4 = match string(obj, "gatewayIPv4")? {
             None => DEFAULT_GATEWAY_V4,
             Some(s) => s.parse::<Ipv4Addr>().map_err(|_| {
-                Error::config("gatewayIPv4", format!("{s:?} is not an IPv4 address (default 169.254.1.1)"))
+                Error::config(
+                    "gatewayIPv4",
+                    format!("{s:?} is not an IPv4 address (default 169.254.1.1)"),
+                )
             })?,
         };
         let gateway_v6 = match string(obj, "gatewayIPv6")? {
             None => DEFAULT_GATEWAY_V6,
             Some(s) => s.parse::<Ipv6Addr>().map_err(|_| {
-                Error::config("gatewayIPv6", format!("{s:?} is not an IPv6 address (default fe80::1)"))
+                Error::config(
+                    "gatewayIPv6",
+                    format!("{s:?} is not an IPv6 address (default fe80::1)"),
+                )
             })?,
         };
-        let host_prefix = string(obj, "hostInterfacePrefix")?.unwrap_or_else(|| DEFAULT_HOST_PREFIX.into());
+        let host_prefix =
+            string(obj, "hostInterfacePrefix")?.unwrap_or_else(|| DEFAULT_HOST_PREFIX.into());
         if host_prefix.is_empty()
             || host_prefix.len() > 3
             || !host_prefix.chars().all(|c| c.is_ascii_alphanumeric())
@@ -116,7 +131,10 @@ impl NetConf {
         }
         let state_dir = string(obj, "stateDir")?.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
         if !state_dir.starts_with('/') {
-            return Err(Error::config("stateDir", format!("{state_dir:?} must be an absolute path")));
+            return Err(Error::config(
+                "stateDir",
+                format!("{state_dir:?} must be an absolute path"),
+            ));
         }
         let log_file = string(obj, "logFile")?.map(PathBuf::from);
         let log_level = match string(obj, "logLevel")?.as_deref() {
@@ -125,13 +143,20 @@ impl NetConf {
             Some("warn") => LogLevel::Warn,
             Some("debug") => LogLevel::Debug,
             Some(other) => {
-                return Err(Error::config("logLevel", format!("{other:?} is not one of error, warn, info, debug")))
+                return Err(Error::config(
+                    "logLevel",
+                    format!("{other:?} is not one of error, warn, info, debug"),
+                ))
             }
         };
         let prev_result = match obj.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
-            Some(v) => return Err(Error::PrevResult(format!("prevResult must be an object, got {v}"))),
+            Some(v) => {
+                return Err(Error::PrevResult(format!(
+                    "prevResult must be an object, got {v}"
+                )))
+            }
         };
         let valid_attachments = valid_attachments(obj)?;
 
@@ -166,7 +191,10 @@ fn string(obj: &Map<String, Value>, field: &str) -> Result<Option<String>> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(Error::config(field, format!("must be a string, got {other}"))),
+        Some(other) => Err(Error::config(
+            field,
+            format!("must be a string, got {other}"),
+        )),
     }
 }
 
@@ -175,15 +203,24 @@ fn cidrs(obj: &Map<String, Value>, field: &str) -> Result<Vec<IpNetwork>> {
     let list = match obj.get(field) {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(a)) => a,
-        Some(other) => return Err(Error::config(field, format!("must be a list of CIDR strings, got {other}"))),
+        Some(other) => {
+            return Err(Error::config(
+                field,
+                format!("must be a list of CIDR strings, got {other}"),
+            ))
+        }
     };
     list.iter()
         .map(|v| {
             let s = v
                 .as_str()
                 .ok_or_else(|| Error::config(field, format!("entry {v} is not a string")))?;
-            s.parse::<IpNetwork>()
-                .map_err(|e| Error::config(field, format!("{s:?} is not a CIDR ({e}), e.g. \"10.244.0.0/24\"")))
+            s.parse::<IpNetwork>().map_err(|e| {
+                Error::config(
+                    field,
+                    format!("{s:?} is not a CIDR ({e}), e.g. \"10.244.0.0/24\""),
+                )
+            })
         })
         .collect()
 }
@@ -202,7 +239,11 @@ fn validate_pools(pools: &[IpNetwork]) -> Result<()> {
         if p.network() != p.ip() {
             return Err(Error::config(
                 "podCIDRs",
-                format!("{p} has host bits set; did you mean {}/{}?", p.network(), p.prefix()),
+                format!(
+                    "{p} has host bits set; did you mean {}/{}?",
+                    p.network(),
+                    p.prefix()
+                ),
             ));
         }
         let too_small = match p {
@@ -210,7 +251,10 @@ fn validate_pools(pools: &[IpNetwork]) -> Result<()> {
             IpNetwork::V6(n) => n.prefix() > 126,
         };
         if too_small {
-            return Err(Error::config("podCIDRs", format!("{p} is too small to allocate pod addresses from")));
+            return Err(Error::config(
+                "podCIDRs",
+                format!("{p} is too small to allocate pod addresses from"),
+            ));
         }
     }
     Ok(())
@@ -244,8 +288,14 @@ fn valid_attachments(obj: &Map<String, Value>) -> Result<Option<Vec<ValidAttachm
         .map(|v| {
             let get = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
             match (get("containerID"), get("ifname")) {
-                (Some(container_id), Some(ifname)) => Ok(ValidAttachment { container_id, ifname }),
-                _ => Err(Error::config(FIELD, format!("entry {v} needs string fields containerID and ifname"))),
+                (Some(container_id), Some(ifname)) => Ok(ValidAttachment {
+                    container_id,
+                    ifname,
+                }),
+                _ => Err(Error::config(
+                    FIELD,
+                    format!("entry {v} needs string fields containerID and ifname"),
+                )),
             }
         })
         .collect::<Result<Vec<_>>>()
@@ -277,20 +327,72 @@ mod tests {
         let cases: &[(&str, u32, &str)] = &[
             ("not json", 6, "JSON"),
             ("[1,2]", 7, "object"),
-            (r#"{"name":"n","podCIDRs":["10.0.0.0/24"]}"#, 7, "cniVersion"),
-            (r#"{"cniVersion":"9.9.9","name":"n","podCIDRs":["10.0.0.0/24"]}"#, 1, "9.9.9"),
-            (r#"{"cniVersion":"1.0.0","podCIDRs":["10.0.0.0/24"]}"#, 7, "name"),
-            (r#"{"cniVersion":"1.0.0","name":"../x","podCIDRs":["10.0.0.0/24"]}"#, 7, "name"),
+            (
+                r#"{"name":"n","podCIDRs":["10.0.0.0/24"]}"#,
+                7,
+                "cniVersion",
+            ),
+            (
+                r#"{"cniVersion":"9.9.9","name":"n","podCIDRs":["10.0.0.0/24"]}"#,
+                1,
+                "9.9.9",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","podCIDRs":["10.0.0.0/24"]}"#,
+                7,
+                "name",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"../x","podCIDRs":["10.0.0.0/24"]}"#,
+                7,
+                "name",
+            ),
             (r#"{"cniVersion":"1.0.0","name":"n"}"#, 7, "podCIDRs"),
-            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":"10.0.0.0/24"}"#, 7, "podCIDRs"),
-            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/33"]}"#, 7, "podCIDRs"),
-            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.1/24"]}"#, 7, "host bits"),
-            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24","10.1.0.0/24"]}"#, 7, "one IPv4"),
-            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"mtu":"big"}"#, 7, "mtu"),
-            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"mtu":10}"#, 7, "mtu"),
-            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"stateDir":"rel"}"#, 7, "stateDir"),
-            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"exclude":[5]}"#, 7, "exclude"),
-            (r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"prevResult":[]}"#, 6, "prevResult"),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":"10.0.0.0/24"}"#,
+                7,
+                "podCIDRs",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/33"]}"#,
+                7,
+                "podCIDRs",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.1/24"]}"#,
+                7,
+                "host bits",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24","10.1.0.0/24"]}"#,
+                7,
+                "one IPv4",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"mtu":"big"}"#,
+                7,
+                "mtu",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"mtu":10}"#,
+                7,
+                "mtu",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"stateDir":"rel"}"#,
+                7,
+                "stateDir",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"exclude":[5]}"#,
+                7,
+                "exclude",
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":["10.0.0.0/24"],"prevResult":[]}"#,
+                6,
+                "prevResult",
+            ),
         ];
         for (input, code, needle) in cases {
             let e = parse(input).expect_err(input);

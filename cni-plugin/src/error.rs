@@ -46,34 +46,61 @@ pub enum Error {
     Version { version: String, supported: String },
 
     #[error("{verb} needs cniVersion {minimum} or later, the configuration says {version}")]
-    VerbVersion { verb: &'static str, minimum: &'static str, version: String },
+    VerbVersion {
+        verb: &'static str,
+        minimum: &'static str,
+        version: String,
+    },
 
     #[error("invalid configuration field {field:?}: {problem}")]
     Config { field: String, problem: String },
 
     #[error("container {container_id} already has interface {ifname} in network {network} ({detail}); the runtime must DEL it before adding it again")]
-    AlreadyAttached { container_id: String, ifname: String, network: String, detail: String },
+    AlreadyAttached {
+        container_id: String,
+        ifname: String,
+        network: String,
+        detail: String,
+    },
 
     #[error("no free address left in {cidr} (network {network}); DEL or GC stale pods, or give the node a larger pod CIDR")]
     PoolExhausted { network: String, cidr: String },
 
     #[error("IPAM state {path}: {source}")]
-    State { path: PathBuf, #[source] source: std::io::Error },
+    State {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 
-    #[error("IPAM state {path} is corrupt: {problem}; move the file aside and run GC to rebuild it")]
+    #[error(
+        "IPAM state {path} is corrupt: {problem}; move the file aside and run GC to rebuild it"
+    )]
     CorruptState { path: PathBuf, problem: String },
 
     #[error("timed out after {waited_ms} ms waiting for the IPAM lock {path}; another invocation holds it, try again")]
     LockTimeout { path: PathBuf, waited_ms: u64 },
 
     #[error("network namespace {path}: {source}")]
-    Netns { path: PathBuf, #[source] source: std::io::Error },
+    Netns {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("{op}: {source}")]
-    Netlink { op: String, #[source] source: std::io::Error },
+    Netlink {
+        op: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("sysctl {key}: {source}")]
-    Sysctl { key: String, #[source] source: std::io::Error },
+    Sysctl {
+        key: String,
+        #[source]
+        source: std::io::Error,
+    },
 
     #[error("CHECK found drift: {0}")]
     Drift(String),
@@ -124,17 +151,26 @@ impl Error {
 
     /// Shorthand for a configuration error.
     pub fn config(field: impl Into<String>, problem: impl Into<String>) -> Self {
-        Error::Config { field: field.into(), problem: problem.into() }
+        Error::Config {
+            field: field.into(),
+            problem: problem.into(),
+        }
     }
 
     /// Shorthand for an IPAM state I/O error.
     pub fn state(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::State { path: path.into(), source }
+        Error::State {
+            path: path.into(),
+            source,
+        }
     }
 
     /// Shorthand for a netlink error.
     pub fn netlink(op: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Netlink { op: op.into(), source }
+        Error::Netlink {
+            op: op.into(),
+            source,
+        }
     }
 
     /// The spec's error object, in the configuration's cniVersion.

@@ -52,7 +52,10 @@ pub struct Attachment {
 impl Attachment {
     /// Value of one `CNI_ARGS` key, e.g. `K8S_POD_NAME`.
     pub fn arg(&self, key: &str) -> Option<&str> {
-        self.args.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.args
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -68,15 +71,16 @@ impl Invocation {
     /// Reads and validates the environment through `get` (a closure so tests
     /// need not mutate the process environment).
     pub fn from_env(get: impl Fn(&str) -> Option<String>) -> Result<Invocation> {
-        let command = match get("CNI_COMMAND") {
-            Some(c) => Command::parse(&c)?,
-            None => {
-                return Err(Error::Env {
+        let command =
+            match get("CNI_COMMAND") {
+                Some(c) => Command::parse(&c)?,
+                None => return Err(Error::Env {
                     var: "CNI_COMMAND",
-                    problem: "not set; the runtime must set it to ADD, DEL, CHECK, GC, STATUS or VERSION".into(),
-                })
-            }
-        };
+                    problem:
+                        "not set; the runtime must set it to ADD, DEL, CHECK, GC, STATUS or VERSION"
+                            .into(),
+                }),
+            };
         let attachment = match command {
             Command::Add | Command::Del | Command::Check => {
                 let container_id = required(&get, "CNI_CONTAINERID")?;
@@ -89,20 +93,33 @@ impl Invocation {
                     (_, None) => return Err(missing("CNI_NETNS")),
                 };
                 let args = parse_args(get("CNI_ARGS").as_deref().unwrap_or(""))?;
-                Some(Attachment { container_id, ifname, netns, args })
+                Some(Attachment {
+                    container_id,
+                    ifname,
+                    netns,
+                    args,
+                })
             }
             Command::Gc | Command::Status | Command::Version => None,
         };
-        Ok(Invocation { command, attachment })
+        Ok(Invocation {
+            command,
+            attachment,
+        })
     }
 }
 
 fn missing(var: &'static str) -> Error {
-    Error::Env { var, problem: "not set; the runtime must set it for this verb".into() }
+    Error::Env {
+        var,
+        problem: "not set; the runtime must set it for this verb".into(),
+    }
 }
 
 fn required(get: &impl Fn(&str) -> Option<String>, var: &'static str) -> Result<String> {
-    get(var).filter(|v| !v.is_empty()).ok_or_else(|| missing(var))
+    get(var)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| missing(var))
 }
 
 /// Spec: starts with an alphanumeric, then alphanumerics, `_`, `.` or `-`.
@@ -126,13 +143,19 @@ fn validate_ifname(name: &str) -> Result<()> {
         Some("must not be \".\" or \"..\"")
     } else if name.len() > 15 {
         Some("must be at most 15 bytes (Linux IFNAMSIZ)")
-    } else if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
+    } else if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
         Some("must not contain '/', ':' or whitespace")
     } else {
         None
     };
     match problem {
-        Some(p) => Err(Error::Env { var: "CNI_IFNAME", problem: format!("{name:?} {p}") }),
+        Some(p) => Err(Error::Env {
+            var: "CNI_IFNAME",
+            problem: format!("{name:?} {p}"),
+        }),
         None => Ok(()),
     }
 }
@@ -157,8 +180,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
@@ -169,11 +194,19 @@ mod tests {
 
     #[test]
     fn add_needs_container_id_netns_and_ifname() {
-        let base = [("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "abc"), ("CNI_IFNAME", "eth0")];
+        let base = [
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_CONTAINERID", "abc"),
+            ("CNI_IFNAME", "eth0"),
+        ];
         let (code, msg) = err_var(&base);
         assert_eq!(code, 4);
         assert!(msg.contains("CNI_NETNS"), "{msg}");
-        let (code, msg) = err_var(&[("CNI_COMMAND", "ADD"), ("CNI_NETNS", "/x"), ("CNI_IFNAME", "eth0")]);
+        let (code, msg) = err_var(&[
+            ("CNI_COMMAND", "ADD"),
+            ("CNI_NETNS", "/x"),
+            ("CNI_IFNAME", "eth0"),
+        ]);
         assert_eq!(code, 4);
         assert!(msg.contains("CNI_CONTAINERID"), "{msg}");
     }
@@ -222,7 +255,10 @@ mod tests {
             ("CNI_CONTAINERID", "abc"),
             ("CNI_IFNAME", "eth0"),
             ("CNI_NETNS", "/run/netns/x"),
-            ("CNI_ARGS", "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0"),
+            (
+                "CNI_ARGS",
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+            ),
         ]))
         .expect("valid");
         let a = inv.attachment.expect("attachment");

@@ -85,8 +85,16 @@ impl Pool {
         let base = to_u128(self.cidr.network());
         let bits = if self.cidr.is_ipv4() { 32 } else { 128 };
         let host_bits = bits - u32::from(self.cidr.prefix());
-        let size: u128 = if host_bits >= 128 { u128::MAX } else { 1u128 << host_bits };
-        let last = if self.cidr.is_ipv4() { base + size - 2 } else { base + (size - 1) };
+        let size: u128 = if host_bits >= 128 {
+            u128::MAX
+        } else {
+            1u128 << host_bits
+        };
+        let last = if self.cidr.is_ipv4() {
+            base + size - 2
+        } else {
+            base + (size - 1)
+        };
         (base + 1, last)
     }
 
@@ -152,14 +160,19 @@ impl Store {
             .open(&path)
             .map_err(|e| Error::state(&path, e))?;
         flock_with_timeout(&file, LOCK_TIMEOUT).map_err(|e| match e.kind() {
-            ErrorKind::TimedOut => Error::LockTimeout { path: path.clone(), waited_ms: LOCK_TIMEOUT.as_millis() as u64 },
+            ErrorKind::TimedOut => Error::LockTimeout {
+                path: path.clone(),
+                waited_ms: LOCK_TIMEOUT.as_millis() as u64,
+            },
             _ => Error::state(&path, e),
         })?;
         Ok(Locked { _file: file })
     }
 
     fn record_path(&self, container_id: &str, ifname: &str) -> PathBuf {
-        self.dir.join("attachments").join(format!("{container_id}:{ifname}"))
+        self.dir
+            .join("attachments")
+            .join(format!("{container_id}:{ifname}"))
     }
 
     fn ip_path(&self, ip: IpAddr) -> PathBuf {
@@ -184,7 +197,8 @@ impl Store {
         let mut out = Vec::new();
         for entry in fs::read_dir(&dir).map_err(|e| Error::state(&dir, e))? {
             let entry = entry.map_err(|e| Error::state(&dir, e))?;
-            if let Some((cid, ifname)) = entry.file_name().to_str().and_then(|n| n.split_once(':')) {
+            if let Some((cid, ifname)) = entry.file_name().to_str().and_then(|n| n.split_once(':'))
+            {
                 match self.record(cid, ifname)? {
                     Some(r) => out.push(r),
                     // A torn record owns nothing: drop it so it cannot linger.
@@ -219,13 +233,19 @@ impl Store {
         for (pool, ip) in pools.iter().zip(&template.ips) {
             write_file(&self.ip_path(*ip), owner.as_bytes(), true)?;
             // Best effort: a lost hint only costs a longer search next time.
-            let _ = fs::write(self.dir.join(format!("last.{}", pool.family_tag())), ip.to_string());
+            let _ = fs::write(
+                self.dir.join(format!("last.{}", pool.family_tag())),
+                ip.to_string(),
+            );
         }
         Ok(template)
     }
 
     fn network_name(&self) -> String {
-        self.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        self.dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
     }
 
     /// The next free address after the last allocation, wrapping around.
@@ -259,7 +279,12 @@ impl Store {
     /// Releases an attachment's addresses and record. Idempotent: releasing
     /// an unknown attachment returns `None`. Only address files this
     /// attachment owns are removed, so a stale DEL cannot free a reused address.
-    pub fn release(&self, _lock: &Locked, container_id: &str, ifname: &str) -> Result<Option<Record>> {
+    pub fn release(
+        &self,
+        _lock: &Locked,
+        container_id: &str,
+        ifname: &str,
+    ) -> Result<Option<Record>> {
         let record = self.record(container_id, ifname)?;
         if let Some(r) = &record {
             for ip in &r.ips {
@@ -422,16 +447,28 @@ mod tests {
         let lock = store.lock().expect("lock");
         let mut seen = HashSet::new();
         for i in 0..6 {
-            let r = store.allocate(&lock, &pools, rec(&format!("c{i}"))).expect("allocate");
+            let r = store
+                .allocate(&lock, &pools, rec(&format!("c{i}")))
+                .expect("allocate");
             assert!(seen.insert(r.ips[0]), "duplicate {}", r.ips[0]);
         }
-        let e = store.allocate(&lock, &pools, rec("c6")).expect_err("exhausted");
+        let e = store
+            .allocate(&lock, &pools, rec("c6"))
+            .expect_err("exhausted");
         assert_eq!(e.code(), crate::error::code::POOL_EXHAUSTED);
         assert!(!store.has_free(&pools[0]).expect("status"));
-        let released = store.release(&lock, "c2", "eth0").expect("release").expect("known");
-        let again = store.allocate(&lock, &pools, rec("c7")).expect("reuses the freed address");
+        let released = store
+            .release(&lock, "c2", "eth0")
+            .expect("release")
+            .expect("known");
+        let again = store
+            .allocate(&lock, &pools, rec("c7"))
+            .expect("reuses the freed address");
         assert_eq!(again.ips, released.ips);
-        assert!(store.release(&lock, "c2", "eth0").expect("idempotent").is_none());
+        assert!(store
+            .release(&lock, "c2", "eth0")
+            .expect("idempotent")
+            .is_none());
         let _ = fs::remove_dir_all(dir);
     }
 
@@ -439,9 +476,14 @@ mod tests {
     fn skips_network_broadcast_and_excluded_addresses() {
         let dir = tmp();
         let store = Store::open(&dir, "net").expect("open");
-        let p = Pool::new("10.2.0.0/30".parse().expect("cidr"), &["10.2.0.1/32".parse().expect("cidr")]);
+        let p = Pool::new(
+            "10.2.0.0/30".parse().expect("cidr"),
+            &["10.2.0.1/32".parse().expect("cidr")],
+        );
         let lock = store.lock().expect("lock");
-        let r = store.allocate(&lock, std::slice::from_ref(&p), rec("a")).expect("allocate");
+        let r = store
+            .allocate(&lock, std::slice::from_ref(&p), rec("a"))
+            .expect("allocate");
         assert_eq!(r.ips[0].to_string(), "10.2.0.2");
         assert!(store.allocate(&lock, &[p], rec("b")).is_err());
         let _ = fs::remove_dir_all(dir);
@@ -467,7 +509,11 @@ mod tests {
         let store = Store::open(&dir, "net").expect("open");
         let lock = store.lock().expect("lock");
         // A crash after the address file but with the record lost, and a torn record.
-        fs::write(store.ip_path("10.4.0.9".parse().expect("ip")), "ghost\neth0\n").expect("write");
+        fs::write(
+            store.ip_path("10.4.0.9".parse().expect("ip")),
+            "ghost\neth0\n",
+        )
+        .expect("write");
         fs::write(store.record_path("torn", "eth0"), "").expect("write");
         assert_eq!(store.record("torn", "eth0").expect("read"), None);
         let freed = store.sweep_orphans(&lock).expect("sweep");

@@ -16,7 +16,10 @@ pub struct Log {
 
 impl Log {
     pub fn new(file: Option<PathBuf>, level: LogLevel) -> Log {
-        Log { level: file.as_ref().map(|_| level), file }
+        Log {
+            level: file.as_ref().map(|_| level),
+            file,
+        }
     }
 
     pub fn enabled(&self, level: LogLevel) -> bool {
@@ -29,9 +32,20 @@ impl Log {
             return;
         }
         let Some(path) = &self.file else { return };
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-        let line = format!("{}.{:06} {:?} {msg}\n", t.as_secs(), t.subsec_micros(), level);
-        if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let t = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let line = format!(
+            "{}.{:06} {:?} {msg}\n",
+            t.as_secs(),
+            t.subsec_micros(),
+            level
+        );
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             let _ = f.write_all(line.as_bytes());
         }
     }

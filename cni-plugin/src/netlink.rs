@@ -15,9 +15,15 @@ use netlink_packet_core::{
     NLM_F_REPLACE, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType};
+use netlink_packet_route::link::{
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -79,7 +85,10 @@ impl Failed {
 
 impl From<io::Error> for Failed {
     fn from(source: io::Error) -> Failed {
-        Failed { what: "netlink socket".into(), source }
+        Failed {
+            what: "netlink socket".into(),
+            source,
+        }
     }
 }
 
@@ -120,7 +129,11 @@ impl Rtnl {
         sock.connect(&SocketAddr::new(0, 0))?;
         // Extended acks make the kernel explain EINVAL and friends.
         let _ = sock.set_ext_ack(true);
-        Ok(Rtnl { sock, seq: 0, buf: Vec::with_capacity(64 * 1024) })
+        Ok(Rtnl {
+            sock,
+            seq: 0,
+            buf: Vec::with_capacity(64 * 1024),
+        })
     }
 
     /// A socket inside the namespace `ns`. A netlink socket stays bound to the
@@ -173,7 +186,10 @@ impl Rtnl {
                     if let Some(pos) = pending.iter().position(|(s, _)| *s == seq) {
                         remaining -= 1;
                         if e.code.is_some() && first_err.is_none() {
-                            first_err = Some(Failed { what: pending[pos].1.clone(), source: e.to_io() });
+                            first_err = Some(Failed {
+                                what: pending[pos].1.clone(),
+                                source: e.to_io(),
+                            });
                         }
                     }
                 }
@@ -199,7 +215,8 @@ impl Rtnl {
         let mut out = Vec::new();
         let mut off = 0;
         while off + 16 <= data.len() {
-            let len = u32::from_ne_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]]) as usize;
+            let len = u32::from_ne_bytes([data[off], data[off + 1], data[off + 2], data[off + 3]])
+                as usize;
             if len < 16 || off + len > data.len() {
                 break;
             }
@@ -245,7 +262,9 @@ impl Rtnl {
                     continue;
                 }
                 match payload {
-                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => return Ok(Some(to_link(&m))),
+                    NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(m)) => {
+                        return Ok(Some(to_link(&m)))
+                    }
                     NetlinkPayload::Error(e) => {
                         let err = e.to_io();
                         return match err.raw_os_error() {
@@ -288,7 +307,11 @@ impl Rtnl {
                             _ => None,
                         })
                     })?;
-                    Some(Addr { index: a.header.index, ip, prefix: a.header.prefix_len })
+                    Some(Addr {
+                        index: a.header.index,
+                        ip,
+                        prefix: a.header.prefix_len,
+                    })
                 }
                 _ => None,
             })
@@ -358,7 +381,11 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
 fn to_route(r: &RouteMessage) -> Option<Route> {
     let v4 = r.header.address_family == AddressFamily::Inet;
     let mut route = Route {
-        dst: if v4 { IpAddr::from([0u8; 4]) } else { IpAddr::from([0u8; 16]) },
+        dst: if v4 {
+            IpAddr::from([0u8; 4])
+        } else {
+            IpAddr::from([0u8; 16])
+        },
         prefix: r.header.destination_prefix_length,
         gateway: None,
         oif: None,
@@ -379,7 +406,14 @@ fn to_route(r: &RouteMessage) -> Option<Route> {
 
 /// Create a veth pair, both ends up: `host` in this namespace and `peer`
 /// created directly inside the namespace `peer_ns` (no second move step).
-pub fn new_veth(host: &str, host_mac: [u8; 6], peer: &str, peer_mac: [u8; 6], peer_ns: &File, mtu: u32) -> Request {
+pub fn new_veth(
+    host: &str,
+    host_mac: [u8; 6],
+    peer: &str,
+    peer_mac: [u8; 6],
+    peer_ns: &File,
+    mtu: u32,
+) -> Request {
     // The peer cannot be created up: veth_open fails with ENOTCONN until the
     // pair is linked, which happens after the peer is configured. See `set_up`.
     let mut p = LinkMessage::default();
@@ -415,7 +449,11 @@ pub fn set_alias(name: &str, alias: &str) -> Request {
     let mut m = LinkMessage::default();
     m.attributes.push(LinkAttribute::IfName(name.to_string()));
     m.attributes.push(LinkAttribute::IfAlias(alias.to_string()));
-    Request { what: format!("set alias of {name}"), msg: RouteNetlinkMessage::SetLink(m), flags: 0 }
+    Request {
+        what: format!("set alias of {name}"),
+        msg: RouteNetlinkMessage::SetLink(m),
+        flags: 0,
+    }
 }
 
 /// Bring a link up.
@@ -424,14 +462,22 @@ pub fn set_up(index: u32) -> Request {
     m.header.index = index;
     m.header.flags = LinkFlags::Up;
     m.header.change_mask = LinkFlags::Up;
-    Request { what: format!("set link {index} up"), msg: RouteNetlinkMessage::SetLink(m), flags: 0 }
+    Request {
+        what: format!("set link {index} up"),
+        msg: RouteNetlinkMessage::SetLink(m),
+        flags: 0,
+    }
 }
 
 /// Delete a link by name.
 pub fn del_link(name: &str) -> Request {
     let mut m = LinkMessage::default();
     m.attributes.push(LinkAttribute::IfName(name.to_string()));
-    Request { what: format!("delete link {name}"), msg: RouteNetlinkMessage::DelLink(m), flags: 0 }
+    Request {
+        what: format!("delete link {name}"),
+        msg: RouteNetlinkMessage::DelLink(m),
+        flags: 0,
+    }
 }
 
 /// Add `ip/prefix` to a link; IPv6 skips duplicate address detection, which
@@ -444,7 +490,8 @@ pub fn add_addr(index: u32, ip: IpAddr, prefix: u8) -> Request {
     m.attributes.push(AddressAttribute::Local(ip));
     m.attributes.push(AddressAttribute::Address(ip));
     if ip.is_ipv6() {
-        m.attributes.push(AddressAttribute::Flags(AddressFlags::Nodad));
+        m.attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
     }
     Request {
         what: format!("add address {ip}/{prefix}"),
@@ -459,7 +506,11 @@ fn route_msg(dst: IpAddr, prefix: u8, gateway: Option<IpAddr>, oif: u32) -> Rout
     m.header.destination_prefix_length = prefix;
     m.header.table = RouteHeader::RT_TABLE_MAIN;
     m.header.protocol = RouteProtocol::Other(ROUTE_PROTOCOL);
-    m.header.scope = if gateway.is_some() { RouteScope::Universe } else { RouteScope::Link };
+    m.header.scope = if gateway.is_some() {
+        RouteScope::Universe
+    } else {
+        RouteScope::Link
+    };
     m.header.kind = RouteType::Unicast;
     if prefix > 0 {
         m.attributes.push(RouteAttribute::Destination(dst.into()));
@@ -483,9 +534,14 @@ pub fn add_route(dst: IpAddr, prefix: u8, gateway: Option<IpAddr>, oif: u32) -> 
 /// Delete the host route to `ip` (a /32 or /128).
 pub fn del_host_route(ip: IpAddr) -> Request {
     let mut m = route_msg(ip, full_prefix(&ip), None, 0);
-    m.attributes.retain(|a| !matches!(a, RouteAttribute::Oif(_)));
+    m.attributes
+        .retain(|a| !matches!(a, RouteAttribute::Oif(_)));
     m.header.scope = RouteScope::NoWhere;
-    Request { what: format!("delete route {ip}"), msg: RouteNetlinkMessage::DelRoute(m), flags: 0 }
+    Request {
+        what: format!("delete route {ip}"),
+        msg: RouteNetlinkMessage::DelRoute(m),
+        flags: 0,
+    }
 }
 
 /// A permanent neighbour entry: `ip` is at `mac` on link `index`. Static
@@ -495,8 +551,10 @@ pub fn add_neigh(index: u32, ip: IpAddr, mac: [u8; 6]) -> Request {
     m.header.family = family(&ip);
     m.header.ifindex = index;
     m.header.state = NeighbourState::Permanent;
-    m.attributes.push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
-    m.attributes.push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    m.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::from(ip)));
+    m.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
     Request {
         what: format!("add neighbour {ip}"),
         msg: RouteNetlinkMessage::NewNeighbour(m),

@@ -28,11 +28,18 @@ pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
     // The error object echoes the configuration's version when it has one.
     let cni_version = serde_json::from_slice::<Value>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .filter(|v| Version::parse(v).is_ok())
         .unwrap_or_else(|| Version::LATEST.as_str().to_string());
     let result = Invocation::from_env(env).and_then(|inv| dispatch(&inv, stdin));
-    Outcome { cni_version, result }
+    Outcome {
+        cni_version,
+        result,
+    }
 }
 
 fn dispatch(inv: &Invocation, stdin: &[u8]) -> Result<Option<Value>> {
@@ -57,27 +64,43 @@ fn dispatch(inv: &Invocation, stdin: &[u8]) -> Result<Option<Value>> {
         .unwrap_or_default();
     let took = started.elapsed().as_micros();
     match &out {
-        Ok(_) => log.write(crate::config::LogLevel::Info, &format!("{:?}{who} ok in {took} µs", inv.command)),
-        Err(e) => log.write(crate::config::LogLevel::Error, &format!("{:?}{who} failed in {took} µs: {e}", inv.command)),
+        Ok(_) => log.write(
+            crate::config::LogLevel::Info,
+            &format!("{:?}{who} ok in {took} µs", inv.command),
+        ),
+        Err(e) => log.write(
+            crate::config::LogLevel::Error,
+            &format!("{:?}{who} failed in {took} µs: {e}", inv.command),
+        ),
     }
     out
 }
 
 fn unreachable_env() -> Result<Option<Value>> {
-    Err(Error::Env { var: "CNI_COMMAND", problem: "verb needs CNI_CONTAINERID and CNI_IFNAME".into() })
+    Err(Error::Env {
+        var: "CNI_COMMAND",
+        problem: "verb needs CNI_CONTAINERID and CNI_IFNAME".into(),
+    })
 }
 
 /// VERSION: echoes the requested version (or the latest) and lists all.
 fn version(stdin: &[u8]) -> Value {
     let asked = serde_json::from_slice::<Value>(stdin)
         .ok()
-        .and_then(|v| v.get("cniVersion").and_then(Value::as_str).map(str::to_string))
+        .and_then(|v| {
+            v.get("cniVersion")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| Version::LATEST.as_str().to_string());
     json!({ "cniVersion": asked, "supportedVersions": SUPPORTED })
 }
 
 fn pools(conf: &NetConf) -> Vec<Pool> {
-    conf.pod_cidrs.iter().map(|c| Pool::new(*c, &conf.exclude)).collect()
+    conf.pod_cidrs
+        .iter()
+        .map(|c| Pool::new(*c, &conf.exclude))
+        .collect()
 }
 
 fn host_if(conf: &NetConf, a: &Attachment) -> String {
@@ -85,7 +108,10 @@ fn host_if(conf: &NetConf, a: &Attachment) -> String {
 }
 
 fn open_netns(path: &std::path::Path) -> Result<File> {
-    File::open(path).map_err(|e| Error::Netns { path: path.into(), source: e })
+    File::open(path).map_err(|e| Error::Netns {
+        path: path.into(),
+        source: e,
+    })
 }
 
 fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
@@ -95,7 +121,11 @@ fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
     })?;
     // Open the namespace before touching IPAM: a missing netns allocates nothing.
     let pod_ns = open_netns(netns_path)?;
-    let prev = conf.prev_result.as_ref().map(CniResult::from_prev).transpose()?;
+    let prev = conf
+        .prev_result
+        .as_ref()
+        .map(CniResult::from_prev)
+        .transpose()?;
     let store = Store::open(&conf.state_dir, &conf.name)?;
     let host_if = host_if(conf, a);
 
@@ -151,13 +181,13 @@ fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
 
 fn del(conf: &NetConf, a: &Attachment) -> Result<()> {
     let store = Store::open(&conf.state_dir, &conf.name)?;
-    let host_if = store
-        .record(&a.container_id, &a.ifname)?
-        .map(|r| r.host_interface)
-        .unwrap_or_else(|| host_if(conf, a));
-    // Link first, addresses after: an address is never free while a route
+    let (host_if, ips) = match store.record(&a.container_id, &a.ifname)? {
+        Some(r) => (r.host_interface, r.ips),
+        None => (host_if(conf, a), Vec::new()),
+    };
+    // Routes first, addresses after: an address is never free while a route
     // to it still points at the old pod.
-    wiring::unwire(&host_if)?;
+    wiring::unwire_detached(&host_if, &ips)?;
     let lock = store.lock()?;
     store.release(&lock, &a.container_id, &a.ifname)?;
     Ok(())
@@ -177,7 +207,10 @@ fn check(conf: &NetConf, a: &Attachment) -> Result<()> {
     let pod_ns = open_netns(netns_path)?;
     let store = Store::open(&conf.state_dir, &conf.name)?;
     let record = store.record(&a.container_id, &a.ifname)?.ok_or_else(|| {
-        Error::Drift(format!("no IPAM reservation for {}/{} in network {}", a.container_id, a.ifname, conf.name))
+        Error::Drift(format!(
+            "no IPAM reservation for {}/{} in network {}",
+            a.container_id, a.ifname, conf.name
+        ))
     })?;
 
     let mut drift = Vec::new();
@@ -187,11 +220,18 @@ fn check(conf: &NetConf, a: &Attachment) -> Result<()> {
         .interfaces
         .iter()
         .position(|i| i.name == a.ifname && i.sandbox.as_deref() == Some(netns_str.as_str()));
-    for ip in prev.ips.iter().filter(|ip| ip.interface.is_some() && ip.interface == our_if) {
+    for ip in prev
+        .ips
+        .iter()
+        .filter(|ip| ip.interface.is_some() && ip.interface == our_if)
+    {
         let addr: Option<IpAddr> = ip.address.split('/').next().and_then(|s| s.parse().ok());
         match addr {
             Some(addr) if record.ips.contains(&addr) => {}
-            _ => drift.push(format!("prevResult address {} is not reserved for this attachment", ip.address)),
+            _ => drift.push(format!(
+                "prevResult address {} is not reserved for this attachment",
+                ip.address
+            )),
         }
     }
     let expected_mac = our_if.and_then(|i| prev.interfaces[i].mac.clone());
@@ -224,7 +264,12 @@ fn gc(conf: &NetConf) -> Result<()> {
         })?
         .into_iter()
         .collect();
-    let keep = |cid: &str, ifname: &str| valid.contains(&ValidAttachment { container_id: cid.into(), ifname: ifname.into() });
+    let keep = |cid: &str, ifname: &str| {
+        valid.contains(&ValidAttachment {
+            container_id: cid.into(),
+            ifname: ifname.into(),
+        })
+    };
     let store = Store::open(&conf.state_dir, &conf.name)?;
 
     // Links first (outside the lock), then addresses, as in DEL.

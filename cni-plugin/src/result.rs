@@ -112,7 +112,10 @@ impl CniResult {
         }
         if !version.has_1_1_fields() {
             strip(obj.get_mut("interfaces"), &["mtu", "socketPath", "pciID"]);
-            strip(obj.get_mut("routes"), &["mtu", "advmss", "priority", "table", "scope"]);
+            strip(
+                obj.get_mut("routes"),
+                &["mtu", "advmss", "priority", "table", "scope"],
+            );
         }
         obj.insert("cniVersion".into(), Value::from(version.as_str()));
         v
@@ -144,10 +147,24 @@ mod tests {
                 ..Default::default()
             }],
             ips: vec![
-                IpConfig { address: "10.0.0.2/32".into(), gateway: Some("169.254.1.1".into()), interface: Some(0), ..Default::default() },
-                IpConfig { address: "fd00::2/128".into(), gateway: Some("fe80::1".into()), interface: Some(0), ..Default::default() },
+                IpConfig {
+                    address: "10.0.0.2/32".into(),
+                    gateway: Some("169.254.1.1".into()),
+                    interface: Some(0),
+                    ..Default::default()
+                },
+                IpConfig {
+                    address: "fd00::2/128".into(),
+                    gateway: Some("fe80::1".into()),
+                    interface: Some(0),
+                    ..Default::default()
+                },
             ],
-            routes: vec![Route { dst: "0.0.0.0/0".into(), gw: Some("169.254.1.1".into()), ..Default::default() }],
+            routes: vec![Route {
+                dst: "0.0.0.0/0".into(),
+                gw: Some("169.254.1.1".into()),
+                ..Default::default()
+            }],
             dns: Value::Null,
         }
     }

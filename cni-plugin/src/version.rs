@@ -84,7 +84,10 @@ mod tests {
         for s in ["0.1.0", "0.2.0", "2.0.0", "", "1.1"] {
             let e = Version::parse(s).expect_err("must reject");
             assert_eq!(e.code(), 1, "{s}");
-            assert!(e.to_string().contains("1.1.0"), "message lists the supported versions");
+            assert!(
+                e.to_string().contains("1.1.0"),
+                "message lists the supported versions"
+            );
         }
     }
 

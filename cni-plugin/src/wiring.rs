@@ -29,7 +29,10 @@ pub const HOST_MAC: [u8; 6] = [0xee; 6];
 /// The deterministic host-side name of an attachment: stable across retries,
 /// so DEL and GC find the link even without the IPAM record.
 pub fn host_ifname(prefix: &str, network: &str, container_id: &str, ifname: &str) -> String {
-    format!("{prefix}{:012x}", fnv1a(&[network, container_id, ifname]) & 0xffff_ffff_ffff)
+    format!(
+        "{prefix}{:012x}",
+        fnv1a(&[network, container_id, ifname]) & 0xffff_ffff_ffff
+    )
 }
 
 /// The link alias that marks a host veth as ours.
@@ -64,7 +67,10 @@ fn fnv1a(parts: &[&str]) -> u64 {
 }
 
 pub fn mac_string(mac: &[u8]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn full_prefix(ip: &IpAddr) -> u8 {
@@ -114,7 +120,12 @@ impl Plan<'_> {
             .collect();
         CniResult {
             interfaces: vec![
-                Interface { name: self.host_if.clone(), mac: Some(mac_string(&HOST_MAC)), mtu: Some(self.conf.mtu), ..Default::default() },
+                Interface {
+                    name: self.host_if.clone(),
+                    mac: Some(mac_string(&HOST_MAC)),
+                    mtu: Some(self.conf.mtu),
+                    ..Default::default()
+                },
                 Interface {
                     name: self.ifname.to_string(),
                     mac: Some(mac_string(&self.pod_mac())),
@@ -139,12 +150,25 @@ fn nl(op: &str) -> impl FnOnce(io::Error) -> Error + '_ {
 pub fn wire(plan: &Plan<'_>, pod_ns: &File) -> Result<()> {
     let conf = plan.conf;
     let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
-    let mut pod = Rtnl::in_netns(pod_ns).map_err(|e| Error::Netns { path: plan.netns_path.into(), source: e })?;
+    let mut pod = Rtnl::in_netns(pod_ns).map_err(|e| Error::Netns {
+        path: plan.netns_path.into(),
+        source: e,
+    })?;
 
     let create = || {
         vec![
-            netlink::new_veth(&plan.host_if, HOST_MAC, plan.ifname, plan.pod_mac(), pod_ns, conf.mtu),
-            netlink::set_alias(&plan.host_if, &alias(&conf.name, plan.container_id, plan.ifname)),
+            netlink::new_veth(
+                &plan.host_if,
+                HOST_MAC,
+                plan.ifname,
+                plan.pod_mac(),
+                pod_ns,
+                conf.mtu,
+            ),
+            netlink::set_alias(
+                &plan.host_if,
+                &alias(&conf.name, plan.container_id, plan.ifname),
+            ),
         ]
     };
     if let Err(e) = host.batch(create()) {
@@ -153,12 +177,19 @@ pub fn wire(plan: &Plan<'_>, pod_ns: &File) -> Result<()> {
         }
         // Either the pod already has an interface of that name (the spec
         // says ADD must fail), or a crashed earlier ADD left our host end.
-        if pod.link(plan.ifname).map_err(nl("look up pod interface"))?.is_some() {
+        if pod
+            .link(plan.ifname)
+            .map_err(nl("look up pod interface"))?
+            .is_some()
+        {
             return Err(Error::AlreadyAttached {
                 container_id: plan.container_id.into(),
                 ifname: plan.ifname.into(),
                 network: conf.name.clone(),
-                detail: format!("interface {} already exists in {}", plan.ifname, plan.netns_path),
+                detail: format!(
+                    "interface {} already exists in {}",
+                    plan.ifname, plan.netns_path
+                ),
             });
         }
         delete_link(&mut host, &plan.host_if)?;
@@ -186,7 +217,12 @@ pub fn wire(plan: &Plan<'_>, pod_ns: &File) -> Result<()> {
         pod_reqs.push(netlink::add_neigh(pod_link.index, gw, HOST_MAC));
         // Prefix 0: the default route of the gateway's family.
         pod_reqs.push(netlink::add_route(gw, 0, Some(gw), pod_link.index));
-        host_reqs.push(netlink::add_route(*ip, full_prefix(ip), None, host_link.index));
+        host_reqs.push(netlink::add_route(
+            *ip,
+            full_prefix(ip),
+            None,
+            host_link.index,
+        ));
         host_reqs.push(netlink::add_neigh(host_link.index, *ip, plan.pod_mac()));
     }
     pod.batch(pod_reqs)?;
@@ -206,9 +242,14 @@ fn enable_forwarding(ips: &[IpAddr]) -> Result<()> {
         keys.push("/proc/sys/net/ipv6/conf/all/forwarding");
     }
     for key in keys {
-        let on = std::fs::read(key).map(|v| v.first() == Some(&b'1')).unwrap_or(false);
+        let on = std::fs::read(key)
+            .map(|v| v.first() == Some(&b'1'))
+            .unwrap_or(false);
         if !on {
-            std::fs::write(key, b"1").map_err(|e| Error::Sysctl { key: key.into(), source: e })?;
+            std::fs::write(key, b"1").map_err(|e| Error::Sysctl {
+                key: key.into(),
+                source: e,
+            })?;
         }
     }
     Ok(())
@@ -223,22 +264,91 @@ fn delete_link(rt: &mut Rtnl, name: &str) -> Result<()> {
 }
 
 /// Removes the host veth (which takes the pod end, its routes and neighbour
-/// entries with it). Succeeds when it is already gone.
+/// entries with it) and waits for the kernel to finish. Succeeds when it is
+/// already gone.
 pub fn unwire(host_if: &str) -> Result<()> {
     let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
     delete_link(&mut host, host_if)
+}
+
+/// DEL's fast path. Deleting a veth blocks the caller for an RCU grace period
+/// (tens of milliseconds) while the kernel tears the device down, yet nothing
+/// the runtime waits for depends on that. So the pod is cut off first, at
+/// once, by removing its host routes; then a detached child process deletes
+/// the veth while this process returns. The child holds no lock and none of
+/// the runtime's pipes, so neither the runtime nor a concurrent call waits
+/// for it; if it dies, the next DEL or GC finds the veth by name or alias.
+pub fn unwire_detached(host_if: &str, ips: &[IpAddr]) -> Result<()> {
+    let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
+    if host
+        .link(host_if)
+        .map_err(nl("look up host interface"))?
+        .is_none()
+    {
+        return Ok(());
+    }
+    let routes: Vec<_> = ips.iter().map(|ip| netlink::del_host_route(*ip)).collect();
+    if let Err(e) = host.batch(routes) {
+        if e.errno() != Some(libc::ESRCH) {
+            return Err(e.into());
+        }
+    }
+    drop(host);
+    // SAFETY: the plugin is single-threaded, so fork cannot clone a lock held
+    // by another thread; the child only makes syscalls and then _exits.
+    match unsafe { libc::fork() } {
+        0 => {
+            detach_from_caller();
+            let ok = Rtnl::new()
+                .ok()
+                .map(|mut rt| delete_link(&mut rt, host_if).is_ok());
+            // SAFETY: _exit skips destructors and atexit handlers of the parent's state.
+            unsafe { libc::_exit(if ok == Some(true) { 0 } else { 1 }) }
+        }
+        -1 => unwire(host_if), // cannot fork: do it inline
+        _ => Ok(()),
+    }
+}
+
+/// In the detached child: leave the caller's session and close the pipes the
+/// runtime reads, so the runtime sees EOF as soon as the parent exits.
+fn detach_from_caller() {
+    // SAFETY: plain syscalls on our own descriptors.
+    unsafe {
+        libc::setsid();
+        let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+        if null >= 0 {
+            for fd in 0..3 {
+                libc::dup2(null, fd);
+            }
+        }
+        // Close everything else we might have inherited (e.g. a lock file).
+        for fd in 3..64 {
+            if fd != null {
+                libc::close(fd);
+            }
+        }
+    }
 }
 
 /// CHECK: compares the kernel with what ADD made; returns every drift found.
 pub fn verify(plan: &Plan<'_>, pod_ns: &File, expected_mac: Option<&str>) -> Result<Vec<String>> {
     let mut drift = Vec::new();
     let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
-    let mut pod = Rtnl::in_netns(pod_ns).map_err(|e| Error::Netns { path: plan.netns_path.into(), source: e })?;
+    let mut pod = Rtnl::in_netns(pod_ns).map_err(|e| Error::Netns {
+        path: plan.netns_path.into(),
+        source: e,
+    })?;
 
     let pod_link = pod.link(plan.ifname).map_err(nl("look up pod interface"))?;
-    let host_link = host.link(&plan.host_if).map_err(nl("look up host interface"))?;
+    let host_link = host
+        .link(&plan.host_if)
+        .map_err(nl("look up host interface"))?;
     match &pod_link {
-        None => drift.push(format!("interface {} is missing from {}", plan.ifname, plan.netns_path)),
+        None => drift.push(format!(
+            "interface {} is missing from {}",
+            plan.ifname, plan.netns_path
+        )),
         Some(l) => check_link(&mut drift, l, "pod interface", plan.conf.mtu, expected_mac),
     }
     match &host_link {
@@ -254,17 +364,27 @@ pub fn verify(plan: &Plan<'_>, pod_ns: &File, expected_mac: Option<&str>) -> Res
                 drift.push(format!("address {ip} is missing from {}", plan.ifname));
             }
             let gw = plan.conf.gateway_for(ip);
-            let has_default = pod_routes
-                .iter()
-                .any(|r| r.prefix == 0 && r.dst.is_ipv4() == ip.is_ipv4() && r.gateway == Some(gw) && r.oif == Some(p.index));
+            let has_default = pod_routes.iter().any(|r| {
+                r.prefix == 0
+                    && r.dst.is_ipv4() == ip.is_ipv4()
+                    && r.gateway == Some(gw)
+                    && r.oif == Some(p.index)
+            });
             if !has_default {
-                drift.push(format!("pod default route via {gw} dev {} is missing", plan.ifname));
+                drift.push(format!(
+                    "pod default route via {gw} dev {} is missing",
+                    plan.ifname
+                ));
             }
             let has_host_route = host_routes
                 .iter()
                 .any(|r| r.dst == *ip && r.prefix == full_prefix(ip) && r.oif == Some(h.index));
             if !has_host_route {
-                drift.push(format!("host route {ip}/{} dev {} is missing", full_prefix(ip), plan.host_if));
+                drift.push(format!(
+                    "host route {ip}/{} dev {} is missing",
+                    full_prefix(ip),
+                    plan.host_if
+                ));
             }
         }
     }
@@ -276,11 +396,18 @@ fn check_link(drift: &mut Vec<String>, l: &Link, what: &str, mtu: u32, mac: Opti
         drift.push(format!("{what} {} is down", l.name));
     }
     if l.mtu != mtu {
-        drift.push(format!("{what} {} has MTU {} instead of {mtu}", l.name, l.mtu));
+        drift.push(format!(
+            "{what} {} has MTU {} instead of {mtu}",
+            l.name, l.mtu
+        ));
     }
     if let Some(m) = mac {
         if !mac_string(&l.mac).eq_ignore_ascii_case(m) {
-            drift.push(format!("{what} {} has MAC {} instead of {m}", l.name, mac_string(&l.mac)));
+            drift.push(format!(
+                "{what} {} has MAC {} instead of {m}",
+                l.name,
+                mac_string(&l.mac)
+            ));
         }
     }
 }
@@ -296,7 +423,9 @@ pub fn sweep(
     let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
     let mut removed = Vec::new();
     for link in host.links().map_err(nl("list links"))? {
-        let Some(alias) = link.alias.as_deref() else { continue };
+        let Some(alias) = link.alias.as_deref() else {
+            continue;
+        };
         match parse_alias(alias) {
             Some((net, cid, ifname)) if net == network && !keep(cid, ifname) => {
                 delete_link(&mut host, &link.name)?;
