@@ -183,11 +183,24 @@ pub fn ping(from: &Netns, dst: &str) -> bool {
 /// Opens a TCP connection from `client` to `server_ip:port` served by a
 /// one-shot busybox nc in `server`, and checks the payload arrives.
 pub fn tcp_roundtrip(server: &Netns, client: &Netns, server_ip: &str, port: u16) -> bool {
+    tcp_roundtrip_via(server, port, client, server_ip, port)
+}
+
+/// Like [`tcp_roundtrip`], but the client dials `dst:dst_port` (e.g. a
+/// hostPort that DNATs to `listen_port` in the server's namespace).
+pub fn tcp_roundtrip_via(
+    server: &Netns,
+    listen_port: u16,
+    client: &Netns,
+    dst: &str,
+    dst_port: u16,
+) -> bool {
+    let (server_ip, port) = (dst, dst_port);
     use std::io::Read;
     crate::require_tool("busybox", "busybox-static");
     let mut srv = server
         .command("busybox")
-        .args(["nc", "-l", "-p", &port.to_string()])
+        .args(["nc", "-l", "-p", &listen_port.to_string()])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn nc -l");
