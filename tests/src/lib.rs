@@ -8,6 +8,8 @@
 //! install, never a silent skip.
 
 pub mod cni;
+pub mod containerd;
+pub mod fixture;
 pub mod netns;
 pub mod prereq;
 
