@@ -9,6 +9,7 @@
 //! never waits for the node agent (the data path works with the agent down).
 
 pub mod config;
+pub mod conflist;
 pub mod error;
 pub mod invocation;
 pub mod ipam;

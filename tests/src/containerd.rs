@@ -39,8 +39,8 @@ pub const PAUSE_IMAGE: &str = "nodeplane.test/pause:1";
 pub const CRI_NAMESPACE: &str = "k8s.io";
 /// The node's own addresses in its namespace (documentation ranges, so they
 /// never clash with pod CIDRs).
-pub const NODE_IPV4: &str = "192.0.2.10/32";
-pub const NODE_IPV6: &str = "2001:db8::10/128";
+pub const NODE_IPV4: &str = "10.10.0.10/32";
+pub const NODE_IPV6: &str = "fd00:10:10::10/128";
 /// Placeholder in a conflist for the directory the plugins keep state in.
 pub const STATE_PLACEHOLDER: &str = "@CNI_STATE_DIR@";
 
