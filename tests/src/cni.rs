@@ -60,8 +60,14 @@ impl CniOutput {
 impl Plugin {
     pub fn new(bin: impl Into<PathBuf>) -> Self {
         let bin = bin.into();
-        let dir = bin.parent().map(|p| p.display().to_string()).unwrap_or_default();
-        Plugin { bin, cni_path: format!("{dir}:/usr/lib/cni") }
+        let dir = bin
+            .parent()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default();
+        Plugin {
+            bin,
+            cni_path: format!("{dir}:/usr/lib/cni"),
+        }
     }
 
     /// nodeplane-cni as built with the running test.
@@ -95,7 +101,9 @@ impl Plugin {
         if !call.args.is_empty() {
             cmd.env("CNI_ARGS", call.args);
         }
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         cmd
     }
 

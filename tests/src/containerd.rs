@@ -37,8 +37,8 @@ use crate::{Netns, TempDir};
 pub const PAUSE_IMAGE: &str = "nodeplane.test/pause:1";
 /// The containerd namespace the CRI plugin keeps its pods in.
 pub const CRI_NAMESPACE: &str = "k8s.io";
-/// The node's own addresses in its namespace (documentation ranges, so they
-/// never clash with pod CIDRs).
+/// The node's own addresses in its namespace (private ranges that never
+/// clash with the pod CIDRs).
 pub const NODE_IPV4: &str = "10.10.0.10/32";
 pub const NODE_IPV6: &str = "fd00:10:10::10/128";
 /// Placeholder in a conflist for the directory the plugins keep state in.

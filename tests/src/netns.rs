@@ -51,7 +51,10 @@ impl Netns {
 
     /// Runs a shell command inside the namespace and returns its output.
     pub fn sh(&self, script: &str) -> Output {
-        self.command("sh").args(["-c", script]).output().expect("spawn sh")
+        self.command("sh")
+            .args(["-c", script])
+            .output()
+            .expect("spawn sh")
     }
 
     /// Writes a sysctl inside this namespace (e.g. `net.ipv4.ip_forward`).
@@ -64,7 +67,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.name]).output();
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
     }
 }
 
@@ -84,7 +89,9 @@ pub fn enter_in_child(cmd: &mut Command, ns: File) {
 
 /// Runs a command and panics with its output when it fails.
 pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
     assert!(
         out.status.success(),
         "{cmd:?} failed ({}): {}{}",
