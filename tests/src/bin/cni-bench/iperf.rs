@@ -1,0 +1,175 @@
+//! Pod-to-pod TCP throughput with iperf3, between two pod namespaces wired
+//! by a plugin, against a bare veth pair joining two namespaces directly
+//! (the best any wiring of two namespaces on one machine can do).
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::guard::{Ns, Proc};
+use crate::subject::{Pod, Subject};
+
+/// Two pods whose traffic goes through some wiring.
+#[derive(Debug)]
+pub struct Path<'a> {
+    pub label: String,
+    server: &'a Ns,
+    client: &'a Ns,
+    server_ip: String,
+}
+
+/// Two namespaces joined by one veth pair (10.99.0.1/24 ↔ 10.99.0.2/24).
+#[derive(Debug)]
+pub struct BareVeth {
+    a: Ns,
+    b: Ns,
+}
+
+impl BareVeth {
+    pub fn new() -> Self {
+        let (a, b) = (Ns::new("npbva"), Ns::new("npbvb"));
+        // Same MTU as the plugins are configured with (1500).
+        a.ip(&[
+            "link", "add", "eth0", "mtu", "1500", "type", "veth", "peer", "name", "eth0", "netns",
+            &b.name,
+        ]);
+        for (ns, addr) in [(&a, "10.99.0.1/24"), (&b, "10.99.0.2/24")] {
+            ns.ip(&["addr", "add", addr, "dev", "eth0"]);
+            ns.ip(&["link", "set", "eth0", "up"]);
+        }
+        BareVeth { a, b }
+    }
+    pub fn path(&self) -> Path<'_> {
+        Path {
+            label: "bare veth pair".into(),
+            server: &self.a,
+            client: &self.b,
+            server_ip: "10.99.0.1".into(),
+        }
+    }
+}
+
+/// Two pods ADDed by a plugin; DELed on drop.
+#[derive(Debug)]
+pub struct PodPair<'a> {
+    subject: &'a Subject,
+    pods: [Pod; 2],
+}
+
+impl<'a> PodPair<'a> {
+    pub fn new(subject: &'a Subject) -> Result<Self, String> {
+        let mut pair = PodPair {
+            subject,
+            pods: [Pod::new(), Pod::new()],
+        };
+        for pod in &mut pair.pods {
+            subject.add(pod)?;
+        }
+        Ok(pair)
+    }
+    pub fn kind(&self) -> crate::subject::Kind {
+        self.subject.kind
+    }
+    pub fn path(&self) -> Result<Path<'_>, String> {
+        let server_ip = self.pods[0].ip().ok_or_else(|| {
+            format!(
+                "{}: no ips[0].address in the ADD result",
+                self.subject.kind.label()
+            )
+        })?;
+        Ok(Path {
+            label: format!("pod↔pod via {}", self.subject.kind.label()),
+            server: &self.pods[0].ns,
+            client: &self.pods[1].ns,
+            server_ip,
+        })
+    }
+}
+
+impl Drop for PodPair<'_> {
+    fn drop(&mut self) {
+        for pod in self.pods.iter_mut().filter(|p| p.result.is_some()) {
+            // A failing DEL leaves links in namespaces that are deleted next.
+            let _ = self.subject.del(pod);
+        }
+    }
+}
+
+/// Runs one iperf3 transfer of `secs` seconds over `path`; bits per second
+/// received (end.sum_received).
+///
+/// With `pin`, the server runs on CPU 1 and the client on CPU 0: left to the
+/// scheduler, whether the two share a core changes the result by ±30 % from
+/// run to run on a 2-core machine, which would drown the difference between
+/// wirings; pinned, runs agree within a few per cent.
+pub fn measure(path: &Path<'_>, secs: u64, pin: bool) -> Result<f64, String> {
+    let (server_cpu, client_cpu): (&[&str], &[&str]) = if pin {
+        (&["-A", "1"], &["-A", "0"])
+    } else {
+        (&[], &[])
+    };
+    let server = path
+        .server
+        .command("iperf3")
+        .args(["-s", "-1", "-p", "5201"])
+        .args(server_cpu)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("spawn iperf3 -s: {e}"))?;
+    let _server = Proc::new(server, Duration::from_secs(secs + 30));
+    wait_listening(path.server)?;
+    let client = path
+        .client
+        .command("iperf3")
+        .args([
+            "-c",
+            &path.server_ip,
+            "-p",
+            "5201",
+            "-t",
+            &secs.to_string(),
+            "-J",
+        ])
+        .args(client_cpu)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn iperf3 -c: {e}"))?;
+    let mut client = Proc::new(client, Duration::from_secs(secs + 20));
+    let mut json = String::new();
+    if let Some(mut out) = client.0.stdout.take() {
+        use std::io::Read;
+        out.read_to_string(&mut json)
+            .map_err(|e| format!("read iperf3 output: {e}"))?;
+    }
+    let status = client
+        .0
+        .wait()
+        .map_err(|e| format!("wait iperf3 -c: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(&json)
+        .map_err(|e| format!("iperf3 -c ({status}) printed no JSON ({e}): {json}"))?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .ok_or_else(|| format!("iperf3 -c ({status}) over {}: {}", path.label, v["error"]))
+}
+
+/// Waits until the iperf3 server listens, so the client's first connect
+/// does not race it.
+fn wait_listening(ns: &Ns) -> Result<(), String> {
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(5) {
+        let out = ns
+            .command("ss")
+            .args(["-Hltn", "sport = :5201"])
+            .output()
+            .map_err(|e| format!("ss: {e}"))?;
+        if !out.stdout.is_empty() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Err(format!(
+        "iperf3 -s did not listen within 5 s in {}",
+        ns.name
+    ))
+}
