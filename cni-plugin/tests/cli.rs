@@ -56,9 +56,18 @@ fn with(var: &'static str, value: &'static str) -> Vec<(&'static str, &'static s
     v
 }
 
+/// (what, environment, stdin, expected code, text the details must contain)
+type Case = (
+    &'static str,
+    Vec<(&'static str, &'static str)>,
+    String,
+    u64,
+    &'static str,
+);
+
 #[test]
 fn malformed_input_table() {
-    let cases: Vec<(&str, Vec<(&str, &str)>, String, u64, &str)> = vec![
+    let cases: Vec<Case> = vec![
         (
             "no CNI_COMMAND",
             without("CNI_COMMAND"),
