@@ -195,8 +195,8 @@ pub fn tcp_roundtrip_via(
     dst: &str,
     dst_port: u16,
 ) -> bool {
-    let (server_ip, port) = (dst, dst_port);
     use std::io::Read;
+    use std::time::{Duration, Instant};
     crate::require_tool("busybox", "busybox-static");
     let mut srv = server
         .command("busybox")
@@ -204,31 +204,36 @@ pub fn tcp_roundtrip_via(
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn nc -l");
-    let target = if server_ip.contains(':') {
-        format!("[{server_ip}]")
-    } else {
-        server_ip.to_string()
-    };
-    let mut sent = false;
-    for _ in 0..50 {
-        let out = client
-            .sh(&format!(
-                "echo nodeplane-hello | busybox nc -w 2 {} {port}",
-                target.trim_matches(|c| c == '[' || c == ']')
-            ))
-            .status
-            .success();
-        if out {
-            sent = true;
+    // Connect only once the listener is up, so a loaded machine cannot turn
+    // a slow listener start into a failed test.
+    let listening = format!(":{listen_port} ");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        let out = server.command("busybox").args(["netstat", "-ltn"]).output();
+        if out.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&listening)) {
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut sent = false;
+    let mut last = String::new();
+    while !sent && Instant::now() < deadline {
+        let out = client.sh(&format!(
+            "echo nodeplane-hello | busybox nc -w 2 {dst} {dst_port}"
+        ));
+        sent = out.status.success();
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !sent {
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
     let mut got = String::new();
     if sent {
         if let Some(mut s) = srv.stdout.take() {
             let _ = s.read_to_string(&mut got);
         }
+    } else {
+        eprintln!("tcp {dst}:{dst_port} -> :{listen_port} failed; last client error: {last}");
     }
     let _ = srv.kill();
     let _ = srv.wait();
