@@ -54,22 +54,52 @@ pub fn single(subjects: &[Subject], iterations: usize) -> Vec<Result<AddDel, Str
     res
 }
 
-/// ADD latency of pod k+1 with k pods already present (index k), then every
-/// pod is deleted. Interleaved across plugins pod by pod.
-pub fn sequential(subjects: &[Subject], count: usize) -> Vec<Result<Vec<Duration>, String>> {
+/// ADD latency against the number of pods already present (index k = k
+/// pods present), measured in two passes.
+#[derive(Debug, Default)]
+pub struct Growth {
+    /// Pods 1..=count added in sequence.
+    pub up: Vec<Duration>,
+    /// Then from `count` pods down: delete to k pods, time one ADD, for k =
+    /// count-1 down to 0. Load from elsewhere drifts with time; this pass
+    /// walks the pod counts in the opposite time order, so a drift that tilts
+    /// one pass's slope tilts the other's the other way and pooling both
+    /// cancels it (on this shared machine a drift alone can fake ±20 µs/pod).
+    pub down: Vec<Duration>,
+}
+
+/// Runs both passes of [`Growth`], interleaved across plugins pod by pod,
+/// then deletes every pod.
+pub fn growth(subjects: &[Subject], count: usize) -> Vec<Result<Growth, String>> {
     let mut pods: Vec<Vec<Pod>> = subjects
         .iter()
         .map(|_| (0..count).map(|_| Pod::new()).collect())
         .collect();
     warm_up(subjects, &mut pods);
-    let mut res: Vec<Result<Vec<Duration>, String>> =
-        subjects.iter().map(|_| Ok(Vec::new())).collect();
+    let mut res: Vec<Result<Growth, String>> =
+        subjects.iter().map(|_| Ok(Growth::default())).collect();
     for k in 0..count {
         for ((s, pods), r) in subjects.iter().zip(&mut pods).zip(&mut res) {
             let Ok(acc) = r else { continue };
             match s.add(&mut pods[k]) {
-                Ok(d) => acc.push(d),
+                Ok(d) => acc.up.push(d),
                 Err(e) => *r = Err(format!("pod {}: {e}", k + 1)),
+            }
+        }
+    }
+    for k in (0..count).rev() {
+        for ((s, pods), r) in subjects.iter().zip(&mut pods).zip(&mut res) {
+            let Ok(acc) = r else { continue };
+            // Delete the highest-numbered pods so that pods[..k] stay.
+            let step = |pods: &mut [Pod]| {
+                for pod in pods[k..].iter_mut().filter(|p| p.result.is_some()) {
+                    s.del_settled(pod)?;
+                }
+                s.add(&mut pods[k])
+            };
+            match step(pods) {
+                Ok(d) => acc.down.push(d),
+                Err(e) => *r = Err(format!("down to {k} pods: {e}")),
             }
         }
     }
@@ -80,6 +110,9 @@ pub fn sequential(subjects: &[Subject], count: usize) -> Vec<Result<Vec<Duration
                     *r = Err(e);
                 }
             }
+        }
+        if let Ok(g) = r {
+            g.down.reverse();
         }
     }
     res

@@ -110,8 +110,12 @@ pub fn section_add(opts: &Opts, report: &mut Report) {
 pub fn section_seq(opts: &Opts, report: &mut Report) {
     let n = opts.seq_pods;
     println!("\n== 2. ADD latency with pods already present: pods 1..{n} added in sequence, then all deleted ==");
+    println!(
+        "  two passes pooled: up (add pod k+1 to k pods) and down (delete to k pods, add one),"
+    );
+    println!("  so drift in the machine's load cancels out of the slope; plugins interleaved");
     let subjects = subjects(&opts.kinds, report);
-    let res = latency::sequential(&subjects, n);
+    let res = latency::growth(&subjects, n);
     // The brief's points for 250 pods: 1-10, 120-130, 240-250.
     let mid = n / 2;
     let points = [
@@ -124,24 +128,29 @@ pub fn section_seq(opts: &Opts, report: &mut Report) {
         .map(|(a, b)| format!("pods {a}-{b}"))
         .collect();
     println!(
-        "  {:<26} {:>13} {:>13} {:>13} {:>14}",
+        "  {:<26} {:>13} {:>13} {:>13} {:>14}   (up / down pass)",
         "plugin (ADD, mean)", heads[0], heads[1], heads[2], "slope µs/pod"
     );
     for (s, r) in subjects.iter().zip(&res) {
         match r {
             Ok(r) => {
+                let both: [&[Duration]; 2] = [&r.up, &r.down];
                 let at: Vec<String> = points
                     .iter()
-                    .map(|&(a, b)| fmt(mean_range(r, a, b)))
+                    .map(|&(a, b)| fmt(mean_range(&both, a, b)))
                     .collect();
-                let slope = slope_us_per_pod(r).map_or("-".into(), |v| format!("{v:+.1}"));
+                let slope = |series: &[&[Duration]]| {
+                    slope_us_per_pod(series).map_or("-".into(), |v| format!("{v:+.1}"))
+                };
                 println!(
-                    "  {:<26} {:>13} {:>13} {:>13} {:>14}",
+                    "  {:<26} {:>13} {:>13} {:>13} {:>14}   ({} / {})",
                     s.kind.label(),
                     at[0],
                     at[1],
                     at[2],
-                    slope
+                    slope(&both),
+                    slope(&[&r.up]),
+                    slope(&[&r.down])
                 );
             }
             Err(e) => failed(report, s.kind, e),
