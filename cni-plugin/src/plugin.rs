@@ -129,16 +129,14 @@ fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
     let store = Store::open(&conf.state_dir, &conf.name)?;
     let host_if = host_if(conf, a);
 
-    let record = {
+    let (record, allocated_now) = {
         let lock = store.lock()?;
         match store.record(&a.container_id, &a.ifname)? {
             // A repeated ADD (the runtime retrying after a crash) keeps its
             // addresses; wiring below fails if the interface really exists.
-            Some(existing) => existing,
-            None => store.allocate(
-                &lock,
-                &pools(conf),
-                Record {
+            Some(existing) => (existing, false),
+            None => {
+                let template = Record {
                     container_id: a.container_id.clone(),
                     ifname: a.ifname.clone(),
                     ips: Vec::new(),
@@ -146,8 +144,9 @@ fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
                     netns: Some(netns_path.display().to_string()),
                     pod_namespace: a.arg("K8S_POD_NAMESPACE").map(str::to_string),
                     pod_name: a.arg("K8S_POD_NAME").map(str::to_string),
-                },
-            )?,
+                };
+                (store.allocate(&lock, &pools(conf), template)?, true)
+            }
         }
     };
 
@@ -161,10 +160,13 @@ fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
         ips: &record.ips,
     };
     if let Err(e) = wiring::wire(&plan, &pod_ns) {
-        // Roll back so a failed ADD holds nothing, except when the failure is
-        // that the attachment already exists: that one belongs to someone.
+        // Roll back what this call made. An "already attached" failure means
+        // the interface or host link belongs to someone else: leave it, and
+        // keep addresses this call did not allocate (the live pod's).
         if !matches!(e, Error::AlreadyAttached { .. }) {
             let _ = wiring::unwire(&host_if);
+        }
+        if allocated_now {
             if let Ok(lock) = store.lock() {
                 let _ = store.release(&lock, &a.container_id, &a.ifname);
             }

@@ -155,21 +155,18 @@ pub fn wire(plan: &Plan<'_>, pod_ns: &File) -> Result<()> {
         source: e,
     })?;
 
+    // The alias is set in the second host batch, never with the creation:
+    // a batched alias would also land on a same-named link that already
+    // exists, and make someone else's link look like ours.
     let create = || {
-        vec![
-            netlink::new_veth(
-                &plan.host_if,
-                HOST_MAC,
-                plan.ifname,
-                plan.pod_mac(),
-                pod_ns,
-                conf.mtu,
-            ),
-            netlink::set_alias(
-                &plan.host_if,
-                &alias(&conf.name, plan.container_id, plan.ifname),
-            ),
-        ]
+        vec![netlink::new_veth(
+            &plan.host_if,
+            HOST_MAC,
+            plan.ifname,
+            plan.pod_mac(),
+            pod_ns,
+            conf.mtu,
+        )]
     };
     if let Err(e) = host.batch(create()) {
         if e.errno() != Some(libc::EEXIST) {
@@ -192,6 +189,24 @@ pub fn wire(plan: &Plan<'_>, pod_ns: &File) -> Result<()> {
                 ),
             });
         }
+        // Only ever remove a leftover that is provably this attachment's: a
+        // host name shared with another attachment (a 48-bit hash collision)
+        // must fail loudly rather than cut another pod off.
+        let mine = alias(&conf.name, plan.container_id, plan.ifname);
+        let leftover = host
+            .link(&plan.host_if)
+            .map_err(nl("look up host interface"))?;
+        if let Some(l) = leftover.filter(|l| l.alias.as_deref() != Some(mine.as_str())) {
+            return Err(Error::AlreadyAttached {
+                container_id: plan.container_id.into(),
+                ifname: plan.ifname.into(),
+                network: conf.name.clone(),
+                detail: format!(
+                    "host interface {} exists but belongs to {:?}; set another hostInterfacePrefix",
+                    l.name, l.alias
+                ),
+            });
+        }
         delete_link(&mut host, &plan.host_if)?;
         host.batch(create())?;
     }
@@ -206,7 +221,10 @@ pub fn wire(plan: &Plan<'_>, pod_ns: &File) -> Result<()> {
         .ok_or_else(|| Error::netlink("look up host interface", io::ErrorKind::NotFound.into()))?;
 
     let mut pod_reqs = vec![netlink::set_up(pod_link.index)];
-    let mut host_reqs = Vec::new();
+    let mut host_reqs = vec![netlink::set_alias(
+        &plan.host_if,
+        &alias(&conf.name, plan.container_id, plan.ifname),
+    )];
     for ip in plan.ips {
         let gw = conf.gateway_for(ip);
         pod_reqs.push(netlink::add_addr(pod_link.index, *ip, full_prefix(ip)));

@@ -173,11 +173,23 @@ pub fn ip_of(result: &Value, i: usize) -> String {
 /// Pings `dst` once from inside `from` (busybox, so IPv6 works the same way).
 pub fn ping(from: &Netns, dst: &str) -> bool {
     crate::require_tool("busybox", "busybox-static");
-    from.command("busybox")
+    let ok = from
+        .command("busybox")
         .args(["ping", "-c", "1", "-W", "2", dst])
         .output()
         .map(|o| o.status.success())
-        .unwrap_or(false)
+        .unwrap_or(false);
+    if !ok {
+        // What the sender's namespace looked like, for the failure report.
+        let state = from.sh("ip -br link; ip -br addr; ip route; ip -6 route; ip neigh");
+        eprintln!(
+            "ping {dst} from {} failed; its state:\n{}{}",
+            from.name,
+            String::from_utf8_lossy(&state.stdout),
+            String::from_utf8_lossy(&state.stderr)
+        );
+    }
+    ok
 }
 
 /// Opens a TCP connection from `client` to `server_ip:port` served by a
@@ -201,6 +213,9 @@ pub fn tcp_roundtrip_via(
     let mut srv = server
         .command("busybox")
         .args(["nc", "-l", "-p", &listen_port.to_string()])
+        // A stdin that never ends: busybox nc stops when its stdin does, and
+        // could otherwise quit before the client's data arrives.
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .expect("spawn nc -l");

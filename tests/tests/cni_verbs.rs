@@ -331,3 +331,36 @@ fn answers_in_the_requested_version() {
         .expect_ok();
     }
 }
+
+#[test]
+fn never_deletes_a_host_interface_it_does_not_own() {
+    // A link already holds the host name this attachment would get (say,
+    // another tool's, or a hash collision): ADD must fail and leave it alone.
+    let node = Node::new(&[V4]);
+    let a = Netns::new("npa");
+    let name = nodeplane_cni::wiring::host_ifname("np", &node.network, "foreign", "eth0");
+    node.ns.ip(&[
+        "link",
+        "add",
+        &name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "foreign-peer",
+    ]);
+    let out = node.call("ADD", "foreign", Some(&a), &node.config(json!({})));
+    assert_eq!(out.error_code(), 100, "{out:?}");
+    assert!(out.json()["details"]
+        .as_str()
+        .expect("details")
+        .contains("hostInterfacePrefix"));
+    assert!(
+        node.ns.ip(&["link", "show", &name]).contains(&name),
+        "the foreign link survives"
+    );
+    assert!(
+        node.state_files("ips").is_empty(),
+        "the failed ADD released its address"
+    );
+}
