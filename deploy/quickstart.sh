@@ -22,9 +22,11 @@ fi
 
 echo "==> building nodeplane-cni (release)"
 cargo build --release -q -p nodeplane-cni
-TOOL="$PWD/target/release/nodeplane-cnitool"
+# .cargo/config.toml builds for the explicit host tuple (static binaries).
+BIN="$PWD/target/$(rustc -vV | sed -n 's/^host: //p')/release"
+TOOL="$BIN/nodeplane-cnitool"
 CONF="$PWD/deploy/cni/10-nodeplane.conflist"
-export CNI_PATH="$PWD/target/release:/usr/lib/cni"
+export CNI_PATH="$BIN:/usr/lib/cni"
 # The demo keeps its IPAM state apart from a real install's /var/lib/nodeplane.
 export NODEPLANE_STATE_DIR=/run/nodeplane-demo/cni
 NODE=np-demo-node
