@@ -159,7 +159,9 @@ fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
         host_if: host_if.clone(),
         ips: &record.ips,
     };
-    if let Err(e) = wiring::wire(&plan, &pod_ns) {
+    let wired = wiring::sockets(&netns_str, &pod_ns)
+        .and_then(|(mut host, mut pod)| wiring::wire(&plan, &mut host, &mut pod, &pod_ns));
+    if let Err(e) = wired {
         // Roll back what this call made. An "already attached" failure means
         // the interface or host link belongs to someone else: leave it, and
         // keep addresses this call did not allocate (the live pod's).
@@ -245,7 +247,13 @@ fn check(conf: &NetConf, a: &Attachment) -> Result<()> {
         host_if: record.host_interface.clone(),
         ips: &record.ips,
     };
-    drift.extend(wiring::verify(&plan, &pod_ns, expected_mac.as_deref())?);
+    let (mut host, mut pod) = wiring::sockets(&netns_str, &pod_ns)?;
+    drift.extend(wiring::verify(
+        &plan,
+        &mut host,
+        &mut pod,
+        expected_mac.as_deref(),
+    )?);
     if drift.is_empty() {
         Ok(())
     } else {
@@ -290,7 +298,9 @@ fn gc(conf: &NetConf) -> Result<()> {
         store.sweep_orphans(&lock)?;
         store.allocated()?
     };
-    wiring::sweep(&conf.name, &keep, &live_ips, &conf.pod_cidrs)?;
+    let mut host =
+        crate::netlink::Rtnl::new().map_err(|e| Error::netlink("open netlink socket", e))?;
+    wiring::sweep(&mut host, &conf.name, &keep, &live_ips, &conf.pod_cidrs)?;
     Ok(())
 }
 

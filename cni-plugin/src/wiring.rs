@@ -19,7 +19,7 @@ use ipnetwork::IpNetwork;
 
 use crate::config::NetConf;
 use crate::error::{Error, Result};
-use crate::netlink::{self, Link, Rtnl, ROUTE_PROTOCOL};
+use crate::netlink::{self, Link, Netlink, Rtnl, ROUTE_PROTOCOL};
 use crate::result::{CniResult, Interface, IpConfig, Route};
 
 /// Every host-side veth has this MAC: the pod only ever talks to its gateway,
@@ -145,15 +145,25 @@ fn nl(op: &str) -> impl FnOnce(io::Error) -> Error + '_ {
     move |e| Error::netlink(op, e)
 }
 
-/// Creates the veth pair and programs both sides. On failure the caller rolls
-/// back with [`unwire`]; nothing here is left half-done on purpose.
-pub fn wire(plan: &Plan<'_>, pod_ns: &File) -> Result<()> {
-    let conf = plan.conf;
-    let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
-    let mut pod = Rtnl::in_netns(pod_ns).map_err(|e| Error::Netns {
-        path: plan.netns_path.into(),
+/// Netlink sockets in the host namespace and in the pod's.
+pub fn sockets(netns_path: &str, pod_ns: &File) -> Result<(Rtnl, Rtnl)> {
+    let host = Rtnl::new().map_err(nl("open netlink socket"))?;
+    let pod = Rtnl::in_netns(pod_ns).map_err(|e| Error::Netns {
+        path: netns_path.into(),
         source: e,
     })?;
+    Ok((host, pod))
+}
+
+/// Creates the veth pair and programs both sides. On failure the caller rolls
+/// back with [`unwire`]; nothing here is left half-done on purpose.
+pub fn wire(
+    plan: &Plan<'_>,
+    host: &mut dyn Netlink,
+    pod: &mut dyn Netlink,
+    pod_ns: &File,
+) -> Result<()> {
+    let conf = plan.conf;
 
     // The alias is set in the second host batch, never with the creation:
     // a batched alias would also land on a same-named link that already
@@ -196,7 +206,13 @@ pub fn wire(plan: &Plan<'_>, pod_ns: &File) -> Result<()> {
         let leftover = host
             .link(&plan.host_if)
             .map_err(nl("look up host interface"))?;
-        if let Some(l) = leftover.filter(|l| l.alias.as_deref() != Some(mine.as_str())) {
+        // Ours: our alias, or no alias yet but our MAC (a kill between the
+        // creation and the alias, which comes in the next batch).
+        let ours = |l: &Link| match l.alias.as_deref() {
+            Some(a) => a == mine,
+            None => l.mac == HOST_MAC,
+        };
+        if let Some(l) = leftover.filter(|l| !ours(l)) {
             return Err(Error::AlreadyAttached {
                 container_id: plan.container_id.into(),
                 ifname: plan.ifname.into(),
@@ -207,7 +223,7 @@ pub fn wire(plan: &Plan<'_>, pod_ns: &File) -> Result<()> {
                 ),
             });
         }
-        delete_link(&mut host, &plan.host_if)?;
+        delete_link(host, &plan.host_if)?;
         host.batch(create())?;
     }
 
@@ -274,7 +290,7 @@ fn enable_forwarding(ips: &[IpAddr]) -> Result<()> {
 }
 
 /// Deletes a link, treating "no such device" as done.
-fn delete_link(rt: &mut Rtnl, name: &str) -> Result<()> {
+fn delete_link(rt: &mut dyn Netlink, name: &str) -> Result<()> {
     match rt.request(netlink::del_link(name)) {
         Err(e) if e.errno() != Some(libc::ENODEV) => Err(e.into()),
         _ => Ok(()),
@@ -350,13 +366,13 @@ fn detach_from_caller() {
 }
 
 /// CHECK: compares the kernel with what ADD made; returns every drift found.
-pub fn verify(plan: &Plan<'_>, pod_ns: &File, expected_mac: Option<&str>) -> Result<Vec<String>> {
+pub fn verify(
+    plan: &Plan<'_>,
+    host: &mut dyn Netlink,
+    pod: &mut dyn Netlink,
+    expected_mac: Option<&str>,
+) -> Result<Vec<String>> {
     let mut drift = Vec::new();
-    let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
-    let mut pod = Rtnl::in_netns(pod_ns).map_err(|e| Error::Netns {
-        path: plan.netns_path.into(),
-        source: e,
-    })?;
 
     let pod_link = pod.link(plan.ifname).map_err(nl("look up pod interface"))?;
     let host_link = host
@@ -433,12 +449,12 @@ fn check_link(drift: &mut Vec<String>, l: &Link, what: &str, mtu: u32, mac: Opti
 /// GC: deletes host veths of `network` whose attachment is not in `keep`, and
 /// host routes we installed into `cidrs` for addresses nothing holds any more.
 pub fn sweep(
+    host: &mut dyn Netlink,
     network: &str,
     keep: &dyn Fn(&str, &str) -> bool,
     live_ips: &[IpAddr],
     cidrs: &[IpNetwork],
 ) -> Result<Vec<String>> {
-    let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
     let mut removed = Vec::new();
     for link in host.links().map_err(nl("list links"))? {
         let Some(alias) = link.alias.as_deref() else {
@@ -446,7 +462,7 @@ pub fn sweep(
         };
         match parse_alias(alias) {
             Some((net, cid, ifname)) if net == network && !keep(cid, ifname) => {
-                delete_link(&mut host, &link.name)?;
+                delete_link(host, &link.name)?;
                 removed.push(link.name);
             }
             _ => {}
@@ -464,4 +480,197 @@ pub fn sweep(
         }
     }
     Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::fake::Fake;
+
+    fn conf() -> NetConf {
+        NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"net","type":"nodeplane-cni",
+                "podCIDRs":["10.244.0.0/24","fd00::/64"],"stateDir":"/tmp/unused"}"#,
+        )
+        .expect("valid config")
+    }
+
+    fn plan<'a>(conf: &'a NetConf, ips: &'a [IpAddr]) -> Plan<'a> {
+        Plan {
+            conf,
+            container_id: "c1",
+            ifname: "eth0",
+            netns_path: "/run/netns/p",
+            host_if: host_ifname("np", "net", "c1", "eth0"),
+            ips,
+        }
+    }
+
+    fn ips() -> Vec<IpAddr> {
+        vec![
+            "10.244.0.7".parse().expect("ip"),
+            "fd00::7".parse().expect("ip"),
+        ]
+    }
+
+    /// Host and pod fakes as they look right after a successful creation.
+    fn created(p: &Plan<'_>) -> (Fake, Fake) {
+        let host = Fake::default().with_link(&p.host_if, 5, HOST_MAC, None);
+        let pod = Fake::default().with_link("eth0", 2, [2, 0, 0, 0, 0, 1], None);
+        (host, pod)
+    }
+
+    fn null() -> File {
+        File::open("/dev/null").expect("/dev/null")
+    }
+
+    #[test]
+    fn wires_both_sides_in_order() {
+        let (c, ips) = (conf(), ips());
+        let p = plan(&c, &ips);
+        let (mut host, mut pod) = created(&p);
+        wire(&p, &mut host, &mut pod, &null()).expect("wire");
+        assert!(host.log[0].starts_with("create veth"), "{:?}", host.log);
+        assert!(
+            host.log[1].starts_with("set alias"),
+            "alias comes after creation: {:?}",
+            host.log
+        );
+        assert!(
+            host.sent("add route 10.244.0.7/32") && host.sent("add route fd00::7/128"),
+            "{:?}",
+            host.log
+        );
+        assert!(host.sent("add neighbour 10.244.0.7"), "{:?}", host.log);
+        assert_eq!(pod.log[0], "set link 2 up");
+        assert!(
+            pod.sent("add address 10.244.0.7/32") && pod.sent("add address fd00::7/128"),
+            "{:?}",
+            pod.log
+        );
+        assert!(
+            pod.sent("add route 169.254.1.1/32"),
+            "on-link route to the IPv4 gateway: {:?}",
+            pod.log
+        );
+        assert!(
+            pod.sent("add neighbour 169.254.1.1") && pod.sent("add neighbour fe80::1"),
+            "{:?}",
+            pod.log
+        );
+        assert!(
+            pod.sent("add route 169.254.1.1/0") && pod.sent("add route fe80::1/0"),
+            "defaults: {:?}",
+            pod.log
+        );
+    }
+
+    #[test]
+    fn refuses_when_the_pod_already_has_the_interface() {
+        let (c, ips) = (conf(), ips());
+        let p = plan(&c, &ips);
+        let (host, mut pod) = created(&p);
+        let mut host = host.failing("create veth", libc::EEXIST);
+        let e = wire(&p, &mut host, &mut pod, &null()).expect_err("must refuse");
+        assert!(matches!(e, Error::AlreadyAttached { .. }), "{e}");
+        assert!(!host.sent("delete link"), "nothing deleted: {:?}", host.log);
+    }
+
+    #[test]
+    fn replaces_its_own_leftover_host_end() {
+        let (c, ips) = (conf(), ips());
+        let p = plan(&c, &ips);
+        for leftover_alias in [Some(alias("net", "c1", "eth0")), None] {
+            // Our alias, or no alias but our MAC (killed before the alias).
+            let mut host = Fake::default()
+                .with_link(&p.host_if, 5, HOST_MAC, leftover_alias.as_deref())
+                .failing("create veth", libc::EEXIST);
+            // No eth0 in the pod: the name clash is on the host side only.
+            let mut pod = Fake::default();
+            let e = wire(&p, &mut host, &mut pod, &null());
+            // The pod fake never learns about the new eth0, so wiring stops at
+            // the pod lookup; what matters is the delete-and-recreate before it.
+            assert!(e.is_err());
+            let deletes: Vec<_> = host
+                .log
+                .iter()
+                .filter(|l| l.starts_with("delete link"))
+                .collect();
+            assert_eq!(deletes.len(), 1, "{:?}", host.log);
+            assert_eq!(
+                host.log
+                    .iter()
+                    .filter(|l| l.starts_with("create veth"))
+                    .count(),
+                2,
+                "{:?}",
+                host.log
+            );
+        }
+    }
+
+    #[test]
+    fn never_deletes_someone_elses_link() {
+        let (c, ips) = (conf(), ips());
+        let p = plan(&c, &ips);
+        for foreign in [Some("nodeplane:net:other:eth0"), None] {
+            // A foreign alias, or no alias and not our MAC.
+            let mut host = Fake::default()
+                .with_link(&p.host_if, 5, [2, 9, 9, 9, 9, 9], foreign)
+                .failing("create veth", libc::EEXIST);
+            let mut pod = Fake::default();
+            let e = wire(&p, &mut host, &mut pod, &null()).expect_err("must refuse");
+            assert!(e.to_string().contains("hostInterfacePrefix"), "{e}");
+            assert!(!host.sent("delete link"), "{:?}", host.log);
+        }
+    }
+
+    #[test]
+    fn gc_sweep_removes_only_this_networks_stale_links_and_routes() {
+        let mut host = Fake::default()
+            .with_link("npstale", 5, HOST_MAC, Some("nodeplane:net:gone:eth0"))
+            .with_link("npkeep", 6, HOST_MAC, Some("nodeplane:net:live:eth0"))
+            .with_link("npother", 7, HOST_MAC, Some("nodeplane:othernet:gone:eth0"))
+            .with_link("eth9", 8, [2, 1, 1, 1, 1, 1], None);
+        let route = |dst: &str, protocol| netlink::Route {
+            dst: dst.parse().expect("ip"),
+            prefix: 32,
+            gateway: None,
+            oif: Some(5),
+            protocol,
+        };
+        host.routes = vec![
+            route("10.244.0.9", ROUTE_PROTOCOL),  // ours, stale
+            route("10.244.0.10", ROUTE_PROTOCOL), // ours, live
+            route("10.244.0.11", 4),              // someone else's (static)
+            route("10.99.0.1", ROUTE_PROTOCOL),   // outside this network's CIDRs
+        ];
+        let keep = |cid: &str, _: &str| cid == "live";
+        let live: Vec<IpAddr> = vec!["10.244.0.10".parse().expect("ip")];
+        let cidrs = vec!["10.244.0.0/24".parse().expect("cidr")];
+        let removed = sweep(&mut host, "net", &keep, &live, &cidrs).expect("sweep");
+        assert_eq!(removed, vec!["npstale".to_string()]);
+        assert_eq!(
+            host.log
+                .iter()
+                .filter(|l| l.starts_with("delete route"))
+                .cloned()
+                .collect::<Vec<_>>(),
+            vec!["delete route 10.244.0.9"]
+        );
+    }
+
+    #[test]
+    fn names_and_aliases_are_stable_and_parse_back() {
+        let a = host_ifname("np", "net", "c1", "eth0");
+        assert_eq!(a, host_ifname("np", "net", "c1", "eth0"));
+        assert_ne!(a, host_ifname("np", "net", "c1", "eth1"));
+        assert_eq!(a.len(), 14);
+        assert_eq!(
+            parse_alias(&alias("net", "c1", "eth0")),
+            Some(("net", "c1", "eth0"))
+        );
+        let mac = pod_mac("net", "c1", "eth0");
+        assert_eq!(mac[0] & 0x03, 0x02, "locally administered unicast");
+    }
 }

@@ -70,6 +70,45 @@ pub struct Request {
     flags: u16,
 }
 
+#[cfg(test)]
+pub mod fake;
+
+/// The rtnetlink operations pod wiring needs. [`Rtnl`] talks to the kernel;
+/// the recording fake in `fake` lets the wiring logic be unit-tested
+/// without root.
+pub trait Netlink {
+    /// Sends requests in one datagram; the first refusal, labelled.
+    fn batch(&mut self, requests: Vec<Request>) -> Result<(), Failed>;
+    /// The link called `name`, or `None`.
+    fn link(&mut self, name: &str) -> io::Result<Option<Link>>;
+    fn links(&mut self) -> io::Result<Vec<Link>>;
+    fn addrs(&mut self) -> io::Result<Vec<Addr>>;
+    /// Routes of the main table, both families.
+    fn routes(&mut self) -> io::Result<Vec<Route>>;
+    /// One request, acknowledged.
+    fn request(&mut self, r: Request) -> Result<(), Failed> {
+        self.batch(vec![r])
+    }
+}
+
+impl Netlink for Rtnl {
+    fn batch(&mut self, requests: Vec<Request>) -> Result<(), Failed> {
+        self.send_batch(requests)
+    }
+    fn link(&mut self, name: &str) -> io::Result<Option<Link>> {
+        self.get_link(name)
+    }
+    fn links(&mut self) -> io::Result<Vec<Link>> {
+        self.dump_links()
+    }
+    fn addrs(&mut self) -> io::Result<Vec<Addr>> {
+        self.dump_addrs()
+    }
+    fn routes(&mut self) -> io::Result<Vec<Route>> {
+        self.dump_routes()
+    }
+}
+
 /// A request of a batch the kernel refused: which one, and the errno.
 #[derive(Debug)]
 pub struct Failed {
@@ -167,7 +206,7 @@ impl Rtnl {
 
     /// Sends every request in one datagram and waits for all their acks.
     /// Returns the first failure, labelled with its request.
-    pub fn batch(&mut self, requests: Vec<Request>) -> Result<(), Failed> {
+    fn send_batch(&mut self, requests: Vec<Request>) -> Result<(), Failed> {
         if requests.is_empty() {
             return Ok(());
         }
@@ -196,11 +235,6 @@ impl Rtnl {
             }
         }
         first_err.map_or(Ok(()), Err)
-    }
-
-    /// One request, acknowledged.
-    pub fn request(&mut self, r: Request) -> Result<(), Failed> {
-        self.batch(vec![r])
     }
 
     fn recv(&mut self) -> io::Result<Vec<(u32, NetlinkPayload<RouteNetlinkMessage>)>> {
@@ -250,7 +284,7 @@ impl Rtnl {
     }
 
     /// The link called `name`, or `None` when there is no such link.
-    pub fn link(&mut self, name: &str) -> io::Result<Option<Link>> {
+    fn get_link(&mut self, name: &str) -> io::Result<Option<Link>> {
         let mut msg = LinkMessage::default();
         msg.attributes.push(LinkAttribute::IfName(name.to_string()));
         let mut out = Vec::new();
@@ -279,7 +313,7 @@ impl Rtnl {
     }
 
     /// Every link in the namespace.
-    pub fn links(&mut self) -> io::Result<Vec<Link>> {
+    fn dump_links(&mut self) -> io::Result<Vec<Link>> {
         Ok(self
             .dump(RouteNetlinkMessage::GetLink(LinkMessage::default()))?
             .iter()
@@ -291,7 +325,7 @@ impl Rtnl {
     }
 
     /// Every address in the namespace.
-    pub fn addrs(&mut self) -> io::Result<Vec<Addr>> {
+    fn dump_addrs(&mut self) -> io::Result<Vec<Addr>> {
         Ok(self
             .dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()))?
             .iter()
@@ -319,7 +353,7 @@ impl Rtnl {
     }
 
     /// Every route of the main table, both families.
-    pub fn routes(&mut self) -> io::Result<Vec<Route>> {
+    fn dump_routes(&mut self) -> io::Result<Vec<Route>> {
         let mut all = Vec::new();
         for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut req = RouteMessage::default();
