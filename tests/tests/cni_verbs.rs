@@ -364,3 +364,25 @@ fn never_deletes_a_host_interface_it_does_not_own() {
         "the failed ADD released its address"
     );
 }
+
+#[test]
+fn writes_the_optional_log_file() {
+    let node = Node::new(&[V4]);
+    let a = Netns::new("npl");
+    let log = node.state.path().join("cni.log");
+    let cfg = node.config(json!({"logFile": log, "logLevel": "info"}));
+    node.call("ADD", "log-a", Some(&a), &cfg).expect_ok();
+    node.call("ADD", "log-a", Some(&a), &cfg); // fails: already attached
+    node.call("DEL", "log-a", Some(&a), &cfg).expect_ok();
+    let text = std::fs::read_to_string(&log).expect("log file written");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[0].contains("Add log-a/eth0 ok"), "{text}");
+    assert!(
+        lines[1].contains("Error") && lines[1].contains("already"),
+        "{text}"
+    );
+    assert!(lines[2].contains("Del log-a/eth0 ok"), "{text}");
+    let bad = node.config(json!({"logFile": log, "logLevel": "chatty"}));
+    assert_eq!(node.call("STATUS", "", None, &bad).error_code(), 7);
+}
