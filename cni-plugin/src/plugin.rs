@@ -166,7 +166,10 @@ fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
         // the interface or host link belongs to someone else: leave it, and
         // keep addresses this call did not allocate (the live pod's).
         if !matches!(e, Error::AlreadyAttached { .. }) {
-            let _ = wiring::unwire(&host_if);
+            let _ = wiring::unwire(
+                &host_if,
+                &wiring::alias(&conf.name, &a.container_id, &a.ifname),
+            );
         }
         if allocated_now {
             if let Ok(lock) = store.lock() {
@@ -191,7 +194,8 @@ fn del(conf: &NetConf, a: &Attachment) -> Result<()> {
     };
     // Routes first, addresses after: an address is never free while a route
     // to it still points at the old pod.
-    wiring::unwire_detached(&host_if, &ips)?;
+    let alias = wiring::alias(&conf.name, &a.container_id, &a.ifname);
+    wiring::unwire_detached(&host_if, &alias, &ips)?;
     let lock = store.lock()?;
     store.release(&lock, &a.container_id, &a.ifname)?;
     Ok(())
@@ -285,7 +289,10 @@ fn gc(conf: &NetConf) -> Result<()> {
     // Links first (outside the lock), then addresses, as in DEL.
     for r in store.records()? {
         if !keep(&r.container_id, &r.ifname) {
-            wiring::unwire(&r.host_interface)?;
+            wiring::unwire(
+                &r.host_interface,
+                &wiring::alias(&conf.name, &r.container_id, &r.ifname),
+            )?;
         }
     }
     let live_ips: Vec<IpAddr> = {

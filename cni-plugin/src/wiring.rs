@@ -206,13 +206,7 @@ pub fn wire(
         let leftover = host
             .link(&plan.host_if)
             .map_err(nl("look up host interface"))?;
-        // Ours: our alias, or no alias yet but our MAC (a kill between the
-        // creation and the alias, which comes in the next batch).
-        let ours = |l: &Link| match l.alias.as_deref() {
-            Some(a) => a == mine,
-            None => l.mac == HOST_MAC,
-        };
-        if let Some(l) = leftover.filter(|l| !ours(l)) {
+        if let Some(l) = leftover.as_ref().filter(|l| !owns(l, &mine)) {
             return Err(Error::AlreadyAttached {
                 container_id: plan.container_id.into(),
                 ifname: plan.ifname.into(),
@@ -223,7 +217,9 @@ pub fn wire(
                 ),
             });
         }
-        delete_link(host, &plan.host_if)?;
+        if let Some(l) = leftover {
+            delete_index(host, l.index)?;
+        }
         host.batch(create())?;
     }
 
@@ -289,20 +285,33 @@ fn enable_forwarding(ips: &[IpAddr]) -> Result<()> {
     Ok(())
 }
 
-/// Deletes a link, treating "no such device" as done.
-fn delete_link(rt: &mut dyn Netlink, name: &str) -> Result<()> {
-    match rt.request(netlink::del_link(name)) {
-        Err(e) if e.errno() != Some(libc::ENODEV) => Err(e.into()),
-        _ => Ok(()),
+/// Whether `link` is the host end this attachment (`alias`) made: our alias,
+/// or no alias yet but our MAC (killed between the creation and the alias,
+/// which is set in the next batch). Anything else is never touched.
+fn owns(link: &Link, alias: &str) -> bool {
+    match link.alias.as_deref() {
+        Some(a) => a == alias,
+        None => link.mac == HOST_MAC,
     }
+}
+
+/// The host end of this attachment, if it exists and is ours.
+fn own_link(host: &mut dyn Netlink, host_if: &str, alias: &str) -> Result<Option<Link>> {
+    Ok(host
+        .link(host_if)
+        .map_err(nl("look up host interface"))?
+        .filter(|l| owns(l, alias)))
 }
 
 /// Removes the host veth (which takes the pod end, its routes and neighbour
 /// entries with it) and waits for the kernel to finish. Succeeds when it is
-/// already gone.
-pub fn unwire(host_if: &str) -> Result<()> {
+/// already gone; leaves a same-named link that is not ours alone.
+pub fn unwire(host_if: &str, alias: &str) -> Result<()> {
     let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
-    delete_link(&mut host, host_if)
+    match own_link(&mut host, host_if, alias)? {
+        Some(l) => delete_index(&mut host, l.index),
+        None => Ok(()),
+    }
 }
 
 /// DEL's fast path. Deleting a veth blocks the caller for an RCU grace period
@@ -312,15 +321,13 @@ pub fn unwire(host_if: &str) -> Result<()> {
 /// the veth while this process returns. The child holds no lock and none of
 /// the runtime's pipes, so neither the runtime nor a concurrent call waits
 /// for it; if it dies, the next DEL or GC finds the veth by name or alias.
-pub fn unwire_detached(host_if: &str, ips: &[IpAddr]) -> Result<()> {
+/// It deletes by ifindex, never by name, so a new pod that reuses the name
+/// (an ADD retried right after this DEL) cannot lose its fresh veth to it.
+pub fn unwire_detached(host_if: &str, alias: &str, ips: &[IpAddr]) -> Result<()> {
     let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
-    if host
-        .link(host_if)
-        .map_err(nl("look up host interface"))?
-        .is_none()
-    {
+    let Some(link) = own_link(&mut host, host_if, alias)? else {
         return Ok(());
-    }
+    };
     let routes: Vec<_> = ips.iter().map(|ip| netlink::del_host_route(*ip)).collect();
     if let Err(e) = host.batch(routes) {
         if e.errno() != Some(libc::ESRCH) {
@@ -335,11 +342,23 @@ pub fn unwire_detached(host_if: &str, ips: &[IpAddr]) -> Result<()> {
             detach_from_caller();
             let ok = Rtnl::new()
                 .ok()
-                .map(|mut rt| delete_link(&mut rt, host_if).is_ok());
+                .map(|mut rt| delete_index(&mut rt, link.index).is_ok());
             // SAFETY: _exit skips destructors and atexit handlers of the parent's state.
             unsafe { libc::_exit(if ok == Some(true) { 0 } else { 1 }) }
         }
-        -1 => unwire(host_if), // cannot fork: do it inline
+        -1 => {
+            // Cannot fork: do it inline.
+            let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
+            delete_index(&mut host, link.index)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Deletes a link by index, treating "no such device" as done.
+fn delete_index(rt: &mut dyn Netlink, index: u32) -> Result<()> {
+    match rt.request(netlink::del_link_index(index)) {
+        Err(e) if e.errno() != Some(libc::ENODEV) => Err(e.into()),
         _ => Ok(()),
     }
 }
@@ -462,7 +481,7 @@ pub fn sweep(
         };
         match parse_alias(alias) {
             Some((net, cid, ifname)) if net == network && !keep(cid, ifname) => {
-                delete_link(host, &link.name)?;
+                delete_index(host, link.index)?;
                 removed.push(link.name);
             }
             _ => {}

@@ -363,6 +363,14 @@ fn never_deletes_a_host_interface_it_does_not_own() {
         node.state_files("ips").is_empty(),
         "the failed ADD released its address"
     );
+    // The runtime follows a failed ADD with DEL, and GC runs later: neither
+    // may take the link that is not ours.
+    node.del("foreign", Some(&a));
+    node.gc(&[]).expect_ok();
+    assert!(
+        node.ns.ip(&["link", "show", &name]).contains(&name),
+        "still there after DEL and GC"
+    );
 }
 
 #[test]
@@ -385,4 +393,30 @@ fn writes_the_optional_log_file() {
     assert!(lines[2].contains("Del log-a/eth0 ok"), "{text}");
     let bad = node.config(json!({"logFile": log, "logLevel": "chatty"}));
     assert_eq!(node.call("STATUS", "", None, &bad).error_code(), 7);
+}
+
+#[test]
+fn an_add_right_after_del_keeps_its_veth() {
+    // DEL leaves the old veth to a detached child; an ADD for the same
+    // attachment straight after must not lose its new veth to that child.
+    let node = Node::new(&[V4]);
+    for round in 0..5 {
+        let old = Netns::new("npr");
+        node.add("reuse", &old);
+        node.del("reuse", Some(&old));
+        let new = Netns::new("npr");
+        let r = node.add("reuse", &new);
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(
+            ping(&node.ns, &ip_of(&r, 0)),
+            "round {round}: the new pod is reachable"
+        );
+        assert_eq!(
+            node.host_veths().len(),
+            1,
+            "round {round}: {:?}",
+            node.host_veths()
+        );
+        node.del("reuse", Some(&new));
+    }
 }

@@ -503,12 +503,12 @@ pub fn set_up(index: u32) -> Request {
     }
 }
 
-/// Delete a link by name.
-pub fn del_link(name: &str) -> Request {
+/// Delete a link by index (stable, unlike a name another link may take).
+pub fn del_link_index(index: u32) -> Request {
     let mut m = LinkMessage::default();
-    m.attributes.push(LinkAttribute::IfName(name.to_string()));
+    m.header.index = index;
     Request {
-        what: format!("delete link {name}"),
+        what: format!("delete link {index}"),
         msg: RouteNetlinkMessage::DelLink(m),
         flags: 0,
     }
