@@ -61,6 +61,11 @@ impl NetConf {
     /// unknown `cniVersion` code 1.
     pub fn parse(bytes: &[u8]) -> Result<NetConf> {
         let value: Value = serde_json::from_slice(bytes).map_err(Error::Decode)?;
+        Self::from_json(&value)
+    }
+
+    /// Validates an already-decoded configuration.
+    pub fn from_json(value: &Value) -> Result<NetConf> {
         let obj = value.as_object().ok_or_else(|| {
             Error::config("(top level)", "the configuration must be a JSON object")
         })?;

@@ -25,28 +25,33 @@ pub struct Outcome {
 
 /// Runs one plugin invocation. Never panics on bad input.
 pub fn run(env: impl Fn(&str) -> Option<String>, stdin: &[u8]) -> Outcome {
-    // The error object echoes the configuration's version when it has one.
-    let cni_version = serde_json::from_slice::<Value>(stdin)
+    // Decoded once; a decode error only matters to verbs that need a config.
+    let stdin: std::result::Result<Value, serde_json::Error> = serde_json::from_slice(stdin);
+    let asked: Option<String> = stdin
+        .as_ref()
         .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
+        .and_then(|v| v.get("cniVersion").and_then(Value::as_str))
+        .map(str::to_string);
+    // The error object echoes the configuration's version when it is one we know.
+    let cni_version = asked
+        .clone()
         .filter(|v| Version::parse(v).is_ok())
         .unwrap_or_else(|| Version::LATEST.as_str().to_string());
-    let result = Invocation::from_env(env).and_then(|inv| dispatch(&inv, stdin));
+    let result = Invocation::from_env(env).and_then(|inv| match inv.command {
+        Command::Version => Ok(Some(version(asked.as_deref()))),
+        _ => dispatch(&inv, stdin),
+    });
     Outcome {
         cni_version,
         result,
     }
 }
 
-fn dispatch(inv: &Invocation, stdin: &[u8]) -> Result<Option<Value>> {
-    if inv.command == Command::Version {
-        return Ok(Some(version(stdin)));
-    }
-    let conf = NetConf::parse(stdin)?;
+fn dispatch(
+    inv: &Invocation,
+    stdin: std::result::Result<Value, serde_json::Error>,
+) -> Result<Option<Value>> {
+    let conf = NetConf::from_json(&stdin.map_err(Error::Decode)?)?;
     let log = crate::log::Log::new(conf.log_file.clone(), conf.log_level);
     let started = std::time::Instant::now();
     let out = match (inv.command, &inv.attachment) {
@@ -84,15 +89,8 @@ fn unreachable_env() -> Result<Option<Value>> {
 }
 
 /// VERSION: echoes the requested version (or the latest) and lists all.
-fn version(stdin: &[u8]) -> Value {
-    let asked = serde_json::from_slice::<Value>(stdin)
-        .ok()
-        .and_then(|v| {
-            v.get("cniVersion")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-        })
-        .unwrap_or_else(|| Version::LATEST.as_str().to_string());
+fn version(asked: Option<&str>) -> Value {
+    let asked = asked.unwrap_or(Version::LATEST.as_str());
     json!({ "cniVersion": asked, "supportedVersions": SUPPORTED })
 }
 
