@@ -610,21 +610,8 @@ mod tests {
             // The pod fake never learns about the new eth0, so wiring stops at
             // the pod lookup; what matters is the delete-and-recreate before it.
             assert!(e.is_err());
-            let deletes: Vec<_> = host
-                .log
-                .iter()
-                .filter(|l| l.starts_with("delete link"))
-                .collect();
-            assert_eq!(deletes.len(), 1, "{:?}", host.log);
-            assert_eq!(
-                host.log
-                    .iter()
-                    .filter(|l| l.starts_with("create veth"))
-                    .count(),
-                2,
-                "{:?}",
-                host.log
-            );
+            assert_eq!(host.count("delete link"), 1, "{:?}", host.log);
+            assert_eq!(host.count("create veth"), 2, "{:?}", host.log);
         }
     }
 

@@ -41,9 +41,14 @@ impl Fake {
         self
     }
 
+    /// How many requests whose label starts with `prefix` were sent.
+    pub fn count(&self, prefix: &str) -> usize {
+        self.log.iter().filter(|l| l.starts_with(prefix)).count()
+    }
+
     /// Whether a request whose label starts with `prefix` was sent.
     pub fn sent(&self, prefix: &str) -> bool {
-        self.log.iter().any(|l| l.starts_with(prefix))
+        self.count(prefix) > 0
     }
 }
 
