@@ -293,19 +293,20 @@ fn gc(conf: &NetConf) -> Result<()> {
             )?;
         }
     }
-    let live_ips: Vec<IpAddr> = {
-        let lock = store.lock()?;
-        for r in store.records()? {
-            if !keep(&r.container_id, &r.ifname) {
-                store.release(&lock, &r.container_id, &r.ifname)?;
-            }
+    // The route sweep runs under the IPAM lock: an ADD that allocates after
+    // the snapshot of live addresses would otherwise lose its fresh route.
+    let lock = store.lock()?;
+    for r in store.records()? {
+        if !keep(&r.container_id, &r.ifname) {
+            store.release(&lock, &r.container_id, &r.ifname)?;
         }
-        store.sweep_orphans(&lock)?;
-        store.allocated()?
-    };
+    }
+    store.sweep_orphans(&lock)?;
+    let live_ips: Vec<IpAddr> = store.allocated()?;
     let mut host =
         crate::netlink::Rtnl::new().map_err(|e| Error::netlink("open netlink socket", e))?;
     wiring::sweep(&mut host, &conf.name, &keep, &live_ips, &conf.pod_cidrs)?;
+    drop(lock);
     Ok(())
 }
 
