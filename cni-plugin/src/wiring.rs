@@ -258,7 +258,38 @@ pub fn wire(
     pod.batch(pod_reqs)?;
     host.batch(host_reqs)?;
     enable_forwarding(plan.ips)?;
-    Ok(())
+    wait_oper_up(host, &plan.host_if)?;
+    wait_oper_up(pod, plan.ifname)
+}
+
+/// How long ADD waits for the kernel to report a new link operationally up.
+const OPER_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Waits until `name` is operationally up. Bringing a veth up only schedules
+/// the kernel's link watcher; until it has run, the device still has the
+/// "noop" qdisc and drops every packet sent. Returning from ADD before that
+/// would let a fast pod's first packets vanish, so ADD waits (typically a
+/// few tens of microseconds).
+fn wait_oper_up(rt: &mut dyn Netlink, name: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + OPER_UP_TIMEOUT;
+    let mut pause = std::time::Duration::from_micros(20);
+    loop {
+        let link = rt.link(name).map_err(nl("look up link state"))?;
+        if link.as_ref().is_some_and(|l| l.oper_up) {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(Error::netlink(
+                format!("wait for {name} to come up"),
+                io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("not operationally up after {OPER_UP_TIMEOUT:?} (carrier missing?)"),
+                ),
+            ));
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Turns on forwarding in the host namespace for the families in use (the

@@ -31,6 +31,7 @@ impl Fake {
                 up: true,
                 alias: alias.map(str::to_string),
                 link: None,
+                oper_up: true,
             },
         );
         self

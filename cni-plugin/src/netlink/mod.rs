@@ -16,7 +16,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{
-    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
+    InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage, State,
 };
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
@@ -42,6 +42,9 @@ pub struct Link {
     pub alias: Option<String>,
     /// veth peers report their peer's ifindex here.
     pub link: Option<u32>,
+    /// Operationally up (IF_OPER_UP): the kernel's link watcher has seen the
+    /// carrier and attached the real qdisc, so packets are no longer dropped.
+    pub oper_up: bool,
 }
 
 /// An address on a link.
@@ -390,6 +393,7 @@ fn to_link(m: &LinkMessage) -> Link {
         up: m.header.flags.contains(LinkFlags::Up),
         alias: None,
         link: None,
+        oper_up: false,
     };
     for a in &m.attributes {
         match a {
@@ -398,6 +402,7 @@ fn to_link(m: &LinkMessage) -> Link {
             LinkAttribute::Mtu(mtu) => l.mtu = *mtu,
             LinkAttribute::IfAlias(s) => l.alias = Some(s.clone()),
             LinkAttribute::Link(i) => l.link = Some(*i),
+            LinkAttribute::OperState(s) => l.oper_up = *s == State::Up,
             _ => {}
         }
     }
