@@ -193,22 +193,27 @@ impl Store {
 
     /// Every readable record.
     pub fn records(&self) -> Result<Vec<Record>> {
+        Ok(self.scan()?.0)
+    }
+
+    /// Every readable record, and the paths of torn (empty) ones. Reading is
+    /// safe without the lock; only a lock holder may remove a torn record,
+    /// since outside the lock it may be an ADD's record between its creation
+    /// and its single write.
+    fn scan(&self) -> Result<(Vec<Record>, Vec<PathBuf>)> {
         let dir = self.dir.join("attachments");
-        let mut out = Vec::new();
+        let (mut records, mut torn) = (Vec::new(), Vec::new());
         for entry in fs::read_dir(&dir).map_err(|e| Error::state(&dir, e))? {
             let entry = entry.map_err(|e| Error::state(&dir, e))?;
             if let Some((cid, ifname)) = entry.file_name().to_str().and_then(|n| n.split_once(':'))
             {
                 match self.record(cid, ifname)? {
-                    Some(r) => out.push(r),
-                    // A torn record owns nothing: drop it so it cannot linger.
-                    None => {
-                        let _ = fs::remove_file(entry.path());
-                    }
+                    Some(r) => records.push(r),
+                    None => torn.push(entry.path()),
                 }
             }
         }
-        Ok(out)
+        Ok((records, torn))
     }
 
     /// Allocates one address from each pool for `template`'s attachment and
@@ -331,8 +336,14 @@ impl Store {
 
     /// Removes address files no record claims (left by a crash between the
     /// two writes of ADD or DEL). Returns the addresses freed.
+    /// Torn records (a crash between creating and writing one) own nothing
+    /// and are removed too.
     pub fn sweep_orphans(&self, _lock: &Locked) -> Result<Vec<IpAddr>> {
-        let claimed: HashSet<IpAddr> = self.records()?.into_iter().flat_map(|r| r.ips).collect();
+        let (records, torn) = self.scan()?;
+        for path in torn {
+            remove(&path)?;
+        }
+        let claimed: HashSet<IpAddr> = records.into_iter().flat_map(|r| r.ips).collect();
         let mut freed = Vec::new();
         for ip in self.allocated()? {
             if !claimed.contains(&ip) {
@@ -385,11 +396,12 @@ fn flock_with_timeout(file: &File, timeout: Duration) -> std::io::Result<()> {
     if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
         return Err(err);
     }
-    // Contended: poll with a short backoff. Holders keep the lock for well
-    // under a millisecond (no kernel work happens under it), so this is cheap
-    // and needs no signal handler for the timeout.
+    // Contended: poll with a short, capped backoff. Holders keep the lock for
+    // about a hundred microseconds (no kernel work happens under it), so a
+    // waiter never oversleeps by much, and no signal handler (process-wide
+    // state a library must not take) is needed for the timeout.
     let deadline = std::time::Instant::now() + timeout;
-    let mut pause = Duration::from_micros(50);
+    let mut pause = Duration::from_micros(20);
     loop {
         std::thread::sleep(pause);
         // SAFETY: as above.
@@ -403,7 +415,7 @@ fn flock_with_timeout(file: &File, timeout: Duration) -> std::io::Result<()> {
         if std::time::Instant::now() >= deadline {
             return Err(ErrorKind::TimedOut.into());
         }
-        pause = (pause * 2).min(Duration::from_millis(2));
+        pause = (pause * 2).min(Duration::from_micros(250));
     }
 }
 
@@ -520,6 +532,10 @@ mod tests {
         assert_eq!(freed.len(), 1);
         assert!(store.allocated().expect("list").is_empty());
         assert!(store.records().expect("records").is_empty());
+        assert!(
+            !store.record_path("torn", "eth0").exists(),
+            "torn record removed under the lock"
+        );
         let _ = fs::remove_dir_all(dir);
     }
 }
