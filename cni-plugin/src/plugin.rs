@@ -60,7 +60,12 @@ fn dispatch(
         (Command::Check, Some(a)) => check(&conf, a).map(|_| None),
         (Command::Gc, _) => gc(&conf).map(|_| None),
         (Command::Status, _) => status(&conf).map(|_| None),
-        _ => unreachable_env(),
+        // VERSION returned earlier, and from_env gives ADD, DEL and CHECK an
+        // attachment or fails; this arm only keeps the match total.
+        _ => Err(Error::Env {
+            var: "CNI_COMMAND",
+            problem: "this verb needs CNI_CONTAINERID and CNI_IFNAME".into(),
+        }),
     };
     let who = inv
         .attachment
@@ -79,13 +84,6 @@ fn dispatch(
         ),
     }
     out
-}
-
-fn unreachable_env() -> Result<Option<Value>> {
-    Err(Error::Env {
-        var: "CNI_COMMAND",
-        problem: "verb needs CNI_CONTAINERID and CNI_IFNAME".into(),
-    })
 }
 
 /// VERSION: echoes the requested version (or the latest) and lists all.
@@ -303,8 +301,7 @@ fn gc(conf: &NetConf) -> Result<()> {
     }
     store.sweep_orphans(&lock)?;
     let live_ips: Vec<IpAddr> = store.allocated()?;
-    let mut host =
-        crate::netlink::Rtnl::new().map_err(|e| Error::netlink("open netlink socket", e))?;
+    let mut host = wiring::host_socket()?;
     wiring::sweep(&mut host, &conf.name, &keep, &live_ips, &conf.pod_cidrs)?;
     drop(lock);
     Ok(())

@@ -145,9 +145,14 @@ fn nl(op: &str) -> impl FnOnce(io::Error) -> Error + '_ {
     move |e| Error::netlink(op, e)
 }
 
+/// A netlink socket in the host (current) namespace.
+pub fn host_socket() -> Result<Rtnl> {
+    Rtnl::new().map_err(nl("open netlink socket"))
+}
+
 /// Netlink sockets in the host namespace and in the pod's.
 pub fn sockets(netns_path: &str, pod_ns: &File) -> Result<(Rtnl, Rtnl)> {
-    let host = Rtnl::new().map_err(nl("open netlink socket"))?;
+    let host = host_socket()?;
     let pod = Rtnl::in_netns(pod_ns).map_err(|e| Error::Netns {
         path: netns_path.into(),
         source: e,
@@ -338,7 +343,7 @@ fn own_link(host: &mut dyn Netlink, host_if: &str, alias: &str) -> Result<Option
 /// entries with it) and waits for the kernel to finish. Succeeds when it is
 /// already gone; leaves a same-named link that is not ours alone.
 pub fn unwire(host_if: &str, alias: &str) -> Result<()> {
-    let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
+    let mut host = host_socket()?;
     match own_link(&mut host, host_if, alias)? {
         Some(l) => delete_index(&mut host, l.index),
         None => Ok(()),
@@ -355,7 +360,7 @@ pub fn unwire(host_if: &str, alias: &str) -> Result<()> {
 /// It deletes by ifindex, never by name, so a new pod that reuses the name
 /// (an ADD retried right after this DEL) cannot lose its fresh veth to it.
 pub fn unwire_detached(host_if: &str, alias: &str, ips: &[IpAddr]) -> Result<()> {
-    let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
+    let mut host = host_socket()?;
     let Some(link) = own_link(&mut host, host_if, alias)? else {
         return Ok(());
     };
@@ -379,7 +384,7 @@ pub fn unwire_detached(host_if: &str, alias: &str, ips: &[IpAddr]) -> Result<()>
         }
         -1 => {
             // Cannot fork: do it inline.
-            let mut host = Rtnl::new().map_err(nl("open netlink socket"))?;
+            let mut host = host_socket()?;
             delete_index(&mut host, link.index)
         }
         _ => Ok(()),
