@@ -53,7 +53,7 @@ pub struct Attachment {
 /// (network, container ID, ifname).
 pub type AttachmentKey = (String, String, String);
 
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Model {
     pub namespaces: BTreeMap<String, Labels>,
     pub pods: BTreeMap<PodKey, PodInfo>,
@@ -66,6 +66,21 @@ pub struct Model {
     /// Objects seen since the last `Reset` of a kind, while it relists.
     relisting: BTreeMap<Kind, BTreeSet<ObjectRef>>,
     node_name: String,
+    /// The last [`Event::Revision`] applied.
+    pub revision: String,
+}
+
+/// Two models are equal when they hold the same cluster state, whichever
+/// source built them and whatever revision markers it sent.
+impl PartialEq for Model {
+    fn eq(&self, other: &Self) -> bool {
+        self.namespaces == other.namespaces
+            && self.pods == other.pods
+            && self.policies == other.policies
+            && self.node_pod_cidrs == other.node_pod_cidrs
+            && self.attachments == other.attachments
+            && self.synced == other.synced
+    }
 }
 
 impl Model {
@@ -98,6 +113,10 @@ impl Model {
                 self.put(obj)
             }
             Event::Delete(key) => self.remove(&key),
+            Event::Revision(r) => {
+                self.revision = r;
+                false
+            }
             Event::Synced(kind) => {
                 let newly = self.synced.insert(kind);
                 let mut changed = false;

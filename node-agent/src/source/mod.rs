@@ -89,4 +89,10 @@ pub enum Event {
     Apply(Object),
     Delete(ObjectRef),
     Synced(Kind),
+    /// A marker: everything the source has read up to this revision has
+    /// been sent. The agent reports the last revision it has programmed
+    /// into the kernel (`/status`), so a caller that changed the source can
+    /// wait for its change to be in force. The manifests source sends a
+    /// digest of the directory ([`manifests::digest_dir`]).
+    Revision(String),
 }
