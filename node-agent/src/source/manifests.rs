@@ -1,1 +1,276 @@
-//! The manifests-directory source (standalone mode). (Being written.)
+//! The manifests-directory source (standalone mode): every `*.yaml`,
+//! `*.yml` and `*.json` file directly in one directory, each holding one or
+//! more documents (`---`) of kind Pod, Namespace, NetworkPolicy, Node, or a
+//! `List` of them. The directory is watched with inotify; every change
+//! re-reads the whole directory and sends it as a relist, so the model ends
+//! up equal to the directory's contents, deletions included.
+//!
+//! A directory that does not parse is not applied at all: the agent keeps
+//! enforcing the last good one and logs the file, document and field at
+//! fault. Half-applying a directory could open holes (a deny policy in a
+//! broken file would silently vanish).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use notify::Watcher;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use super::{Event, Kind, Object};
+use crate::{Error, Result};
+
+/// Parses multi-document YAML (or JSON) into objects. Unknown kinds are an
+/// error naming the document, so a typo in `kind:` is not silently ignored.
+pub fn parse_objects(yaml: &str) -> Result<Vec<Object>> {
+    parse_in(Path::new("<input>"), yaml)
+}
+
+fn parse_in(path: &Path, text: &str) -> Result<Vec<Object>> {
+    let err = |message: String| Error::Manifest {
+        path: path.to_path_buf(),
+        message,
+    };
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| err(format!("not valid YAML: {e}")))?;
+    let mut out = Vec::new();
+    for (i, doc) in docs.into_iter().enumerate() {
+        if doc.is_null() {
+            continue;
+        }
+        object_or_list(doc, &mut out)
+            .map_err(|m| err(format!("document {} (counting from 1): {m}", i + 1)))?;
+    }
+    Ok(out)
+}
+
+fn object_or_list(doc: Value, out: &mut Vec<Object>) -> std::result::Result<(), String> {
+    let kind = doc
+        .get("kind")
+        .and_then(Value::as_str)
+        .ok_or("has no `kind` (expected Pod, Namespace, NetworkPolicy, Node or List)")?
+        .to_string();
+    let typed = |doc: Value| -> std::result::Result<Object, String> {
+        fn de<T: serde::de::DeserializeOwned>(v: Value) -> std::result::Result<Box<T>, String> {
+            serde_json::from_value(v)
+                .map(Box::new)
+                .map_err(|e| e.to_string())
+        }
+        let name = doc
+            .pointer("/metadata/name")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let kind = doc
+            .get("kind")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        if name.is_empty() {
+            return Err(format!("{kind} has no metadata.name"));
+        }
+        let obj = match kind.as_str() {
+            "Pod" => de(doc).map(Object::Pod),
+            "Namespace" => de(doc).map(Object::Namespace),
+            "NetworkPolicy" => de(doc).map(Object::NetworkPolicy),
+            "Node" => de(doc).map(Object::Node),
+            other => {
+                return Err(format!(
+                    "kind `{other}` is not one the agent reads (Pod, Namespace, NetworkPolicy, Node, List)"
+                ))
+            }
+        };
+        obj.map_err(|e| format!("{kind} {name}: {e}"))
+    };
+    if kind == "List" || kind.ends_with("List") {
+        let items = match doc.get("items") {
+            Some(Value::Array(items)) => items.clone(),
+            _ => return Err(format!("{kind} without an `items` list")),
+        };
+        for item in items {
+            out.push(typed(item)?);
+        }
+    } else {
+        out.push(typed(doc)?);
+    }
+    Ok(())
+}
+
+/// The files the source reads, sorted by name.
+fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).map_err(|e| Error::io(format!("read {}", dir.display()), e))?;
+    let mut files: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !name.starts_with('.')
+                && (name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json"))
+                && p.is_file()
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Reads and parses every manifest in `dir`; also returns the directory's
+/// digest (see [`digest_dir`]) of exactly what was read.
+pub fn load_dir(dir: &Path) -> Result<(Vec<Object>, String)> {
+    let mut objects = Vec::new();
+    let mut digest = Fnv::new();
+    for path in manifest_files(dir)? {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        digest.file(&path, &text);
+        objects.extend(parse_in(&path, &text)?);
+    }
+    Ok((objects, digest.hex()))
+}
+
+/// A digest of the manifest files' names and contents. The agent reports
+/// the digest of the directory it has put in force, so a caller that wrote
+/// the directory can wait for exactly its version.
+pub fn digest_dir(dir: &Path) -> Result<String> {
+    let mut digest = Fnv::new();
+    for path in manifest_files(dir)? {
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+        digest.file(&path, &text);
+    }
+    Ok(digest.hex())
+}
+
+/// FNV-1a, 64 bit: not cryptographic; it only tells versions apart.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        for &x in b {
+            self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    fn file(&mut self, path: &Path, text: &str) {
+        let name = path
+            .file_name()
+            .map(|n| n.as_encoded_bytes())
+            .unwrap_or(b"");
+        self.bytes(name);
+        self.bytes(&[0]);
+        self.bytes(text.as_bytes());
+        self.bytes(&[0]);
+    }
+    fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
+}
+
+/// The events that replace everything the model holds with `objects`.
+pub fn relist_events(objects: Vec<Object>, revision: String) -> Vec<Event> {
+    let mut events: Vec<Event> = Kind::ALL.iter().map(|&k| Event::Reset(k)).collect();
+    events.extend(objects.into_iter().map(Event::Apply));
+    events.extend(Kind::ALL.iter().map(|&k| Event::Synced(k)));
+    events.push(Event::Revision(revision));
+    events
+}
+
+/// Watches `dir` and sends its contents as a relist at start and after
+/// every change. Changes that arrive within `settle` of each other are read
+/// once (an editor's save is several inotify events). Returns when the
+/// receiver is gone.
+pub async fn run(dir: PathBuf, tx: mpsc::Sender<Event>, settle: Duration) -> Result<()> {
+    let (wake_tx, mut wake) = mpsc::unbounded_channel::<()>();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            let _ = wake_tx.send(());
+        }
+    })
+    .map_err(|e| Error::Config(format!("cannot watch {}: {e}", dir.display())))?;
+    watcher
+        .watch(&dir, notify::RecursiveMode::NonRecursive)
+        .map_err(|e| {
+            Error::Config(format!(
+                "cannot watch manifests directory {}: {e} (does it exist?)",
+                dir.display()
+            ))
+        })?;
+    let mut last = String::new();
+    loop {
+        match load_dir(&dir) {
+            Ok((objects, digest)) if digest != last => {
+                tracing::info!(dir = %dir.display(), objects = objects.len(), %digest, "manifests loaded");
+                last = digest.clone();
+                for ev in relist_events(objects, digest) {
+                    if tx.send(ev).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "manifests not applied; the last good set stays in force");
+            }
+        }
+        if wake.recv().await.is_none() {
+            return Ok(());
+        }
+        tokio::time::sleep(settle).await;
+        while wake.try_recv().is_ok() {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_kind_and_lists() {
+        let objs = parse_objects(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: x, labels: {ns: x}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a, namespace: x, labels: {pod: a}}
+spec:
+  containers: [{name: c, image: i, ports: [{name: http, containerPort: 80}]}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny, namespace: x}
+spec: {podSelector: {}}
+---
+apiVersion: v1
+kind: List
+items:
+- {apiVersion: v1, kind: Node, metadata: {name: n1}, spec: {podCIDRs: [10.244.0.0/24]}}
+"#,
+        )
+        .expect("parses");
+        let kinds: Vec<Kind> = objs.iter().map(Object::kind).collect();
+        assert_eq!(
+            kinds,
+            [Kind::Namespace, Kind::Pod, Kind::NetworkPolicy, Kind::Node]
+        );
+    }
+
+    #[test]
+    fn errors_name_the_document_and_problem() {
+        let e = parse_objects(
+            "kind: Namespace\nmetadata: {name: x}\n---\nkind: Deployment\nmetadata: {name: d}\n",
+        )
+        .expect_err("Deployment is not read");
+        let m = e.to_string();
+        assert!(m.contains("document 2") && m.contains("Deployment"), "{m}");
+        let e = parse_objects("kind: Pod\nmetadata: {namespace: x}\n").expect_err("no name");
+        assert!(e.to_string().contains("metadata.name"), "{e}");
+        let e = parse_objects("kind: NetworkPolicy\nmetadata: {name: p}\nspec: {podSelector: 5}\n")
+            .expect_err("wrong type");
+        assert!(e.to_string().contains("NetworkPolicy p"), "{e}");
+        let e = parse_objects("a: [").expect_err("bad yaml");
+        assert!(e.to_string().contains("not valid YAML"), "{e}");
+    }
+}
