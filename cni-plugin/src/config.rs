@@ -33,6 +33,11 @@ pub struct ValidAttachment {
     pub ifname: String,
 }
 
+/// Where nodeplane-agent listens (its `--socket`).
+pub const DEFAULT_AGENT_SOCKET: &str = "/run/nodeplane/agent.sock";
+/// ADD waits this long for the agent before the pod is left to the fail mode.
+pub const DEFAULT_AGENT_TIMEOUT_MS: u64 = 2000;
+
 /// A validated plugin configuration.
 #[derive(Debug, Clone)]
 pub struct NetConf {
@@ -50,6 +55,10 @@ pub struct NetConf {
     pub host_prefix: String,
     pub log_file: Option<PathBuf>,
     pub log_level: LogLevel,
+    /// The node agent's local API socket; `""` turns notification off.
+    pub agent_socket: PathBuf,
+    /// How long ADD waits for the agent to program the pod's policy.
+    pub agent_timeout: std::time::Duration,
     /// `prevResult` exactly as given, when this plugin runs after another.
     pub prev_result: Option<Value>,
     /// `cni.dev/valid-attachments` (GC only).
@@ -154,6 +163,13 @@ impl NetConf {
                 ))
             }
         };
+        let agent_socket = string(obj, "agentSocket")?.unwrap_or_else(|| DEFAULT_AGENT_SOCKET.into());
+        let agent_timeout = match obj.get("agentTimeoutMs") {
+            None | Some(Value::Null) => DEFAULT_AGENT_TIMEOUT_MS,
+            Some(v) => v.as_u64().filter(|ms| *ms <= 60_000).ok_or_else(|| {
+                Error::config("agentTimeoutMs", format!("{v} is not an integer between 0 and 60000"))
+            })?,
+        };
         let prev_result = match obj.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
@@ -177,6 +193,8 @@ impl NetConf {
             host_prefix,
             log_file,
             log_level,
+            agent_socket: PathBuf::from(agent_socket),
+            agent_timeout: std::time::Duration::from_millis(agent_timeout),
             prev_result,
             valid_attachments,
         })

@@ -8,6 +8,7 @@
 //! operation on the pod start-up path, so it uses no async runtime, and it
 //! never waits for the node agent (the data path works with the agent down).
 
+pub mod agent;
 pub mod config;
 pub mod conflist;
 pub mod error;

@@ -67,6 +67,11 @@ fn dispatch(
             problem: "this verb needs CNI_CONTAINERID and CNI_IFNAME".into(),
         }),
     };
+    if out.is_ok() {
+        if let Some(note) = tell_agent(&conf, inv) {
+            log.write(crate::config::LogLevel::Info, &note);
+        }
+    }
     let who = inv
         .attachment
         .as_ref()
@@ -84,6 +89,48 @@ fn dispatch(
         ),
     }
     out
+}
+
+/// Tells the agent what changed (ADD, DEL, GC); the outcome for the log.
+/// Never fails the verb: see [`crate::agent`].
+fn tell_agent(conf: &NetConf, inv: &Invocation) -> Option<String> {
+    use nodeplane_proto::agent::{request::What, Attachment as Valid, AttachmentsValid, PodAttached, PodDetached};
+    let what = match (inv.command, &inv.attachment) {
+        (Command::Add, Some(a)) => {
+            let store = Store::open(&conf.state_dir, &conf.name).ok()?;
+            let r = store.record(&a.container_id, &a.ifname).ok()??;
+            What::Attached(PodAttached {
+                network: conf.name.clone(),
+                container_id: a.container_id.clone(),
+                ifname: a.ifname.clone(),
+                pod_namespace: a.arg("K8S_POD_NAMESPACE").unwrap_or_default().to_string(),
+                pod_name: a.arg("K8S_POD_NAME").unwrap_or_default().to_string(),
+                pod_uid: a.arg("K8S_POD_UID").unwrap_or_default().to_string(),
+                host_ifname: r.host_interface,
+                ips: r.ips.iter().map(|ip| ip.to_string()).collect(),
+            })
+        }
+        (Command::Del, Some(a)) => What::Detached(PodDetached {
+            network: conf.name.clone(),
+            container_id: a.container_id.clone(),
+            ifname: a.ifname.clone(),
+        }),
+        (Command::Gc, _) => What::Gc(AttachmentsValid {
+            network: conf.name.clone(),
+            valid: conf
+                .valid_attachments
+                .iter()
+                .flatten()
+                .map(|v| Valid { container_id: v.container_id.clone(), ifname: v.ifname.clone() })
+                .collect(),
+        }),
+        _ => return None,
+    };
+    Some(match crate::agent::notify(conf, what, conf.agent_timeout) {
+        Ok(r) if r.programmed => format!("agent programmed generation {}", r.generation),
+        Ok(r) => format!("agent did not program: {}; the pod is left to the agent's fail mode", r.error),
+        Err(e) => format!("agent not reached ({e}); the pod is left to the agent's fail mode"),
+    })
 }
 
 /// VERSION: echoes the requested version (or the latest) and lists all.

@@ -3,12 +3,23 @@
 //! Sources ([`source`]) feed one [`model::Model`]; [`policy`] compiles the
 //! model's NetworkPolicies for this node's pods into rule groups, and
 //! [`nft`] keeps nodeplane's nftables table equal to them, one atomic
-//! transaction per change. The CNI plugin reaches the agent through the
-//! local API in [`api`]. The data path never waits for the agent: the
-//! plugin adds and deletes pods without it.
+//! transaction per change ([`agent`] runs that loop; [`conntrack`] cuts
+//! connections a change denies). The CNI plugin reaches the agent through
+//! the local API in [`api`]; [`http`] serves health and metrics. The data
+//! path never waits for the agent: the plugin adds and deletes pods
+//! without it.
 
+pub mod agent;
+pub mod api;
+pub mod cells;
+pub mod config;
+pub mod conntrack;
 pub mod error;
+pub mod http;
 pub mod model;
+pub mod nft;
+pub mod policy;
+pub mod run;
 pub mod source;
 
 pub use error::{Error, Result};

@@ -18,7 +18,7 @@ pub type Labels = BTreeMap<String, String>;
 pub type PodKey = (String, String);
 
 /// A container port that a named port in a policy can resolve to.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct NamedPort {
     pub name: String,
     /// "TCP", "UDP" or "SCTP".
@@ -154,9 +154,7 @@ impl Model {
                 let info = pod_info(&pod);
                 replace(&mut self.pods, (key.namespace, key.name), info)
             }
-            Object::Namespace(ns) => {
-                replace(&mut self.namespaces, key.name, namespace_labels(&ns))
-            }
+            Object::Namespace(ns) => replace(&mut self.namespaces, key.name, namespace_labels(&ns)),
             Object::NetworkPolicy(np) => {
                 let spec = policy_spec(&np);
                 replace(&mut self.policies, (key.namespace, key.name), spec)
@@ -265,9 +263,7 @@ fn policy_spec(np: &NetworkPolicy) -> NetworkPolicySpec {
 
 fn node_pod_cidrs(node: &Node) -> Vec<String> {
     let spec = node.spec.as_ref();
-    let mut cidrs = spec
-        .and_then(|s| s.pod_cidrs.clone())
-        .unwrap_or_default();
+    let mut cidrs = spec.and_then(|s| s.pod_cidrs.clone()).unwrap_or_default();
     if cidrs.is_empty() {
         cidrs.extend(spec.and_then(|s| s.pod_cidr.clone()));
     }

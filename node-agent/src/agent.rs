@@ -1,0 +1,323 @@
+//! The agent's one loop: applies source events and plugin notifications to
+//! the model, and after each batch compiles and programs the kernel.
+//!
+//! Nothing is programmed before every source kind has synced: an
+//! incomplete model would look like "no policies" and open every pod. Until
+//! then the table from the agent's previous life (if any) stays in force,
+//! which is why kill -9 and restart never interrupts allowed traffic.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nodeplane_proto::agent::{request::What, Reply, Request};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::model::{Attachment, AttachmentKey, Model};
+use crate::nft::{self, Settings};
+use crate::policy::{self, Compiled};
+use crate::source::Event;
+
+/// A plugin request waiting for its reply.
+#[derive(Debug)]
+pub struct ApiCall {
+    pub request: Request,
+    pub reply: oneshot::Sender<Reply>,
+}
+
+/// What /readyz, /metrics and /status report.
+#[derive(Debug, Default, Clone)]
+pub struct Status {
+    pub synced: bool,
+    pub programmed: bool,
+    pub generation: u64,
+    /// The source revision last put in force.
+    pub revision: String,
+    pub pods: usize,
+    pub policies: usize,
+    pub groups: usize,
+    pub elements: usize,
+    pub reconciles: u64,
+    pub reconcile_seconds_sum: f64,
+    pub last_reconcile_seconds: f64,
+    pub errors: u64,
+    pub last_error: Option<String>,
+    pub conntrack_cut: u64,
+    /// Counter name → policy "namespace/name".
+    pub counters: BTreeMap<String, String>,
+    pub draining: bool,
+}
+
+pub type SharedStatus = Arc<Mutex<Status>>;
+
+/// How often attachments are re-read from the plugin's state, to catch
+/// ADDs and DELs whose notification the agent missed.
+const RESYNC: Duration = Duration::from_secs(10);
+
+pub struct Agent {
+    cfg: Config,
+    model: Model,
+    applied: Option<Compiled>,
+    status: SharedStatus,
+    waiting: Vec<oneshot::Sender<Reply>>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent").field("node", &self.cfg.node_name).finish()
+    }
+}
+
+impl Agent {
+    pub fn new(cfg: Config, status: SharedStatus) -> Self {
+        let model = Model::new(&cfg.node_name);
+        Agent {
+            cfg,
+            model,
+            applied: None,
+            status,
+            waiting: Vec::new(),
+        }
+    }
+
+    /// Runs until `stop` fires or both input channels close.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<Event>,
+        mut calls: mpsc::Receiver<ApiCall>,
+        mut stop: oneshot::Receiver<()>,
+    ) {
+        self.read_attachments();
+        let mut resync = tokio::time::interval(RESYNC);
+        let mut dirty = true;
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => {
+                        dirty |= self.model.apply(ev);
+                        // Take the whole batch before programming once.
+                        while let Ok(ev) = events.try_recv() {
+                            dirty |= self.model.apply(ev);
+                        }
+                        // A revision marker alone still has to be reported.
+                        dirty |= self.status().revision != self.model.revision;
+                    }
+                    None => {
+                        tracing::error!("the source stopped; keeping the rules in force");
+                        break;
+                    }
+                },
+                call = calls.recv() => if let Some(call) = call {
+                    dirty |= self.call(call);
+                    while let Ok(call) = calls.try_recv() {
+                        dirty |= self.call(call);
+                    }
+                },
+                _ = resync.tick() => dirty |= self.read_attachments(),
+                _ = &mut stop => break,
+            }
+            if dirty && self.model.is_synced() {
+                dirty = !self.program();
+            }
+        }
+        // Drain: the rules stay in the kernel (traffic keeps flowing with
+        // the last programmed policy); only waiting plugins are answered.
+        for w in self.waiting.drain(..) {
+            let _ = w.send(Reply {
+                programmed: false,
+                error: "agent is shutting down".into(),
+                generation: 0,
+            });
+        }
+        tracing::info!("drained; nftables table left in force");
+    }
+
+    fn status(&self) -> std::sync::MutexGuard<'_, Status> {
+        self.status.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Handles one plugin request; true if the model changed.
+    fn call(&mut self, call: ApiCall) -> bool {
+        let changed = match call.request.what {
+            Some(What::Attached(a)) => {
+                let ips: Vec<IpAddr> = a.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
+                let pod = (!a.pod_name.is_empty()).then(|| {
+                    let ns = if a.pod_namespace.is_empty() { "default".to_string() } else { a.pod_namespace.clone() };
+                    (ns, a.pod_name.clone())
+                });
+                let att = Attachment {
+                    network: a.network.clone(),
+                    container_id: a.container_id.clone(),
+                    ifname: a.ifname.clone(),
+                    pod,
+                    host_ifname: a.host_ifname.clone(),
+                    ips,
+                };
+                let key = (a.network, a.container_id, a.ifname);
+                self.model.attachments.insert(key, att.clone()) != Some(att)
+            }
+            Some(What::Detached(d)) => {
+                self.model.attachments.remove(&(d.network, d.container_id, d.ifname)).is_some()
+            }
+            Some(What::Gc(gc)) => {
+                let valid: Vec<(String, String)> =
+                    gc.valid.into_iter().map(|v| (v.container_id, v.ifname)).collect();
+                let before = self.model.attachments.len();
+                self.model.attachments.retain(|(net, cid, ifname), _| {
+                    net != &gc.network || valid.iter().any(|(c, i)| c == cid && i == ifname)
+                });
+                before != self.model.attachments.len()
+            }
+            None => {
+                let _ = call.reply.send(Reply {
+                    programmed: false,
+                    error: "empty request".into(),
+                    generation: 0,
+                });
+                return false;
+            }
+        };
+        if !changed && self.applied.is_some() {
+            let generation = self.status().generation;
+            let _ = call.reply.send(Reply { programmed: true, error: String::new(), generation });
+        } else {
+            self.waiting.push(call.reply);
+        }
+        changed
+    }
+
+    /// Re-reads the plugin's attachment records (the on-disk truth); true
+    /// if they differ from the model's.
+    fn read_attachments(&mut self) -> bool {
+        let mut found: BTreeMap<AttachmentKey, Attachment> = BTreeMap::new();
+        for net in &self.cfg.networks {
+            let store = match nodeplane_cni::ipam::Store::open(&self.cfg.cni_state_dir, net) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::debug!(network = %net, error = %e, "no CNI state");
+                    continue;
+                }
+            };
+            let records = match store.records() {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(network = %net, error = %e, "cannot read CNI attachments");
+                    return false;
+                }
+            };
+            for r in records.into_iter().filter(|r| !r.ips.is_empty()) {
+                let pod = r.pod_name.clone().map(|n| (r.pod_namespace.clone().unwrap_or_else(|| "default".into()), n));
+                let key = (net.clone(), r.container_id.clone(), r.ifname.clone());
+                found.insert(
+                    key,
+                    Attachment {
+                        network: net.clone(),
+                        container_id: r.container_id,
+                        ifname: r.ifname,
+                        pod,
+                        host_ifname: r.host_interface,
+                        ips: r.ips,
+                    },
+                );
+            }
+        }
+        if found == self.model.attachments {
+            return false;
+        }
+        self.model.attachments = found;
+        true
+    }
+
+    fn settings(&self) -> Settings {
+        let pod_cidrs = if self.cfg.pod_cidrs.is_empty() {
+            self.model.node_pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect()
+        } else {
+            self.cfg.pod_cidrs.clone()
+        };
+        Settings {
+            table: self.cfg.table.clone(),
+            iface_prefix: self.cfg.iface_prefix.clone(),
+            fail_mode: self.cfg.fail_mode,
+            pod_cidrs,
+        }
+    }
+
+    /// Compiles and programs; true on success.
+    fn program(&mut self) -> bool {
+        let start = Instant::now();
+        let next = policy::compile(&self.model);
+        let settings = self.settings();
+        let result = match &self.applied {
+            Some(prev) => nft::apply(&nft::delta(&settings, prev, &next)).or_else(|e| {
+                // The kernel is not what we last applied (someone edited
+                // or deleted the table): converge from a read-back.
+                tracing::warn!(error = %e, "incremental update failed; rewriting the table");
+                full_sync(&settings, &next)
+            }),
+            None => full_sync(&settings, &next),
+        };
+        let elapsed = start.elapsed().as_secs_f64();
+        let mut cut = 0;
+        if result.is_ok() && self.applied.as_ref() != Some(&next) {
+            match crate::conntrack::cut_denied(&next) {
+                Ok(n) => cut = n,
+                Err(e) => tracing::warn!(error = %e, "denied connections not cut"),
+            }
+        }
+        let mut st = self.status();
+        st.reconciles += 1;
+        st.reconcile_seconds_sum += elapsed;
+        st.last_reconcile_seconds = elapsed;
+        st.synced = true;
+        let ok = match result {
+            Ok(()) => {
+                st.programmed = true;
+                st.generation += 1;
+                st.revision = self.model.revision.clone();
+                st.pods = next.pods.len();
+                st.policies = next.policies.len();
+                st.groups = next.groups.len();
+                st.elements = next.groups.values().map(|g| g.v4.len() + g.v6.len()).sum();
+                st.conntrack_cut += cut as u64;
+                st.counters = next
+                    .counters
+                    .iter()
+                    .map(|(c, (ns, n))| (c.clone(), format!("{ns}/{n}")))
+                    .collect();
+                st.last_error = None;
+                tracing::info!(
+                    generation = st.generation,
+                    pods = st.pods,
+                    policies = st.policies,
+                    groups = st.groups,
+                    cut,
+                    ms = elapsed * 1000.0,
+                    "programmed"
+                );
+                true
+            }
+            Err(e) => {
+                st.errors += 1;
+                st.last_error = Some(e.to_string());
+                tracing::error!(error = %e, "programming failed; will retry");
+                false
+            }
+        };
+        let generation = st.generation;
+        drop(st);
+        if ok {
+            self.applied = Some(next);
+            for w in self.waiting.drain(..) {
+                let _ = w.send(Reply { programmed: true, error: String::new(), generation });
+            }
+        }
+        ok
+    }
+}
+
+fn full_sync(settings: &Settings, next: &Compiled) -> crate::Result<()> {
+    let existing = nft::read_back(&settings.table)?;
+    nft::apply(&nft::full(settings, &existing, next))
+}

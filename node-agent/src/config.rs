@@ -1,0 +1,233 @@
+//! Agent configuration: a YAML (or JSON) file, then environment variables,
+//! then flags, each overriding the one before.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::nft::FailMode;
+use crate::{Error, Result};
+
+/// Command line and environment (every flag has a NODEPLANE_* variable).
+#[derive(Debug, Parser, Default)]
+#[command(name = "nodeplane-agent", version, about = "The nodeplane node agent")]
+pub struct Args {
+    /// Configuration file (YAML or JSON, camelCase keys as in the README).
+    #[arg(long, env = "NODEPLANE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// This node's name (the Node whose podCIDRs are used).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Where desired state comes from: `manifests` (standalone) or `kube`.
+    #[arg(long, env = "NODEPLANE_SOURCE")]
+    pub source: Option<SourceKind>,
+    /// The manifests directory (source `manifests`).
+    #[arg(long, env = "NODEPLANE_MANIFESTS_DIR")]
+    pub manifests_dir: Option<PathBuf>,
+    /// API server URL (source `kube`); default: in-cluster or kubeconfig.
+    #[arg(long, env = "NODEPLANE_KUBE_API")]
+    pub kube_api: Option<String>,
+    /// The agent's own state directory.
+    #[arg(long, env = "NODEPLANE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// The local API socket the CNI plugin talks to.
+    #[arg(long, env = "NODEPLANE_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Address of /healthz, /readyz, /metrics and /status.
+    #[arg(long, env = "NODEPLANE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// The CNI plugin's state directory (its `stateDir`).
+    #[arg(long, env = "NODEPLANE_CNI_STATE_DIR")]
+    pub cni_state_dir: Option<PathBuf>,
+    /// CNI network names whose attachments the agent reconciles.
+    #[arg(long = "network", env = "NODEPLANE_NETWORKS", value_delimiter = ',')]
+    pub networks: Vec<String>,
+    /// The node's pod CIDRs, when no Node object supplies them.
+    #[arg(long = "pod-cidr", env = "NODEPLANE_POD_CIDRS", value_delimiter = ',')]
+    pub pod_cidrs: Vec<String>,
+    /// `isolate` (default) or `open`: what a pod not yet programmed gets.
+    #[arg(long, env = "NODEPLANE_FAIL_MODE")]
+    pub fail_mode: Option<FailModeArg>,
+    /// The nftables table (family inet) the agent owns.
+    #[arg(long, env = "NODEPLANE_TABLE")]
+    pub table: Option<String>,
+    /// Host-side pod interface prefix (the plugin's hostInterfacePrefix).
+    #[arg(long, env = "NODEPLANE_IFACE_PREFIX")]
+    pub iface_prefix: Option<String>,
+    /// `human` or `json`.
+    #[arg(long, env = "NODEPLANE_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// A tracing filter, e.g. `info` or `nodeplane_agent=debug`.
+    #[arg(long, env = "NODEPLANE_LOG_LEVEL")]
+    pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    Manifests,
+    Kube,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailModeArg {
+    Isolate,
+    Open,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+/// The file's keys: the same settings, camelCase.
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct File {
+    node_name: Option<String>,
+    source: Option<SourceKind>,
+    manifests_dir: Option<PathBuf>,
+    kube_api: Option<String>,
+    state_dir: Option<PathBuf>,
+    socket: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    cni_state_dir: Option<PathBuf>,
+    networks: Option<Vec<String>>,
+    #[serde(rename = "podCIDRs")]
+    pod_cidrs: Option<Vec<String>>,
+    fail_mode: Option<FailModeArg>,
+    table: Option<String>,
+    iface_prefix: Option<String>,
+    log_format: Option<LogFormat>,
+    log_level: Option<String>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub source: SourceKind,
+    pub manifests_dir: PathBuf,
+    pub kube_api: Option<String>,
+    pub state_dir: PathBuf,
+    pub socket: PathBuf,
+    pub listen: SocketAddr,
+    pub cni_state_dir: PathBuf,
+    pub networks: Vec<String>,
+    pub pod_cidrs: Vec<ipnetwork::IpNetwork>,
+    pub fail_mode: FailMode,
+    pub table: String,
+    pub iface_prefix: String,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+impl Config {
+    /// Resolves flags and environment over the file named by `--config`.
+    pub fn resolve(args: Args) -> Result<Config> {
+        let file: File = match &args.config {
+            None => File::default(),
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| Error::io(format!("read config {}", path.display()), e))?;
+                serde_saphyr::from_str(&text).map_err(|e| {
+                    Error::Config(format!("{}: {e} (keys are camelCase, see the README)", path.display()))
+                })?
+            }
+        };
+        let node_name = args
+            .node_name
+            .or(file.node_name)
+            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+            .unwrap_or_else(|| "localhost".into());
+        let pick_vec = |a: Vec<String>, f: Option<Vec<String>>| if a.is_empty() { f.unwrap_or_default() } else { a };
+        let pod_cidrs = pick_vec(args.pod_cidrs, file.pod_cidrs)
+            .iter()
+            .map(|c| {
+                c.parse::<ipnetwork::IpNetwork>().map_err(|e| {
+                    Error::Config(format!("podCIDRs: `{c}` is not a CIDR ({e}); write e.g. 10.244.0.0/24"))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut networks = pick_vec(args.networks, file.networks);
+        if networks.is_empty() {
+            networks.push("nodeplane".into());
+        }
+        let table = args.table.or(file.table).unwrap_or_else(|| "nodeplane".into());
+        if table.is_empty() || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(Error::Config(format!(
+                "table `{table}`: use letters, digits, `_` and `-` only"
+            )));
+        }
+        let iface_prefix = args.iface_prefix.or(file.iface_prefix).unwrap_or_else(|| "np".into());
+        if iface_prefix.is_empty() || iface_prefix.len() > 3 || iface_prefix.contains(['"', '*']) {
+            return Err(Error::Config(format!(
+                "ifacePrefix `{iface_prefix}`: 1 to 3 characters, the same as the plugin's hostInterfacePrefix"
+            )));
+        }
+        let source = args.source.or(file.source).unwrap_or(SourceKind::Manifests);
+        Ok(Config {
+            node_name,
+            source,
+            manifests_dir: args
+                .manifests_dir
+                .or(file.manifests_dir)
+                .unwrap_or_else(|| "/etc/nodeplane/manifests".into()),
+            kube_api: args.kube_api.or(file.kube_api),
+            state_dir: args.state_dir.or(file.state_dir).unwrap_or_else(|| "/var/lib/nodeplane/agent".into()),
+            socket: args.socket.or(file.socket).unwrap_or_else(|| "/run/nodeplane/agent.sock".into()),
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9650))),
+            cni_state_dir: args
+                .cni_state_dir
+                .or(file.cni_state_dir)
+                .unwrap_or_else(|| "/var/lib/nodeplane/cni".into()),
+            networks,
+            pod_cidrs,
+            fail_mode: match args.fail_mode.or(file.fail_mode) {
+                Some(FailModeArg::Open) => FailMode::Open,
+                _ => FailMode::Isolate,
+            },
+            table,
+            iface_prefix,
+            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Human),
+            log_level: args.log_level.or(file.log_level).unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_override_file_and_errors_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("np-agent-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let path = dir.join("c.yaml");
+        std::fs::write(&path, "nodeName: n1\ntable: t1\npodCIDRs: [10.1.0.0/24]\nfailMode: open\n").expect("write");
+        let c = Config::resolve(Args {
+            config: Some(path.clone()),
+            table: Some("t2".into()),
+            ..Args::default()
+        })
+        .expect("resolves");
+        assert_eq!((c.node_name.as_str(), c.table.as_str()), ("n1", "t2"));
+        assert_eq!(c.fail_mode, FailMode::Open);
+        assert_eq!(c.pod_cidrs.len(), 1);
+        std::fs::write(&path, "tabel: x\n").expect("write");
+        let e = Config::resolve(Args { config: Some(path.clone()), ..Args::default() }).expect_err("typo");
+        assert!(e.to_string().contains("tabel"), "{e}");
+        std::fs::write(&path, "podCIDRs: [10.1.0.0/33]\n").expect("write");
+        let e = Config::resolve(Args { config: Some(path), ..Args::default() }).expect_err("bad cidr");
+        assert!(e.to_string().contains("10.1.0.0/33"), "{e}");
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

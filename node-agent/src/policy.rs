@@ -1,0 +1,556 @@
+//! NetworkPolicy (networking.k8s.io/v1) semantics, compiled for the pods
+//! on this node.
+//!
+//! For each local pod and direction the result is either "not isolated"
+//! (no policy with that direction selects it: everything passes) or a rule
+//! *group*: the disjoint cells (peer address × protocol × port → policy)
+//! that the union of all selecting policies allows. Pods whose compiled
+//! rules are equal share a group; a group's id is a digest of its contents,
+//! so an unchanged group keeps its name, and a changed one is a new group
+//! (see [`crate::nft`] for why that makes incremental updates simple).
+//!
+//! Semantics, field by field (the API reference's wording, condensed):
+//! - A pod is isolated for ingress (egress) when a policy in its namespace
+//!   selects it and that policy's `policyTypes` contains Ingress (Egress).
+//!   Unset `policyTypes` means Ingress, plus Egress when `egress` is set.
+//! - Allowed traffic is the union of all rules of all selecting policies;
+//!   an empty rule list allows nothing.
+//! - A rule with no peers (`from`/`to` absent or empty) matches every
+//!   address; with no `ports`, every protocol and port.
+//! - Peer `podSelector` alone: pods of the policy's namespace;
+//!   `namespaceSelector` alone: all pods of matching namespaces; both: pods
+//!   matching the pod selector in matching namespaces. `{}` matches all.
+//! - `ipBlock` matches by address, minus `except`. Pod addresses inside a
+//!   block match like any other address (as in Calico and Cilium): a block
+//!   that covers the pod CIDR admits those pods.
+//! - Ports: protocol defaults to TCP; a number (with `endPort`, a range);
+//!   a name resolves against the destination pod's named container ports
+//!   (ingress: the selected pod; egress: each peer pod), so a named port
+//!   never matches an ipBlock peer; no port means every port of the protocol.
+//! - Host-network pods have the node's address and are never peers by
+//!   selector (they can still match an ipBlock).
+//! - A pod reaching itself never leaves its namespace, so policy never
+//!   applies to it; the node reaching its own pods is allowed elsewhere
+//!   (the output hook is not filtered).
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use k8s_openapi::api::networking::v1::{
+    NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::cells::{self, Cell, Entry};
+use crate::model::{AttachmentKey, Labels, Model, NamedPort, PodKey};
+
+/// Traffic direction relative to the selected pod.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dir {
+    Ingress,
+    Egress,
+}
+
+/// The compiled rules one or more pods share for one direction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Group {
+    pub dir: Dir,
+    /// Cells' `policy` indexes [`Compiled::policies`].
+    pub v4: Vec<Cell<u32>>,
+    pub v6: Vec<Cell<u128>>,
+}
+
+/// A pod interface on this node with its groups (None: not isolated).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodRules {
+    pub attachment: AttachmentKey,
+    pub pod: Option<PodKey>,
+    pub host_ifname: String,
+    pub ips: Vec<IpAddr>,
+    pub ingress: Option<String>,
+    pub egress: Option<String>,
+}
+
+/// Everything the datapath needs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Compiled {
+    pub pods: Vec<PodRules>,
+    pub groups: BTreeMap<String, Group>,
+    /// Counter name of each policy, by index; see [`counter_name`].
+    pub policies: Vec<String>,
+    /// Counter name → the policy it counts for.
+    pub counters: BTreeMap<String, PodKey>,
+}
+
+impl Compiled {
+    /// Would a new connection from `src` to `dst` (protocol, destination
+    /// port) pass? Used to decide which conntrack entries a change cuts.
+    pub fn allows(&self, src: IpAddr, dst: IpAddr, proto: u8, port: u16) -> bool {
+        let group_of = |ip: IpAddr, dir: Dir| {
+            self.pods
+                .iter()
+                .find(|p| p.ips.contains(&ip))
+                .map(|p| match dir {
+                    Dir::Ingress => p.ingress.as_ref(),
+                    Dir::Egress => p.egress.as_ref(),
+                })
+        };
+        let check = |local: IpAddr, peer: IpAddr, dir: Dir| match group_of(local, dir) {
+            // Not a local pod, or not isolated in this direction.
+            None | Some(None) => true,
+            Some(Some(id)) => self.groups.get(id).is_some_and(|g| g.admits(peer, proto, port)),
+        };
+        check(src, dst, Dir::Egress) && check(dst, src, Dir::Ingress)
+    }
+}
+
+impl Group {
+    fn admits(&self, peer: IpAddr, proto: u8, port: u16) -> bool {
+        fn hit<A: Ord + Copy>(cells: &[Cell<A>], a: A, proto: u8, port: u16) -> bool {
+            cells.iter().any(|c| {
+                c.addr.0 <= a && a <= c.addr.1 && c.proto.0 <= proto && proto <= c.proto.1
+                    && c.port.0 <= port && port <= c.port.1
+            })
+        }
+        match peer {
+            IpAddr::V4(a) => hit(&self.v4, u32::from(a), proto, port),
+            IpAddr::V6(a) => hit(&self.v6, u128::from(a), proto, port),
+        }
+    }
+
+    /// The group's name: a digest of direction and cells with policy
+    /// counter names (not indexes, which shift as policies come and go).
+    fn id(&self, policies: &[String]) -> String {
+        let mut h = Fnv::new();
+        h.str(match self.dir {
+            Dir::Ingress => "in",
+            Dir::Egress => "eg",
+        });
+        for c in &self.v4 {
+            h.str(&format!("{:?}{:?}{:?}{}", c.addr, c.proto, c.port, policies[c.policy]));
+        }
+        h.str("|");
+        for c in &self.v6 {
+            h.str(&format!("{:?}{:?}{:?}{}", c.addr, c.proto, c.port, policies[c.policy]));
+        }
+        format!(
+            "{}{:016x}",
+            match self.dir {
+                Dir::Ingress => "i",
+                Dir::Egress => "e",
+            },
+            h.0
+        )
+    }
+}
+
+/// The nftables counter that counts traffic a policy admitted.
+pub fn counter_name(namespace: &str, name: &str) -> String {
+    let mut h = Fnv::new();
+    h.str(namespace);
+    h.str("/");
+    h.str(name);
+    format!("p{:016x}", h.0)
+}
+
+struct Fnv(u64);
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+    fn str(&mut self, s: &str) {
+        for &b in s.as_bytes() {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// Does `labels` satisfy `sel`? matchLabels and matchExpressions are ANDed;
+/// an empty selector matches everything; an unknown operator matches
+/// nothing (the API server rejects such policies anyway).
+pub fn selects(sel: &LabelSelector, labels: &Labels) -> bool {
+    let labels_ok = sel
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let exprs_ok = sel.match_expressions.iter().flatten().all(|r| {
+        let values = r.values.as_deref().unwrap_or_default();
+        let value = labels.get(&r.key);
+        match r.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => value.is_none_or(|v| !values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            _ => false,
+        }
+    });
+    labels_ok && exprs_ok
+}
+
+/// A peer pod as a rule sees it.
+struct PeerPod<'a> {
+    ips: &'a [IpAddr],
+    ports: &'a [NamedPort],
+}
+
+/// The pods and addresses known to this compile.
+struct Book<'m> {
+    model: &'m Model,
+    /// Pod → addresses: the source's status IPs plus this node's attachments.
+    ips: BTreeMap<PodKey, Vec<IpAddr>>,
+    ns_labels: HashMap<String, Labels>,
+}
+
+impl<'m> Book<'m> {
+    fn new(model: &'m Model) -> Self {
+        let mut ips: BTreeMap<PodKey, Vec<IpAddr>> = BTreeMap::new();
+        for (k, p) in &model.pods {
+            if !p.host_network && !p.ips.is_empty() {
+                ips.insert(k.clone(), p.ips.clone());
+            }
+        }
+        for a in model.attachments.values() {
+            if let Some(k) = &a.pod {
+                let v = ips.entry(k.clone()).or_default();
+                for ip in &a.ips {
+                    if !v.contains(ip) {
+                        v.push(*ip);
+                    }
+                }
+            }
+        }
+        let mut ns_labels = HashMap::new();
+        for (ns, _) in ips.keys() {
+            if !ns_labels.contains_key(ns) {
+                ns_labels.insert(ns.clone(), model.namespace_labels(ns));
+            }
+        }
+        Book {
+            model,
+            ips,
+            ns_labels,
+        }
+    }
+
+    fn labels(&self, k: &PodKey) -> Labels {
+        self.model.pods.get(k).map(|p| p.labels.clone()).unwrap_or_default()
+    }
+
+    /// Pods (with addresses) that one selector peer matches.
+    fn peer_pods(&self, policy_ns: &str, peer: &NetworkPolicyPeer) -> Vec<PeerPod<'_>> {
+        let empty: &[NamedPort] = &[];
+        self.ips
+            .iter()
+            .filter(|((ns, _), _)| match &peer.namespace_selector {
+                None => ns == policy_ns,
+                Some(sel) => self.ns_labels.get(ns).is_some_and(|l| selects(sel, l)),
+            })
+            .filter(|(k, _)| match &peer.pod_selector {
+                None => true,
+                Some(sel) => selects(sel, &self.labels(k)),
+            })
+            .map(|(k, ips)| PeerPod {
+                ips,
+                ports: self.model.pods.get(k).map(|p| p.ports.as_slice()).unwrap_or(empty),
+            })
+            .collect()
+    }
+}
+
+/// Which directions a policy applies to.
+fn policy_types(spec: &NetworkPolicySpec) -> (bool, bool) {
+    match &spec.policy_types {
+        Some(types) => (
+            types.iter().any(|t| t == "Ingress"),
+            types.iter().any(|t| t == "Egress"),
+        ),
+        None => (true, spec.egress.is_some()),
+    }
+}
+
+fn proto_number(p: Option<&str>) -> Option<u8> {
+    match p.unwrap_or("TCP") {
+        "TCP" => Some(6),
+        "UDP" => Some(17),
+        "SCTP" => Some(132),
+        _ => None,
+    }
+}
+
+/// (proto, port range) pairs one port entry allows on a destination pod
+/// with `named` ports (None: the destination is not a pod, e.g. ipBlock).
+fn port_ranges(p: &NetworkPolicyPort, named: Option<&[NamedPort]>) -> Vec<(u8, (u16, u16))> {
+    let Some(proto) = proto_number(p.protocol.as_deref()) else {
+        return Vec::new();
+    };
+    match &p.port {
+        None => vec![(proto, (0, u16::MAX))],
+        Some(IntOrString::Int(n)) => {
+            let Ok(lo) = u16::try_from(*n) else {
+                return Vec::new();
+            };
+            let hi = p.end_port.and_then(|e| u16::try_from(e).ok()).unwrap_or(lo);
+            if hi < lo {
+                return Vec::new();
+            }
+            vec![(proto, (lo, hi))]
+        }
+        Some(IntOrString::String(name)) => named
+            .unwrap_or_default()
+            .iter()
+            .filter(|np| &np.name == name && proto_number(Some(&np.protocol)) == Some(proto))
+            .map(|np| (proto, (np.port, np.port)))
+            .collect(),
+    }
+}
+
+fn cidr_ranges(cidr: &str) -> Option<IpNetwork> {
+    cidr.parse::<IpNetwork>().ok()
+}
+
+/// Address ranges of an ipBlock: the CIDR minus its exceptions.
+fn block_ranges(cidr: &str, except: &[String]) -> (Vec<(u32, u32)>, Vec<(u128, u128)>) {
+    fn minus<A: cells::Addr>(mut ranges: Vec<(A, A)>, cut: (A, A)) -> Vec<(A, A)> {
+        let mut out = Vec::new();
+        for (lo, hi) in ranges.drain(..) {
+            if cut.1 < lo || hi < cut.0 {
+                out.push((lo, hi));
+                continue;
+            }
+            if lo < cut.0 {
+                out.push((lo, cut.0.prev()));
+            }
+            if let Some(n) = cut.1.next() {
+                if n <= hi {
+                    out.push((n, hi));
+                }
+            }
+        }
+        out
+    }
+    let (mut v4, mut v6) = (Vec::new(), Vec::new());
+    match cidr_ranges(cidr) {
+        Some(IpNetwork::V4(n)) => {
+            v4.push((u32::from(n.network()), u32::from(n.broadcast())));
+            for e in except {
+                if let Some(IpNetwork::V4(x)) = cidr_ranges(e) {
+                    v4 = minus(v4, (u32::from(x.network()), u32::from(x.broadcast())));
+                }
+            }
+        }
+        Some(IpNetwork::V6(n)) => {
+            let lo = u128::from(n.network());
+            let hi = lo | (u128::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0));
+            v6.push((lo, hi));
+            for e in except {
+                if let Some(IpNetwork::V6(x)) = cidr_ranges(e) {
+                    let xl = u128::from(x.network());
+                    let xh = xl | (u128::MAX.checked_shr(u32::from(x.prefix())).unwrap_or(0));
+                    v6 = minus(v6, (xl, xh));
+                }
+            }
+        }
+        None => {}
+    }
+    (v4, v6)
+}
+
+/// Collects allow entries for one rule of policy `pi` on the selected pod.
+struct Collect {
+    v4: Vec<Entry<u32>>,
+    v6: Vec<Entry<u128>>,
+}
+
+impl Collect {
+    fn addr(&mut self, ip: IpAddr, proto: (u8, u8), port: (u16, u16), policy: usize) {
+        match ip {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.push(Entry { addr: (a, a), proto, port, policy });
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6.push(Entry { addr: (a, a), proto, port, policy });
+            }
+        }
+    }
+}
+
+const ANY_PROTO: (u8, u8) = (0, u8::MAX);
+const ANY_PORT: (u16, u16) = (0, u16::MAX);
+
+fn rule_entries(
+    book: &Book<'_>,
+    out: &mut Collect,
+    pi: usize,
+    policy_ns: &str,
+    dir: Dir,
+    peers: Option<&[NetworkPolicyPeer]>,
+    ports: Option<&[NetworkPolicyPort]>,
+    selected_ports: &[NamedPort],
+) {
+    let ports = ports.filter(|p| !p.is_empty());
+    // The (proto, port) pairs for a destination with `named` ports.
+    let pairs = |named: Option<&[NamedPort]>| -> Vec<((u8, u8), (u16, u16))> {
+        match ports {
+            None => vec![(ANY_PROTO, ANY_PORT)],
+            Some(ps) => ps
+                .iter()
+                .flat_map(|p| port_ranges(p, named))
+                .map(|(pr, range)| ((pr, pr), range))
+                .collect(),
+        }
+    };
+    // Ingress: the destination is the selected pod; egress: the peer.
+    let for_selected = pairs(Some(selected_ports));
+    let dest_pairs = |peer_ports: Option<&[NamedPort]>| match dir {
+        Dir::Ingress => for_selected.clone(),
+        Dir::Egress => pairs(peer_ports),
+    };
+    let peers = peers.filter(|p| !p.is_empty());
+    let Some(peers) = peers else {
+        // Every address. Named ports on egress cannot resolve against an
+        // arbitrary address, but do against every known pod.
+        for (proto, port) in dest_pairs(None) {
+            out.v4.push(Entry { addr: (0, u32::MAX), proto, port, policy: pi });
+            out.v6.push(Entry { addr: (0, u128::MAX), proto, port, policy: pi });
+        }
+        if dir == Dir::Egress && ports.is_some_and(|ps| ps.iter().any(|p| matches!(p.port, Some(IntOrString::String(_))))) {
+            let all = NetworkPolicyPeer {
+                namespace_selector: Some(LabelSelector::default()),
+                ..Default::default()
+            };
+            for pod in book.peer_pods(policy_ns, &all) {
+                for (proto, port) in pairs(Some(pod.ports)) {
+                    for ip in pod.ips {
+                        out.addr(*ip, proto, port, pi);
+                    }
+                }
+            }
+        }
+        return;
+    };
+    for peer in peers {
+        if let Some(block) = &peer.ip_block {
+            let (v4, v6) = block_ranges(&block.cidr, block.except.as_deref().unwrap_or_default());
+            for (proto, port) in dest_pairs(None) {
+                out.v4.extend(v4.iter().map(|&addr| Entry { addr, proto, port, policy: pi }));
+                out.v6.extend(v6.iter().map(|&addr| Entry { addr, proto, port, policy: pi }));
+            }
+            continue;
+        }
+        if peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
+            continue; // an empty peer: rejected by the API server; matches nothing
+        }
+        for pod in book.peer_pods(policy_ns, peer) {
+            for (proto, port) in dest_pairs(Some(pod.ports)) {
+                for ip in pod.ips {
+                    out.addr(*ip, proto, port, pi);
+                }
+            }
+        }
+    }
+}
+
+/// Compiles the model's policies for every pod attached on this node.
+pub fn compile(model: &Model) -> Compiled {
+    let book = Book::new(model);
+    let keys: Vec<&PodKey> = model.policies.keys().collect();
+    let policies: Vec<String> = keys.iter().map(|(ns, n)| counter_name(ns, n)).collect();
+    let counters = keys
+        .iter()
+        .zip(&policies)
+        .map(|(k, c)| (c.clone(), (*k).clone()))
+        .collect();
+    let mut out = Compiled {
+        policies,
+        counters,
+        ..Compiled::default()
+    };
+    // Pods with the same selecting policies and named ports compile alike.
+    let mut memo: HashMap<(Vec<usize>, Vec<NamedPort>), (Option<String>, Option<String>)> =
+        HashMap::new();
+    let no_ports: Vec<NamedPort> = Vec::new();
+    for a in model.attachments.values() {
+        let (labels, ports) = match &a.pod {
+            Some(k) => (
+                book.labels(k),
+                model.pods.get(k).map(|p| &p.ports).unwrap_or(&no_ports),
+            ),
+            None => (Labels::new(), &no_ports),
+        };
+        let selecting: Vec<usize> = match &a.pod {
+            None => Vec::new(),
+            Some((ns, _)) => keys
+                .iter()
+                .enumerate()
+                .filter(|(_, (pns, pname))| {
+                    pns == ns
+                        && model.policies[&(pns.clone(), pname.clone())]
+                            .pod_selector
+                            .as_ref()
+                            .is_none_or(|sel| selects(sel, &labels))
+                })
+                .map(|(i, _)| i)
+                .collect(),
+        };
+        let memo_key = (selecting.clone(), ports.clone());
+        let (ingress, egress) = match memo.get(&memo_key) {
+            Some(v) => v.clone(),
+            None => {
+                let mut ids = (None, None);
+                for dir in [Dir::Ingress, Dir::Egress] {
+                    let mut isolated = false;
+                    let mut c = Collect { v4: Vec::new(), v6: Vec::new() };
+                    for &pi in &selecting {
+                        let (pns, pname) = keys[pi];
+                        let spec = &model.policies[&(pns.clone(), pname.clone())];
+                        let (ing, eg) = policy_types(spec);
+                        match dir {
+                            Dir::Ingress if ing => {
+                                isolated = true;
+                                for r in spec.ingress.iter().flatten() {
+                                    rule_entries(&book, &mut c, pi, pns, dir, r.from.as_deref(), r.ports.as_deref(), ports);
+                                }
+                            }
+                            Dir::Egress if eg => {
+                                isolated = true;
+                                for r in spec.egress.iter().flatten() {
+                                    rule_entries(&book, &mut c, pi, pns, dir, r.to.as_deref(), r.ports.as_deref(), ports);
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    if isolated {
+                        let g = Group {
+                            dir,
+                            v4: cells::disjoint(&c.v4),
+                            v6: cells::disjoint(&c.v6),
+                        };
+                        let id = g.id(&out.policies);
+                        out.groups.entry(id.clone()).or_insert(g);
+                        match dir {
+                            Dir::Ingress => ids.0 = Some(id),
+                            Dir::Egress => ids.1 = Some(id),
+                        }
+                    }
+                }
+                memo.insert(memo_key, ids.clone());
+                ids
+            }
+        };
+        out.pods.push(PodRules {
+            attachment: (a.network.clone(), a.container_id.clone(), a.ifname.clone()),
+            pod: a.pod.clone(),
+            host_ifname: a.host_ifname.clone(),
+            ips: a.ips.clone(),
+            ingress,
+            egress,
+        });
+    }
+    out
+}

@@ -1,0 +1,86 @@
+//! Wiring the agent's tasks together (what `main` runs).
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::agent::{Agent, Status};
+use crate::config::{Config, LogFormat, SourceKind};
+use crate::{Error, Result};
+
+/// Sets up logging as configured.
+pub fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let _ = match cfg.log_format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Human => builder.try_init(),
+    };
+}
+
+/// Runs the agent until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> Result<()> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(|e| Error::io(format!("create state directory {}", cfg.state_dir.display()), e))?;
+    let status = Arc::new(Mutex::new(Status::default()));
+    let (ev_tx, ev_rx) = mpsc::channel(4096);
+    let (call_tx, call_rx) = mpsc::channel(1024);
+    let (stop_tx, stop_rx) = oneshot::channel();
+
+    match cfg.source {
+        SourceKind::Manifests => {
+            let dir = cfg.manifests_dir.clone();
+            if !dir.is_dir() {
+                return Err(Error::Config(format!(
+                    "manifests directory {} does not exist (set --manifests-dir)",
+                    dir.display()
+                )));
+            }
+            tokio::spawn(async move {
+                if let Err(e) = crate::source::manifests::run(dir, ev_tx, Duration::from_millis(5)).await {
+                    tracing::error!(error = %e, "manifests source stopped");
+                }
+            });
+        }
+        SourceKind::Kube => {
+            let client = match &cfg.kube_api {
+                Some(url) => crate::source::kube::client_from_url(url).await?,
+                None => crate::source::kube::client_default().await?,
+            };
+            let node = cfg.node_name.clone();
+            tokio::spawn(async move {
+                if let Err(e) = crate::source::kube::run(client, node, ev_tx).await {
+                    tracing::error!(error = %e, "Kubernetes source stopped");
+                }
+            });
+        }
+    }
+    let listener = crate::api::bind(&cfg.socket)?;
+    tokio::spawn(crate::api::serve(listener, call_tx));
+    let http_status = status.clone();
+    let (listen, table) = (cfg.listen, cfg.table.clone());
+    tokio::spawn(async move {
+        if let Err(e) = crate::http::serve(listen, http_status, table).await {
+            tracing::error!(error = %e, "health/metrics server stopped");
+        }
+    });
+    let socket = cfg.socket.clone();
+    tracing::info!(node = %cfg.node_name, source = ?cfg.source, socket = %socket.display(), listen = %cfg.listen, "nodeplane-agent starting");
+    let agent = tokio::spawn(Agent::new(cfg, status.clone()).run(ev_rx, call_rx, stop_rx));
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("signal received: draining");
+    status.lock().unwrap_or_else(|e| e.into_inner()).draining = true;
+    let _ = std::fs::remove_file(&socket);
+    let _ = stop_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
+    Ok(())
+}

@@ -1,0 +1,1361 @@
+//! The Kubernetes API source (`source::kube`) against a test double of the
+//! API server: an HTTP/1.1 server on 127.0.0.1 that answers the list and
+//! watch requests kube-runtime's watcher makes, with a global
+//! resourceVersion, an event history that watches resume from, compaction
+//! (410 Gone for versions older than it, as an HTTP status or as a
+//! WatchEvent ERROR), bookmarks, and watch streams it can end cleanly or cut.
+//!
+//! The events the source sends are applied to the real `Model`, and the
+//! assertions are on the model and on the requests the double received.
+//! Any request the double does not understand (path, method or query
+//! parameter) is printed and makes the test fail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nodeplane_agent::model::{Model, PodInfo};
+use nodeplane_agent::source::{Event, Kind};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+const NODE: &str = "node-1";
+/// Upper bound for any one wait in these tests. A relist after a 410 waits
+/// for the watcher's backoff (0.8 s to 1.6 s), so this is generous.
+const WAIT: Duration = Duration::from_secs(15);
+
+// ---------------------------------------------------------------------------
+// The API server double
+// ---------------------------------------------------------------------------
+
+/// The collections the source reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Res {
+    Pods,
+    Namespaces,
+    NetworkPolicies,
+    Nodes,
+}
+
+impl Res {
+    const ALL: [Res; 4] = [Res::Pods, Res::Namespaces, Res::NetworkPolicies, Res::Nodes];
+
+    fn path(self) -> &'static str {
+        match self {
+            Res::Pods => "/api/v1/pods",
+            Res::Namespaces => "/api/v1/namespaces",
+            Res::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
+            Res::Nodes => "/api/v1/nodes",
+        }
+    }
+
+    fn kind(self) -> &'static str {
+        match self {
+            Res::Pods => "Pod",
+            Res::Namespaces => "Namespace",
+            Res::NetworkPolicies => "NetworkPolicy",
+            Res::Nodes => "Node",
+        }
+    }
+
+    fn api_version(self) -> &'static str {
+        match self {
+            Res::NetworkPolicies => "networking.k8s.io/v1",
+            _ => "v1",
+        }
+    }
+
+    fn from_path(path: &str) -> Option<Res> {
+        Res::ALL.into_iter().find(|r| r.path() == path)
+    }
+
+    fn of(obj: &Value) -> Res {
+        let kind = obj["kind"].as_str().expect("test object without kind");
+        Res::ALL
+            .into_iter()
+            .find(|r| r.kind() == kind)
+            .unwrap_or_else(|| panic!("test object of unknown kind {kind}"))
+    }
+}
+
+/// One request as the double received it.
+#[derive(Debug, Clone)]
+struct Request {
+    res: Res,
+    query: BTreeMap<String, String>,
+    /// The request line's target, for messages.
+    target: String,
+}
+
+impl Request {
+    fn is_watch(&self) -> bool {
+        self.q("watch") == Some("true")
+    }
+    fn is_list(&self) -> bool {
+        !self.is_watch()
+    }
+    fn q(&self, key: &str) -> Option<&str> {
+        self.query.get(key).map(String::as_str)
+    }
+}
+
+/// How a held watch stream is ended.
+#[derive(Debug, Clone, Copy)]
+enum Close {
+    /// The last chunk is sent, as the API server does at timeoutSeconds.
+    Clean,
+    /// The TCP connection is dropped mid-stream.
+    Cut,
+}
+
+/// How a watch from a compacted resourceVersion is refused.
+#[derive(Debug, Clone, Copy)]
+enum Gone {
+    /// HTTP 410 with a Status body.
+    Http,
+    /// HTTP 200, then a WatchEvent ERROR carrying a 410 Status, then the end.
+    Event,
+}
+
+enum Chunk {
+    Line(String),
+    End(Close),
+}
+
+struct Watcher {
+    res: Res,
+    name: Option<String>,
+    /// allowWatchBookmarks=true: the API server sends bookmarks only then.
+    bookmarks: bool,
+    tx: mpsc::UnboundedSender<Chunk>,
+}
+
+struct Inner {
+    /// The last resourceVersion handed out (one counter for all kinds, like
+    /// etcd's revision).
+    rv: u64,
+    objects: BTreeMap<Res, BTreeMap<(String, String), Value>>,
+    /// (resourceVersion, collection, event type, object).
+    history: Vec<(u64, Res, &'static str, Value)>,
+    /// Watches from a version older than this are answered 410 Gone.
+    compacted: u64,
+    gone: Gone,
+    watchers: Vec<Watcher>,
+    /// Collections whose watch requests are parked until `release`.
+    held: BTreeSet<Res>,
+    parked: Vec<(Res, oneshot::Sender<()>)>,
+    /// Lists to answer with this HTTP status, once each.
+    fail_lists: Vec<(Res, u16)>,
+    requests: Vec<Request>,
+    unknown: Vec<String>,
+}
+
+#[derive(Clone)]
+struct ApiDouble {
+    addr: SocketAddr,
+    inner: Arc<Mutex<Inner>>,
+    /// Bumped on every request, to wait for one.
+    seen: Arc<watch::Sender<usize>>,
+}
+
+enum Reply {
+    Json(u16, Value),
+    Watch(mpsc::UnboundedReceiver<Chunk>),
+    /// Not answered until the collection is released; then served again.
+    Parked(oneshot::Receiver<()>),
+}
+
+impl ApiDouble {
+    async fn start() -> ApiDouble {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let double = ApiDouble {
+            addr: listener.local_addr().expect("local addr"),
+            inner: Arc::new(Mutex::new(Inner {
+                rv: 100,
+                objects: BTreeMap::new(),
+                history: Vec::new(),
+                compacted: 0,
+                gone: Gone::Http,
+                watchers: Vec::new(),
+                held: BTreeSet::new(),
+                parked: Vec::new(),
+                fail_lists: Vec::new(),
+                requests: Vec::new(),
+                unknown: Vec::new(),
+            })),
+            seen: Arc::new(watch::channel(0).0),
+        };
+        let d = double.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(d.clone().serve(stream));
+            }
+        });
+        double
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("double's lock")
+    }
+
+    // --- what tests change -------------------------------------------------
+
+    /// Creates or replaces an object (ADDED or MODIFIED to live watches).
+    fn put(&self, mut obj: Value) -> u64 {
+        let res = Res::of(&obj);
+        if matches!(res, Res::Pods | Res::NetworkPolicies) && obj["metadata"]["namespace"].is_null() {
+            // As the API server does when an object is created without one.
+            obj["metadata"]["namespace"] = json!("default");
+        }
+        let mut inner = self.lock();
+        inner.rv += 1;
+        let rv = inner.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        let key = key_of(&obj);
+        let kind = match inner.objects.entry(res).or_default().insert(key, obj.clone()) {
+            Some(_) => "MODIFIED",
+            None => "ADDED",
+        };
+        inner.record(rv, res, kind, obj);
+        rv
+    }
+
+    /// Deletes an object (DELETED to live watches).
+    fn delete(&self, res: Res, namespace: &str, name: &str) -> u64 {
+        let mut inner = self.lock();
+        let key = (namespace.to_string(), name.to_string());
+        let mut obj = inner
+            .objects
+            .entry(res)
+            .or_default()
+            .remove(&key)
+            .unwrap_or_else(|| panic!("no {res:?} {namespace}/{name} to delete"));
+        inner.rv += 1;
+        let rv = inner.rv;
+        obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+        inner.record(rv, res, "DELETED", obj);
+        rv
+    }
+
+    /// Sends a BOOKMARK at the current resourceVersion to live watches of `res`.
+    fn bookmark(&self, res: Res) -> u64 {
+        let inner = self.lock();
+        let line = event_line(
+            "BOOKMARK",
+            &json!({
+                "kind": res.kind(),
+                "apiVersion": res.api_version(),
+                "metadata": {"resourceVersion": inner.rv.to_string()},
+            }),
+        );
+        let mut sent = 0;
+        for w in inner.watchers.iter().filter(|w| w.res == res && w.bookmarks) {
+            if w.tx.send(Chunk::Line(line.clone())).is_ok() {
+                sent += 1;
+            }
+        }
+        assert!(sent > 0, "no live {res:?} watch that asked for bookmarks");
+        inner.rv
+    }
+
+    /// Ends the live watches of `res`, and parks its next watch requests
+    /// until `release`.
+    fn hold(&self, res: Res, close: Close) {
+        let mut inner = self.lock();
+        inner.held.insert(res);
+        inner.watchers.retain(|w| {
+            if w.res == res {
+                let _ = w.tx.send(Chunk::End(close));
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Answers the parked watch requests of `res`, and those to come.
+    fn release(&self, res: Res) {
+        let mut inner = self.lock();
+        inner.held.remove(&res);
+        let parked = std::mem::take(&mut inner.parked);
+        for (r, tx) in parked {
+            if r == res {
+                let _ = tx.send(());
+            } else {
+                inner.parked.push((r, tx));
+            }
+        }
+    }
+
+    /// Forgets the event history: a watch from an older resourceVersion
+    /// than the current one is answered 410 Gone, as `gone` says.
+    fn compact(&self, gone: Gone) {
+        let mut inner = self.lock();
+        inner.compacted = inner.rv;
+        inner.gone = gone;
+        inner.history.clear();
+    }
+
+    /// The next list of `res` is answered with `status`.
+    fn fail_next_list(&self, res: Res, status: u16) {
+        self.lock().fail_lists.push((res, status));
+    }
+
+    // --- what tests look at ------------------------------------------------
+
+    fn requests(&self) -> Vec<Request> {
+        self.lock().requests.clone()
+    }
+
+    fn lists(&self, res: Res) -> usize {
+        self.requests().iter().filter(|r| r.res == res && r.is_list()).count()
+    }
+
+    fn watches(&self, res: Res) -> Vec<Request> {
+        let all = self.requests();
+        all.into_iter().filter(|r| r.res == res && r.is_watch()).collect()
+    }
+
+    fn assert_no_unknown_requests(&self) {
+        let unknown = self.lock().unknown.clone();
+        assert!(unknown.is_empty(), "the double got requests it does not understand: {unknown:#?}");
+    }
+
+    /// Waits for a request that `pred` accepts, in the whole log.
+    async fn wait_request(&self, what: &str, pred: impl Fn(&Request) -> bool) -> Request {
+        let mut seen = self.seen.subscribe();
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(r) = self.requests().into_iter().find(&pred) {
+                    return r;
+                }
+                seen.changed().await.expect("double gone");
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("timed out waiting for {what}; requests: {:#?}", self.requests()))
+    }
+
+    // --- the server --------------------------------------------------------
+
+    async fn serve(self, stream: TcpStream) {
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        // HTTP/1.1 keep-alive: one request after another on the connection.
+        loop {
+            let mut line = String::new();
+            match rd.read_line(&mut line).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let request_line = line.trim_end().to_string();
+            let mut content_length = 0usize;
+            loop {
+                let mut header = String::new();
+                if rd.read_line(&mut header).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let header = header.trim_end();
+                if header.is_empty() {
+                    break;
+                }
+                if let Some((name, value)) = header.split_once(':') {
+                    if name.eq_ignore_ascii_case("content-length") {
+                        content_length = value.trim().parse().unwrap_or(0);
+                    }
+                }
+            }
+            let mut body = vec![0; content_length];
+            if rd.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            let mut reply = self.route(&request_line);
+            while let Reply::Parked(released) = reply {
+                if released.await.is_err() {
+                    return;
+                }
+                reply = self.route_again(&request_line);
+            }
+            let ok = match reply {
+                Reply::Json(status, body) => write_json(&mut wr, status, &body).await,
+                Reply::Watch(chunks) => match stream_watch(&mut wr, chunks).await {
+                    Some(Close::Clean) => true,
+                    Some(Close::Cut) | None => return,
+                },
+                Reply::Parked(_) => unreachable!(),
+            };
+            if !ok {
+                return;
+            }
+        }
+    }
+
+    /// Logs and answers one request.
+    fn route(&self, request_line: &str) -> Reply {
+        self.answer(request_line, true)
+    }
+
+    /// Answers a parked request once released (already logged).
+    fn route_again(&self, request_line: &str) -> Reply {
+        self.answer(request_line, false)
+    }
+
+    fn answer(&self, request_line: &str, log: bool) -> Reply {
+        let mut inner = self.lock();
+        let reply = inner.answer(request_line, log);
+        drop(inner);
+        if log {
+            self.seen.send_modify(|n| *n += 1);
+        }
+        reply
+    }
+}
+
+impl Inner {
+    fn record(&mut self, rv: u64, res: Res, kind: &'static str, obj: Value) {
+        let line = event_line(kind, &obj);
+        let name = obj["metadata"]["name"].as_str().map(str::to_string);
+        self.watchers.retain(|w| {
+            if w.res != res || (w.name.is_some() && w.name != name) {
+                return true;
+            }
+            w.tx.send(Chunk::Line(line.clone())).is_ok()
+        });
+        self.history.push((rv, res, kind, obj));
+    }
+
+    fn unknown(&mut self, what: String) -> Reply {
+        eprintln!("API DOUBLE: UNKNOWN REQUEST: {what}");
+        self.unknown.push(what.clone());
+        Reply::Json(404, status_json(404, "NotFound", &format!("the double does not serve {what}")))
+    }
+
+    fn answer(&mut self, request_line: &str, log: bool) -> Reply {
+        let mut parts = request_line.split(' ');
+        let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let (path, raw_query) = target.split_once('?').unwrap_or((target, ""));
+        let Some(res) = Res::from_path(path) else {
+            return self.unknown(request_line.to_string());
+        };
+        if method != "GET" {
+            return self.unknown(request_line.to_string());
+        }
+        let query: BTreeMap<String, String> = raw_query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (percent_decode(k), percent_decode(v))
+            })
+            .collect();
+        let request = Request {
+            res,
+            query,
+            target: target.to_string(),
+        };
+        if log {
+            self.requests.push(request.clone());
+        }
+        let watch = request.is_watch();
+        let known: &[&str] = if watch {
+            &["watch", "timeoutSeconds", "allowWatchBookmarks", "resourceVersion", "fieldSelector"]
+        } else {
+            &["limit", "fieldSelector"]
+        };
+        if let Some(k) = request.query.keys().find(|k| !known.contains(&k.as_str())) {
+            return self.unknown(format!("{target}: query parameter {k}"));
+        }
+        // Only this selector is served (and only on nodes, where the source uses it).
+        let name = match request.q("fieldSelector") {
+            None => None,
+            Some(sel) => match sel.strip_prefix("metadata.name=") {
+                Some(name) if res == Res::Nodes => Some(name.to_string()),
+                _ => return self.unknown(format!("{target}: fieldSelector {sel}")),
+            },
+        };
+        let selected = |obj: &Value| name.is_none() || obj["metadata"]["name"].as_str() == name.as_deref();
+
+        if !watch {
+            if let Some(i) = self.fail_lists.iter().position(|(r, _)| *r == res) {
+                let (_, status) = self.fail_lists.remove(i);
+                return Reply::Json(status, status_json(status, "InternalError", "the double was told to fail"));
+            }
+            let limit: usize = request.q("limit").and_then(|l| l.parse().ok()).unwrap_or(usize::MAX);
+            let items: Vec<Value> = self
+                .objects
+                .get(&res)
+                .into_iter()
+                .flat_map(|m| m.values())
+                .filter(|o| selected(o))
+                .map(|o| {
+                    // List items carry no kind or apiVersion.
+                    let mut o = o.clone();
+                    let m = o.as_object_mut().expect("object");
+                    m.remove("kind");
+                    m.remove("apiVersion");
+                    o
+                })
+                .collect();
+            assert!(items.len() <= limit, "the double does not paginate");
+            return Reply::Json(
+                200,
+                json!({
+                    "kind": format!("{}List", res.kind()),
+                    "apiVersion": res.api_version(),
+                    "metadata": {"resourceVersion": self.rv.to_string()},
+                    "items": items,
+                }),
+            );
+        }
+
+        let Some(from) = request.q("resourceVersion").and_then(|v| v.parse::<u64>().ok()) else {
+            return self.unknown(format!("{target}: watch without a numeric resourceVersion"));
+        };
+        if self.held.contains(&res) {
+            let (tx, rx) = oneshot::channel();
+            self.parked.push((res, tx));
+            return Reply::Parked(rx);
+        }
+        if from < self.compacted {
+            let message = format!("too old resource version: {from} ({})", self.compacted);
+            let status = status_json(410, "Expired", &message);
+            return match self.gone {
+                Gone::Http => Reply::Json(410, status),
+                Gone::Event => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let _ = tx.send(Chunk::Line(event_line("ERROR", &status)));
+                    let _ = tx.send(Chunk::End(Close::Clean));
+                    Reply::Watch(rx)
+                }
+            };
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (rv, r, kind, obj) in &self.history {
+            if *r == res && *rv > from && selected(obj) {
+                let _ = tx.send(Chunk::Line(event_line(kind, obj)));
+            }
+        }
+        let bookmarks = request.q("allowWatchBookmarks") == Some("true");
+        self.watchers.push(Watcher { res, name, bookmarks, tx });
+        Reply::Watch(rx)
+    }
+}
+
+async fn write_json(wr: &mut (impl AsyncWriteExt + Unpin), status: u16, body: &Value) -> bool {
+    let body = body.to_string();
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        reason(status),
+        body.len()
+    );
+    wr.write_all(head.as_bytes()).await.is_ok() && wr.write_all(body.as_bytes()).await.is_ok()
+}
+
+/// Streams a watch response in chunked encoding, one event per chunk.
+/// `Some(Clean)` when the last chunk was sent (the connection can serve
+/// another request), otherwise the connection is to be dropped.
+async fn stream_watch(
+    wr: &mut (impl AsyncWriteExt + Unpin),
+    mut chunks: mpsc::UnboundedReceiver<Chunk>,
+) -> Option<Close> {
+    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n";
+    wr.write_all(head.as_bytes()).await.ok()?;
+    loop {
+        match chunks.recv().await {
+            Some(Chunk::Line(line)) => {
+                let chunk = format!("{:x}\r\n{line}\r\n", line.len());
+                wr.write_all(chunk.as_bytes()).await.ok()?;
+            }
+            Some(Chunk::End(Close::Clean)) | None => {
+                wr.write_all(b"0\r\n\r\n").await.ok()?;
+                return Some(Close::Clean);
+            }
+            Some(Chunk::End(Close::Cut)) => return Some(Close::Cut),
+        }
+    }
+}
+
+fn event_line(kind: &str, obj: &Value) -> String {
+    format!("{}\n", json!({"type": kind, "object": obj}))
+}
+
+fn status_json(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    })
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        404 => "Not Found",
+        410 => "Gone",
+        500 => "Internal Server Error",
+        _ => "Whatever",
+    }
+}
+
+fn key_of(obj: &Value) -> (String, String) {
+    let meta = &obj["metadata"];
+    let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+    (s(&meta["namespace"]), s(&meta["name"]))
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => out.push(b),
+                    Err(_) => out.extend_from_slice(&bytes[i..i + 3]),
+                }
+                i += 3;
+                continue;
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+// ---------------------------------------------------------------------------
+// The source under test, feeding the real model
+// ---------------------------------------------------------------------------
+
+struct Agent {
+    rx: mpsc::Receiver<Event>,
+    model: Model,
+    /// Every event received, in order.
+    events: Vec<Event>,
+    task: JoinHandle<nodeplane_agent::Result<()>>,
+}
+
+impl Agent {
+    async fn start(d: &ApiDouble) -> Agent {
+        // The source's warnings (and kube's, with RUST_LOG) in the output of
+        // a failing test.
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+        let client = nodeplane_agent::source::kube::client_from_url(&d.url())
+            .await
+            .expect("client for the double");
+        let (tx, rx) = mpsc::channel(16);
+        let task = tokio::spawn(nodeplane_agent::source::kube::run(client, NODE.into(), tx));
+        Agent {
+            rx,
+            model: Model::new(NODE),
+            events: Vec::new(),
+            task,
+        }
+    }
+
+    /// Applies events until `pred` holds for the model.
+    async fn until(&mut self, what: &str, pred: impl Fn(&Model) -> bool) {
+        let (rx, model, events) = (&mut self.rx, &mut self.model, &mut self.events);
+        let done = tokio::time::timeout(WAIT, async {
+            while !pred(model) {
+                let event = rx.recv().await.expect("the source closed its channel");
+                events.push(event.clone());
+                model.apply(event);
+            }
+        })
+        .await;
+        if done.is_err() {
+            panic!(
+                "timed out waiting for {what}\nmodel: {:#?}\nevents: {:#?}",
+                self.model, self.events
+            );
+        }
+    }
+
+    async fn synced(&mut self) {
+        self.until("the initial sync", Model::is_synced).await;
+    }
+
+    fn count(&self, pred: impl Fn(&Event) -> bool) -> usize {
+        self.events.iter().filter(|e| pred(e)).count()
+    }
+
+    fn resets(&self, kind: Kind) -> usize {
+        self.count(|e| matches!(e, Event::Reset(k) if *k == kind))
+    }
+}
+
+/// Bounds a whole test, so a hang fails with a message instead of CI's timeout.
+async fn bounded(test: impl Future<Output = ()>) {
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(60), test)
+        .await
+        .unwrap_or_else(|_| panic!("test still running after {:?}", started.elapsed()));
+}
+
+// ---------------------------------------------------------------------------
+// Objects
+// ---------------------------------------------------------------------------
+
+fn namespace(name: &str, labels: Value) -> Value {
+    json!({
+        "kind": "Namespace", "apiVersion": "v1",
+        "metadata": {"name": name, "labels": labels, "uid": format!("uid-ns-{name}")},
+        "spec": {"finalizers": ["kubernetes"]},
+        "status": {"phase": "Active"},
+    })
+}
+
+fn pod(namespace: &str, name: &str, labels: Value, node: &str, ips: &[&str]) -> Value {
+    json!({
+        "kind": "Pod", "apiVersion": "v1",
+        "metadata": {
+            "name": name, "namespace": namespace, "labels": labels,
+            "uid": format!("uid-pod-{namespace}-{name}"),
+            "creationTimestamp": "2025-01-01T00:00:00Z",
+        },
+        "spec": {
+            "nodeName": node,
+            "containers": [{
+                "name": "app", "image": "busybox",
+                "ports": [
+                    {"name": "http", "containerPort": 8080, "protocol": "TCP"},
+                    {"containerPort": 9090},
+                ],
+            }],
+        },
+        "status": {
+            "phase": "Running",
+            "podIP": ips.first(),
+            "podIPs": ips.iter().map(|ip| json!({"ip": ip})).collect::<Vec<_>>(),
+        },
+    })
+}
+
+fn policy(namespace: &str, name: &str, selector: Value) -> Value {
+    json!({
+        "kind": "NetworkPolicy", "apiVersion": "networking.k8s.io/v1",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "podSelector": {"matchLabels": selector},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": {"app": "frontend"}}}],
+                "ports": [{"protocol": "TCP", "port": "http"}],
+            }],
+        },
+    })
+}
+
+fn node(name: &str, cidrs: &[&str]) -> Value {
+    json!({
+        "kind": "Node", "apiVersion": "v1",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+        "spec": {"podCIDR": cidrs.first(), "podCIDRs": cidrs},
+        "status": {"addresses": [{"type": "InternalIP", "address": "192.168.0.1"}]},
+    })
+}
+
+fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn pod_names(m: &Model) -> Vec<String> {
+    m.pods.keys().map(|(ns, name)| format!("{ns}/{name}")).collect()
+}
+
+/// A small cluster: two namespaces, two pods, a policy, this node and another.
+fn seed(d: &ApiDouble) {
+    d.put(namespace("web", json!({"team": "a"})));
+    d.put(namespace("default", json!({})));
+    d.put(pod("web", "a", json!({"app": "frontend"}), NODE, &["10.244.1.5"]));
+    d.put(pod("web", "b", json!({"app": "backend"}), NODE, &["10.244.1.6", "fd00:1::6"]));
+    d.put(policy("web", "backend", json!({"app": "backend"})));
+    d.put(node(NODE, &["10.244.1.0/24", "fd00:1::/64"]));
+    d.put(node("node-2", &["10.244.2.0/24"]));
+}
+
+// ---------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------
+
+/// (a) The first list of each kind fills the model, and the requests are
+/// the ones kube-runtime's watcher is documented to make.
+#[tokio::test]
+async fn initial_list_of_all_kinds_syncs_the_model() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        seed(&d);
+        d.put(pod("kube-system", "host", json!({"k8s-app": "proxy"}), "node-2", &["192.168.0.2"]));
+        let list_rv = d.lock().rv;
+        let mut agent = Agent::start(&d).await;
+        agent.synced().await;
+        let m = &agent.model;
+
+        assert_eq!(
+            m.namespaces,
+            BTreeMap::from([("default".into(), labels(&[])), ("web".into(), labels(&[("team", "a")]))])
+        );
+        assert_eq!(pod_names(m), ["kube-system/host", "web/a", "web/b"]);
+        let b = &m.pods[&("web".to_string(), "b".to_string())];
+        assert_eq!(
+            *b,
+            PodInfo {
+                labels: labels(&[("app", "backend")]),
+                node_name: Some(NODE.into()),
+                ips: vec!["10.244.1.6".parse().unwrap(), "fd00:1::6".parse().unwrap()],
+                host_network: false,
+                ports: vec![nodeplane_agent::model::NamedPort {
+                    name: "http".into(),
+                    protocol: "TCP".into(),
+                    port: 8080,
+                }],
+            }
+        );
+        let spec = &m.policies[&("web".to_string(), "backend".to_string())];
+        assert_eq!(
+            serde_json::to_value(spec).unwrap(),
+            policy("web", "backend", json!({"app": "backend"}))["spec"]
+        );
+        assert_eq!(m.node_pod_cidrs, ["10.244.1.0/24", "fd00:1::/64"]);
+
+        // Each kind: Reset, its objects, Synced, in that order.
+        for kind in Kind::ALL {
+            let mine: Vec<&Event> = agent
+                .events
+                .iter()
+                .filter(|e| match e {
+                    Event::Reset(k) | Event::Synced(k) => *k == kind,
+                    Event::Apply(o) => o.kind() == kind,
+                    Event::Delete(r) => r.kind == kind,
+                    Event::Revision(_) => false,
+                })
+                .collect();
+            assert!(matches!(mine.first(), Some(Event::Reset(_))), "{kind:?}: {mine:?}");
+            assert!(matches!(mine.last(), Some(Event::Synced(_))), "{kind:?}: {mine:?}");
+        }
+
+        // One list per kind: a page of up to 500, most recent (no
+        // resourceVersion), this node only by field selector; then a watch
+        // from the list's resourceVersion, with bookmarks.
+        for res in Res::ALL {
+            let w = d
+                .wait_request(&format!("the {res:?} watch"), |r| r.res == res && r.is_watch())
+                .await;
+            let lists: Vec<Request> = d.requests().into_iter().filter(|r| r.res == res && r.is_list()).collect();
+            assert_eq!(lists.len(), 1, "{lists:?}");
+            let l = &lists[0];
+            assert_eq!(l.q("limit"), Some("500"), "{}", l.target);
+            assert_eq!(l.q("resourceVersion"), None, "{}", l.target);
+            assert_eq!(w.q("allowWatchBookmarks"), Some("true"), "{}", w.target);
+            assert_eq!(w.q("timeoutSeconds"), Some("290"), "{}", w.target);
+            assert_eq!(w.q("resourceVersion"), Some(list_rv.to_string().as_str()), "{}", w.target);
+            assert_eq!(w.q("sendInitialEvents"), None, "{}", w.target);
+            let selector = (res == Res::Nodes).then_some("metadata.name=node-1");
+            assert_eq!(l.q("fieldSelector"), selector, "{}", l.target);
+            assert_eq!(w.q("fieldSelector"), selector, "{}", w.target);
+        }
+        d.assert_no_unknown_requests();
+    })
+    .await;
+}
+
+/// (b) ADDED, MODIFIED and DELETED on each kind's watch reach the model.
+#[tokio::test]
+async fn watch_events_change_the_model() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        seed(&d);
+        let mut agent = Agent::start(&d).await;
+        agent.synced().await;
+        for res in Res::ALL {
+            d.wait_request("the watches", |r| r.res == res && r.is_watch()).await;
+        }
+        let key = |ns: &str, name: &str| (ns.to_string(), name.to_string());
+
+        d.put(pod("web", "c", json!({"app": "db"}), NODE, &["10.244.1.7"]));
+        agent.until("pod c added", |m| m.pods.contains_key(&key("web", "c"))).await;
+        d.put(pod("web", "a", json!({"app": "frontend", "v": "2"}), NODE, &["10.244.1.5"]));
+        agent
+            .until("pod a relabelled", |m| m.pods[&key("web", "a")].labels.contains_key("v"))
+            .await;
+        d.delete(Res::Pods, "web", "b");
+        agent.until("pod b deleted", |m| !m.pods.contains_key(&key("web", "b"))).await;
+        assert_eq!(pod_names(&agent.model), ["web/a", "web/c"]);
+
+        d.put(namespace("db", json!({"team": "b"})));
+        agent.until("namespace db added", |m| m.namespaces.contains_key("db")).await;
+        d.put(namespace("web", json!({"team": "c"})));
+        agent.until("namespace web relabelled", |m| m.namespaces["web"] == labels(&[("team", "c")])).await;
+        d.delete(Res::Namespaces, "", "db");
+        agent.until("namespace db deleted", |m| !m.namespaces.contains_key("db")).await;
+
+        d.put(policy("web", "db", json!({"app": "db"})));
+        agent.until("policy db added", |m| m.policies.contains_key(&key("web", "db"))).await;
+        d.put(policy("web", "db", json!({"app": "db", "tier": "1"})));
+        agent
+            .until("policy db changed", |m| {
+                m.policies[&key("web", "db")].pod_selector.as_ref().and_then(|s| s.match_labels.as_ref())
+                    == Some(&labels(&[("app", "db"), ("tier", "1")]))
+            })
+            .await;
+        d.delete(Res::NetworkPolicies, "web", "db");
+        agent.until("policy db deleted", |m| !m.policies.contains_key(&key("web", "db"))).await;
+
+        d.put(node(NODE, &["10.244.9.0/24"]));
+        agent.until("node CIDR changed", |m| m.node_pod_cidrs == ["10.244.9.0/24"]).await;
+        d.delete(Res::Nodes, "", NODE);
+        agent.until("node deleted", |m| m.node_pod_cidrs.is_empty()).await;
+
+        for res in Res::ALL {
+            assert_eq!(d.lists(res), 1, "{res:?} was relisted");
+        }
+        for kind in Kind::ALL {
+            assert_eq!(agent.resets(kind), 1, "{kind:?}");
+        }
+        d.assert_no_unknown_requests();
+    })
+    .await;
+}
+
+/// (c) A BOOKMARK changes nothing in the model, but the next watch resumes
+/// from its resourceVersion (here moved on by changes to other kinds).
+#[tokio::test]
+async fn bookmarks_move_the_resume_point() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        seed(&d);
+        let list_rv = d.lock().rv.to_string();
+        let mut agent = Agent::start(&d).await;
+        agent.synced().await;
+        for res in [Res::Pods, Res::Nodes] {
+            d.wait_request("the first watch", |r| r.res == res && r.is_watch()).await;
+        }
+        let before = agent.model.clone();
+
+        // Other kinds move the global resourceVersion on.
+        d.put(namespace("db", json!({})));
+        d.put(policy("web", "db", json!({"app": "db"})));
+        agent.until("the other kinds' changes", |m| m.policies.len() == 2).await;
+
+        for res in [Res::Pods, Res::Nodes] {
+            let mark = d.bookmark(res).to_string();
+            assert_ne!(mark, list_rv);
+            d.hold(res, Close::Clean);
+            let resumed = d
+                .wait_request(&format!("a {res:?} watch from the bookmark"), |r| {
+                    r.res == res && r.is_watch() && r.q("resourceVersion") != Some(list_rv.as_str())
+                })
+                .await;
+            assert_eq!(resumed.q("resourceVersion"), Some(mark.as_str()), "{}", resumed.target);
+            d.release(res);
+        }
+        // The resumed watch works.
+        d.put(pod("web", "c", json!({}), NODE, &["10.244.1.7"]));
+        agent.until("pod c", |m| m.pods.len() == 3).await;
+
+        let mut expected = before;
+        expected.apply(Event::Apply(serde_json::from_value::<k8s_openapi::api::core::v1::Namespace>(
+            namespace("db", json!({})),
+        )
+        .map(|n| nodeplane_agent::source::Object::Namespace(Box::new(n)))
+        .unwrap()));
+        assert_eq!(agent.model.namespaces, expected.namespaces);
+        assert_eq!(agent.model.node_pod_cidrs, expected.node_pod_cidrs);
+        for res in Res::ALL {
+            assert_eq!(d.lists(res), 1, "{res:?} was relisted");
+        }
+        assert_eq!(agent.resets(Kind::Pod), 1);
+        assert_eq!(agent.resets(Kind::Node), 1);
+        d.assert_no_unknown_requests();
+    })
+    .await;
+}
+
+/// (d) The server forgets history while the pods watch is away; the
+/// resumed watch is refused with 410 Gone, and the source relists. A pod
+/// deleted in the forgotten window (its DELETED event is lost) leaves the
+/// model at the end of the relist; one added in it appears.
+async fn expired_resource_version_relists(gone: Gone) {
+    let d = ApiDouble::start().await;
+    seed(&d);
+    let mut agent = Agent::start(&d).await;
+    agent.synced().await;
+    let first = d.wait_request("the first pods watch", |r| r.res == Res::Pods && r.is_watch()).await;
+
+    d.hold(Res::Pods, Close::Clean);
+    d.wait_request("the resumed pods watch", |r| {
+        r.res == Res::Pods && r.is_watch() && d.watches(Res::Pods).len() >= 2
+    })
+    .await;
+    assert_eq!(d.watches(Res::Pods)[1].q("resourceVersion"), first.q("resourceVersion"));
+    d.delete(Res::Pods, "web", "a");
+    d.put(pod("web", "c", json!({}), NODE, &["10.244.1.7"]));
+    d.compact(gone);
+    let after = d.lock().rv.to_string();
+    d.release(Res::Pods);
+
+    agent
+        .until("the relist without pod a", |m| pod_names(m) == ["web/b", "web/c"] && m.is_synced())
+        .await;
+    assert_eq!(d.lists(Res::Pods), 2, "pods are listed again");
+    assert_eq!(agent.resets(Kind::Pod), 2);
+    // Then the watch goes on from the new list.
+    let rewatch = d
+        .wait_request("the watch after the relist", |r| {
+            r.res == Res::Pods && r.is_watch() && r.q("resourceVersion") == Some(after.as_str())
+        })
+        .await;
+    assert_eq!(rewatch.q("allowWatchBookmarks"), Some("true"));
+    d.put(pod("web", "d", json!({}), NODE, &["10.244.1.8"]));
+    agent.until("pod d", |m| m.pods.len() == 3).await;
+    for res in [Res::Namespaces, Res::NetworkPolicies, Res::Nodes] {
+        assert_eq!(d.lists(res), 1, "{res:?} was relisted");
+    }
+    d.assert_no_unknown_requests();
+}
+
+#[tokio::test]
+async fn http_410_on_watch_relists() {
+    bounded(expired_resource_version_relists(Gone::Http)).await;
+}
+
+#[tokio::test]
+async fn watch_event_error_410_relists() {
+    bounded(expired_resource_version_relists(Gone::Event)).await;
+}
+
+/// (e) The server ends the watch (timeoutSeconds, an API server restart, a
+/// cut connection): the source watches again from the last version it saw,
+/// receives what happened meanwhile, and does not list again.
+async fn closed_watch_resumes_without_relist(close: Close) {
+    let d = ApiDouble::start().await;
+    seed(&d);
+    let mut agent = Agent::start(&d).await;
+    agent.synced().await;
+    let first = d.wait_request("the first pods watch", |r| r.res == Res::Pods && r.is_watch()).await;
+
+    d.hold(Res::Pods, close);
+    d.wait_request("the resumed pods watch", |_| d.watches(Res::Pods).len() >= 2).await;
+    assert_eq!(d.watches(Res::Pods)[1].q("resourceVersion"), first.q("resourceVersion"));
+    // Meanwhile: one pod changes, one goes, one comes.
+    d.put(pod("web", "a", json!({"app": "frontend", "v": "2"}), NODE, &["10.244.1.5"]));
+    d.delete(Res::Pods, "web", "b");
+    let last = d.put(pod("web", "c", json!({}), NODE, &["10.244.1.7"])).to_string();
+    d.release(Res::Pods);
+    agent
+        .until("the changes made while away", |m| {
+            pod_names(m) == ["web/a", "web/c"]
+                && m.pods[&("web".to_string(), "a".to_string())].labels.contains_key("v")
+        })
+        .await;
+
+    // Again, now from the version of the last event received.
+    d.hold(Res::Pods, close);
+    let third = d.wait_request("the second resume", |_| d.watches(Res::Pods).len() >= 3).await;
+    let third = d.watches(Res::Pods).get(2).cloned().unwrap_or(third);
+    assert_eq!(third.q("resourceVersion"), Some(last.as_str()), "{}", third.target);
+    d.release(Res::Pods);
+    d.put(pod("web", "d", json!({}), NODE, &["10.244.1.8"]));
+    agent.until("pod d", |m| m.pods.len() == 3).await;
+
+    assert_eq!(d.lists(Res::Pods), 1, "pods were listed again");
+    assert_eq!(agent.resets(Kind::Pod), 1);
+    d.assert_no_unknown_requests();
+}
+
+#[tokio::test]
+async fn cleanly_ended_watch_resumes_without_relist() {
+    bounded(closed_watch_resumes_without_relist(Close::Clean)).await;
+}
+
+#[tokio::test]
+async fn cut_watch_connection_resumes_without_relist() {
+    bounded(closed_watch_resumes_without_relist(Close::Cut)).await;
+}
+
+/// A failing list is retried (after the watcher's backoff), not fatal.
+#[tokio::test]
+async fn failed_list_is_retried() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        seed(&d);
+        d.fail_next_list(Res::Namespaces, 500);
+        let mut agent = Agent::start(&d).await;
+        agent.synced().await;
+        assert_eq!(d.lists(Res::Namespaces), 2);
+        assert_eq!(agent.model.namespaces.len(), 2);
+        assert!(!agent.task.is_finished());
+        d.assert_no_unknown_requests();
+    })
+    .await;
+}
+
+/// `run` returns once the receiver is gone, even with nothing to send.
+#[tokio::test]
+async fn run_returns_when_the_receiver_is_dropped() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        seed(&d);
+        let mut agent = Agent::start(&d).await;
+        agent.synced().await;
+        for res in Res::ALL {
+            d.wait_request("the watches", |r| r.res == res && r.is_watch()).await;
+        }
+        let Agent { rx, task, .. } = agent;
+        drop(rx);
+        let result = tokio::time::timeout(WAIT, task)
+            .await
+            .expect("run still running after its receiver was dropped")
+            .expect("run panicked");
+        assert!(result.is_ok(), "{result:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn bad_url_and_empty_node_name_are_errors() {
+    use nodeplane_agent::source::kube::{client_from_url, run};
+    assert!(client_from_url("not a url").await.is_err());
+    let d = ApiDouble::start().await;
+    let client = client_from_url(&d.url()).await.expect("client");
+    let (tx, _rx) = mpsc::channel(1);
+    assert!(run(client, String::new(), tx).await.is_err());
+}
+
+/// The same cluster, described as manifests.
+const CLUSTER_YAML: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: web
+  labels: {team: a, env: prod}
+---
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: empty
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: frontend
+  namespace: web
+  labels: {app: frontend}
+spec:
+  nodeName: node-1
+  containers:
+  - name: app
+    image: busybox
+    ports:
+    - {name: http, containerPort: 8080}
+    - {name: dns, containerPort: 53, protocol: UDP}
+  initContainers:
+  - name: init
+    image: busybox
+    ports:
+    - {name: admin, containerPort: 9000}
+status:
+  phase: Running
+  podIP: 10.244.1.5
+  podIPs: [{ip: 10.244.1.5}, {ip: "fd00:1::5"}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: no-namespace
+  labels: {app: default-app}
+spec:
+  nodeName: node-2
+  containers: [{name: app, image: busybox}]
+status:
+  phase: Running
+  podIP: 10.244.2.9
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: done
+  namespace: web
+spec:
+  containers: [{name: app, image: busybox}]
+  restartPolicy: Never
+status:
+  phase: Succeeded
+  podIP: 10.244.1.99
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: hostnet
+  namespace: kube-system
+spec:
+  hostNetwork: true
+  nodeName: node-1
+  containers: [{name: app, image: busybox}]
+status:
+  phase: Running
+  podIP: 192.168.0.1
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: backend
+  namespace: web
+spec:
+  podSelector:
+    matchExpressions:
+    - {key: app, operator: In, values: [backend, db]}
+  policyTypes: [Ingress, Egress]
+  ingress:
+  - from:
+    - namespaceSelector: {matchLabels: {team: a}}
+      podSelector: {matchLabels: {app: frontend}}
+    - ipBlock: {cidr: 10.0.0.0/8, except: [10.1.0.0/16]}
+    ports:
+    - {protocol: TCP, port: http}
+    - {port: 5000, endPort: 5100}
+  egress:
+  - to: [{namespaceSelector: {}}]
+    ports: [{protocol: UDP, port: 53}]
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: deny-all
+  namespace: default
+spec:
+  podSelector: {}
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-1
+spec:
+  podCIDR: 10.244.1.0/24
+  podCIDRs: [10.244.1.0/24, "fd00:1::/64"]
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-2
+spec:
+  podCIDR: 10.244.2.0/24
+"#;
+
+/// The cluster after some changes.
+const CLUSTER_YAML_CHANGED: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: web
+  labels: {team: b}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: frontend
+  namespace: web
+  labels: {app: frontend, version: "2"}
+spec:
+  nodeName: node-1
+  containers: [{name: app, image: busybox, ports: [{name: http, containerPort: 8081}]}]
+status:
+  phase: Running
+  podIP: 10.244.1.6
+---
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: deny-all
+  namespace: default
+spec:
+  podSelector: {}
+  policyTypes: [Ingress, Egress]
+---
+apiVersion: v1
+kind: Node
+metadata:
+  name: node-1
+spec:
+  podCIDRs: [10.244.7.0/24]
+"#;
+
+fn yaml_docs(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple(yaml).expect("test YAML")
+}
+
+/// What the manifests source sends for one read of its directory.
+fn manifests_relist(model: &mut Model, yaml: &str) {
+    let objects = nodeplane_agent::source::manifests::parse_objects(yaml).expect("manifests parse");
+    for kind in Kind::ALL {
+        model.apply(Event::Reset(kind));
+    }
+    for obj in objects {
+        model.apply(Event::Apply(obj));
+    }
+    for kind in Kind::ALL {
+        model.apply(Event::Synced(kind));
+    }
+}
+
+/// The Kubernetes API source and the manifests source build equal models
+/// from the same objects: first the initial state, then after changes (the
+/// API side through watch events, the manifests side through a re-read).
+#[tokio::test]
+async fn kube_and_manifests_sources_build_the_same_model() {
+    bounded(async {
+        let mut from_manifests = Model::new(NODE);
+        manifests_relist(&mut from_manifests, CLUSTER_YAML);
+        assert!(from_manifests.is_synced());
+        assert_eq!(from_manifests.pods.len(), 4);
+        assert_eq!(from_manifests.policies.len(), 2);
+
+        let d = ApiDouble::start().await;
+        for doc in yaml_docs(CLUSTER_YAML) {
+            d.put(doc);
+        }
+        let mut agent = Agent::start(&d).await;
+        agent.synced().await;
+        assert_eq!(agent.model, from_manifests, "after the initial list");
+
+        // Changes: relabel a namespace and delete another, change a pod and
+        // delete three, change a policy and delete another, change this node.
+        manifests_relist(&mut from_manifests, CLUSTER_YAML_CHANGED);
+        for doc in yaml_docs(CLUSTER_YAML_CHANGED) {
+            d.put(doc);
+        }
+        d.delete(Res::Namespaces, "", "empty");
+        d.delete(Res::Pods, "default", "no-namespace");
+        d.delete(Res::Pods, "web", "done");
+        d.delete(Res::Pods, "kube-system", "hostnet");
+        d.delete(Res::NetworkPolicies, "web", "backend");
+        d.delete(Res::Nodes, "", "node-2");
+        let expected = from_manifests.clone();
+        agent.until("the same changes", |m| *m == expected).await;
+        assert_eq!(agent.model.pods.len(), 1);
+        d.assert_no_unknown_requests();
+    })
+    .await;
+}
