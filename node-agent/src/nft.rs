@@ -141,11 +141,10 @@ fn base_rules(s: &Settings) -> Vec<(&'static str, String)> {
     let mut r = vec![
         ("prerouting", "type filter hook prerouting priority raw; policy accept;".to_string()),
         ("prerouting", format!("iifname != {wild} accept")),
-        // Neighbour and router discovery are link-local and never forwarded.
-        (
-            "prerouting",
-            "ip6 saddr fe80::/10 icmpv6 type { nd-router-solicit, nd-neighbor-solicit, nd-neighbor-advert } accept".into(),
-        ),
+        // Link-local and unspecified sources (neighbour discovery, MLD,
+        // router solicitations) are never forwarded off the link, so they
+        // cannot impersonate another pod.
+        ("prerouting", "ip6 saddr { ::, fe80::/10 } accept".into()),
     ];
     if s.fail_mode == FailMode::Open {
         r.push(("prerouting", "iifname != @pod_ifaces accept".into()));

@@ -31,8 +31,12 @@ fn parse_in(path: &Path, text: &str) -> Result<Vec<Object>> {
         path: path.to_path_buf(),
         message,
     };
-    let docs: Vec<Value> =
-        serde_saphyr::from_multiple(text).map_err(|e| err(format!("not valid YAML: {e}")))?;
+    // YAML 1.2 booleans only: under YAML 1.1 rules a namespace called `y`
+    // or `n` would read as a boolean.
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    let docs: Vec<Value> = serde_saphyr::from_multiple_with_options(text, options)
+        .map_err(|e| err(format!("not valid YAML: {e}")))?;
     let mut out = Vec::new();
     for (i, doc) in docs.into_iter().enumerate() {
         if doc.is_null() {
@@ -182,7 +186,9 @@ pub fn relist_events(objects: Vec<Object>, revision: String) -> Vec<Event> {
 pub async fn run(dir: PathBuf, tx: mpsc::Sender<Event>, settle: Duration) -> Result<()> {
     let (wake_tx, mut wake) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        if res.is_ok() {
+        // Our own reads of the directory raise access events: reacting to
+        // them would re-read forever.
+        if res.is_ok_and(|ev| !matches!(ev.kind, notify::EventKind::Access(_))) {
             let _ = wake_tx.send(());
         }
     })
@@ -270,6 +276,8 @@ items:
         let e = parse_objects("kind: NetworkPolicy\nmetadata: {name: p}\nspec: {podSelector: 5}\n")
             .expect_err("wrong type");
         assert!(e.to_string().contains("NetworkPolicy p"), "{e}");
+        let objs = parse_objects("kind: Pod\nmetadata: {name: c, namespace: y}\n").expect("y is a string");
+        assert!(matches!(&objs[0], Object::Pod(p) if p.metadata.namespace.as_deref() == Some("y")));
         let e = parse_objects("a: [").expect_err("bad yaml");
         assert!(e.to_string().contains("not valid YAML"), "{e}");
     }
