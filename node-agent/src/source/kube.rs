@@ -39,7 +39,8 @@ pub async fn run(client: Client, node_name: String, tx: Sender<Event>) -> Result
     // server's timeout without its resourceVersion having expired.
     let all = watcher::Config::default();
     // Only this node's Node: its podCIDRs are all the model takes, and
-    // watching every Node would wake every agent on every node heartbeat.
+    // watching every Node would wake every agent on every Node status
+    // update in the cluster.
     let this_node = watcher::Config::default().fields(&format!("metadata.name={node_name}"));
     let watches = async {
         tokio::join!(
@@ -110,7 +111,7 @@ where
             let event = match item {
                 Ok(event) => event,
                 Err(e) if needs_relist(&e) => {
-                    tracing::warn!(kind = kind.name(), error = %e, "resourceVersion expired; relisting");
+                    tracing::warn!(kind = kind.name(), error = %e, "resourceVersion expired; relisting after backoff");
                     break;
                 }
                 Err(e) => {
@@ -139,11 +140,13 @@ where
 /// A 410 Gone that kube-runtime's watcher would not turn into a relist.
 ///
 /// The watcher relists on a 410 that arrives as a WatchEvent ERROR inside
-/// the stream, but when the watch request itself is answered with HTTP 410
-/// (which API servers do for a resourceVersion older than their watch
-/// window, depending on where the watch is served from), kube-runtime 5.0
-/// keeps retrying the watch from the same expired version forever. The only
-/// way into a relist from outside is a new watcher.
+/// the stream. But when the watch request itself is answered with HTTP 410
+/// (the other way the API conventions allow for an expired resourceVersion,
+/// and the one client-go's reflector also relists on), kube-runtime 5.0.0
+/// stays in its "listed" state and retries the watch from the same expired
+/// version forever, with backoff, never relisting (seen against the test
+/// double in tests/kube_source.rs). The only way into a relist from outside
+/// is a new watcher.
 fn needs_relist(e: &watcher::Error) -> bool {
     match e {
         watcher::Error::WatchStartFailed(kube::Error::Api(status))
