@@ -56,6 +56,9 @@ impl Addr for u128 {
     }
 }
 
+/// Disjoint port ranges with their policy.
+type Ports = Vec<(Range<u16>, usize)>;
+
 /// A (proto × port) pattern: disjoint, sorted (proto range, port range, policy).
 type Pattern = Vec<(Range<u8>, Range<u16>, usize)>;
 
@@ -122,7 +125,7 @@ fn pattern<'a, A: 'a>(active: impl Iterator<Item = &'a Entry<A>>) -> Pattern {
         .collect();
     cuts.sort_unstable();
     cuts.dedup();
-    let mut out: Vec<(Range<u8>, Vec<(Range<u16>, usize)>)> = Vec::new();
+    let mut out: Vec<(Range<u8>, Ports)> = Vec::new();
     for w in cuts.windows(2) {
         let (lo, hi) = (w[0] as u8, (w[1] - 1) as u8);
         let ports = ports(boxes.iter().filter(|b| b.0 .0 <= lo && hi <= b.0 .1));
@@ -191,7 +194,12 @@ mod tests {
         let hits: Vec<_> = cells
             .iter()
             .filter(|c| {
-                c.addr.0 <= a && a <= c.addr.1 && c.proto.0 <= pr && pr <= c.proto.1 && c.port.0 <= po && po <= c.port.1
+                c.addr.0 <= a
+                    && a <= c.addr.1
+                    && c.proto.0 <= pr
+                    && pr <= c.proto.1
+                    && c.port.0 <= po
+                    && po <= c.port.1
             })
             .collect();
         assert!(hits.len() <= 1, "cells overlap at {a} {pr} {po}: {hits:?}");
@@ -202,7 +210,12 @@ mod tests {
         entries
             .iter()
             .filter(|c| {
-                c.addr.0 <= a && a <= c.addr.1 && c.proto.0 <= pr && pr <= c.proto.1 && c.port.0 <= po && po <= c.port.1
+                c.addr.0 <= a
+                    && a <= c.addr.1
+                    && c.proto.0 <= pr
+                    && pr <= c.proto.1
+                    && c.port.0 <= po
+                    && po <= c.port.1
             })
             .map(|c| c.policy)
             .min()
@@ -220,8 +233,14 @@ mod tests {
         let cells = disjoint(&entries);
         for a in [0, 9, 10, 14, 15, 16, 20, 21, 25, 30, 31, 40, 41, u32::MAX] {
             for pr in [0, 1, 6, 7, 16, 17, 18, 255] {
-                for po in [0, 53, 79, 80, 81, 82, 90, 91, 999, 1000, 1500, 2000, 2001, 65535] {
-                    assert_eq!(lookup(&cells, a, pr, po), truth(&entries, a, pr, po), "{a} {pr} {po}");
+                for po in [
+                    0, 53, 79, 80, 81, 82, 90, 91, 999, 1000, 1500, 2000, 2001, 65535,
+                ] {
+                    assert_eq!(
+                        lookup(&cells, a, pr, po),
+                        truth(&entries, a, pr, po),
+                        "{a} {pr} {po}"
+                    );
                 }
             }
         }

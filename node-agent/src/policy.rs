@@ -37,9 +37,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
-use k8s_openapi::api::networking::v1::{
-    NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec,
-};
+use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
@@ -100,7 +98,10 @@ impl Compiled {
         let check = |local: IpAddr, peer: IpAddr, dir: Dir| match group_of(local, dir) {
             // Not a local pod, or not isolated in this direction.
             None | Some(None) => true,
-            Some(Some(id)) => self.groups.get(id).is_some_and(|g| g.admits(peer, proto, port)),
+            Some(Some(id)) => self
+                .groups
+                .get(id)
+                .is_some_and(|g| g.admits(peer, proto, port)),
         };
         check(src, dst, Dir::Egress) && check(dst, src, Dir::Ingress)
     }
@@ -110,8 +111,12 @@ impl Group {
     fn admits(&self, peer: IpAddr, proto: u8, port: u16) -> bool {
         fn hit<A: Ord + Copy>(cells: &[Cell<A>], a: A, proto: u8, port: u16) -> bool {
             cells.iter().any(|c| {
-                c.addr.0 <= a && a <= c.addr.1 && c.proto.0 <= proto && proto <= c.proto.1
-                    && c.port.0 <= port && port <= c.port.1
+                c.addr.0 <= a
+                    && a <= c.addr.1
+                    && c.proto.0 <= proto
+                    && proto <= c.proto.1
+                    && c.port.0 <= port
+                    && port <= c.port.1
             })
         }
         match peer {
@@ -129,11 +134,17 @@ impl Group {
             Dir::Egress => "eg",
         });
         for c in &self.v4 {
-            h.str(&format!("{:?}{:?}{:?}{}", c.addr, c.proto, c.port, policies[c.policy]));
+            h.str(&format!(
+                "{:?}{:?}{:?}{}",
+                c.addr, c.proto, c.port, policies[c.policy]
+            ));
         }
         h.str("|");
         for c in &self.v6 {
-            h.str(&format!("{:?}{:?}{:?}{}", c.addr, c.proto, c.port, policies[c.policy]));
+            h.str(&format!(
+                "{:?}{:?}{:?}{}",
+                c.addr, c.proto, c.port, policies[c.policy]
+            ));
         }
         format!(
             "{}{:016x}",
@@ -236,7 +247,11 @@ impl<'m> Book<'m> {
     }
 
     fn labels(&self, k: &PodKey) -> Labels {
-        self.model.pods.get(k).map(|p| p.labels.clone()).unwrap_or_default()
+        self.model
+            .pods
+            .get(k)
+            .map(|p| p.labels.clone())
+            .unwrap_or_default()
     }
 
     /// Pods (with addresses) that one selector peer matches.
@@ -254,7 +269,12 @@ impl<'m> Book<'m> {
             })
             .map(|(k, ips)| PeerPod {
                 ips,
-                ports: self.model.pods.get(k).map(|p| p.ports.as_slice()).unwrap_or(empty),
+                ports: self
+                    .model
+                    .pods
+                    .get(k)
+                    .map(|p| p.ports.as_slice())
+                    .unwrap_or(empty),
             })
             .collect()
     }
@@ -312,7 +332,10 @@ fn cidr_ranges(cidr: &str) -> Option<IpNetwork> {
 }
 
 /// Address ranges of an ipBlock: the CIDR minus its exceptions.
-fn block_ranges(cidr: &str, except: &[String]) -> (Vec<(u32, u32)>, Vec<(u128, u128)>) {
+/// IPv4 and IPv6 address ranges.
+type Ranges = (Vec<(u32, u32)>, Vec<(u128, u128)>);
+
+fn block_ranges(cidr: &str, except: &[String]) -> Ranges {
     fn minus<A: cells::Addr>(mut ranges: Vec<(A, A)>, cut: (A, A)) -> Vec<(A, A)> {
         let mut out = Vec::new();
         for (lo, hi) in ranges.drain(..) {
@@ -369,11 +392,21 @@ impl Collect {
         match ip {
             IpAddr::V4(a) => {
                 let a = u32::from(a);
-                self.v4.push(Entry { addr: (a, a), proto, port, policy });
+                self.v4.push(Entry {
+                    addr: (a, a),
+                    proto,
+                    port,
+                    policy,
+                });
             }
             IpAddr::V6(a) => {
                 let a = u128::from(a);
-                self.v6.push(Entry { addr: (a, a), proto, port, policy });
+                self.v6.push(Entry {
+                    addr: (a, a),
+                    proto,
+                    port,
+                    policy,
+                });
             }
         }
     }
@@ -382,6 +415,7 @@ impl Collect {
 const ANY_PROTO: (u8, u8) = (0, u8::MAX);
 const ANY_PORT: (u16, u16) = (0, u16::MAX);
 
+#[allow(clippy::too_many_arguments)] // one rule's whole context; a struct would only rename them
 fn rule_entries(
     book: &Book<'_>,
     out: &mut Collect,
@@ -415,10 +449,25 @@ fn rule_entries(
         // Every address. Named ports on egress cannot resolve against an
         // arbitrary address, but do against every known pod.
         for (proto, port) in dest_pairs(None) {
-            out.v4.push(Entry { addr: (0, u32::MAX), proto, port, policy: pi });
-            out.v6.push(Entry { addr: (0, u128::MAX), proto, port, policy: pi });
+            out.v4.push(Entry {
+                addr: (0, u32::MAX),
+                proto,
+                port,
+                policy: pi,
+            });
+            out.v6.push(Entry {
+                addr: (0, u128::MAX),
+                proto,
+                port,
+                policy: pi,
+            });
         }
-        if dir == Dir::Egress && ports.is_some_and(|ps| ps.iter().any(|p| matches!(p.port, Some(IntOrString::String(_))))) {
+        if dir == Dir::Egress
+            && ports.is_some_and(|ps| {
+                ps.iter()
+                    .any(|p| matches!(p.port, Some(IntOrString::String(_))))
+            })
+        {
             let all = NetworkPolicyPeer {
                 namespace_selector: Some(LabelSelector::default()),
                 ..Default::default()
@@ -437,8 +486,18 @@ fn rule_entries(
         if let Some(block) = &peer.ip_block {
             let (v4, v6) = block_ranges(&block.cidr, block.except.as_deref().unwrap_or_default());
             for (proto, port) in dest_pairs(None) {
-                out.v4.extend(v4.iter().map(|&addr| Entry { addr, proto, port, policy: pi }));
-                out.v6.extend(v6.iter().map(|&addr| Entry { addr, proto, port, policy: pi }));
+                out.v4.extend(v4.iter().map(|&addr| Entry {
+                    addr,
+                    proto,
+                    port,
+                    policy: pi,
+                }));
+                out.v6.extend(v6.iter().map(|&addr| Entry {
+                    addr,
+                    proto,
+                    port,
+                    policy: pi,
+                }));
             }
             continue;
         }
@@ -471,8 +530,9 @@ pub fn compile(model: &Model) -> Compiled {
         ..Compiled::default()
     };
     // Pods with the same selecting policies and named ports compile alike.
-    let mut memo: HashMap<(Vec<usize>, Vec<NamedPort>), (Option<String>, Option<String>)> =
-        HashMap::new();
+    type Signature = (Vec<usize>, Vec<NamedPort>);
+    type GroupIds = (Option<String>, Option<String>);
+    let mut memo: HashMap<Signature, GroupIds> = HashMap::new();
     let no_ports: Vec<NamedPort> = Vec::new();
     for a in model.attachments.values() {
         let (labels, ports) = match &a.pod {
@@ -504,7 +564,10 @@ pub fn compile(model: &Model) -> Compiled {
                 let mut ids = (None, None);
                 for dir in [Dir::Ingress, Dir::Egress] {
                     let mut isolated = false;
-                    let mut c = Collect { v4: Vec::new(), v6: Vec::new() };
+                    let mut c = Collect {
+                        v4: Vec::new(),
+                        v6: Vec::new(),
+                    };
                     for &pi in &selecting {
                         let (pns, pname) = keys[pi];
                         let spec = &model.policies[&(pns.clone(), pname.clone())];
@@ -513,13 +576,31 @@ pub fn compile(model: &Model) -> Compiled {
                             Dir::Ingress if ing => {
                                 isolated = true;
                                 for r in spec.ingress.iter().flatten() {
-                                    rule_entries(&book, &mut c, pi, pns, dir, r.from.as_deref(), r.ports.as_deref(), ports);
+                                    rule_entries(
+                                        &book,
+                                        &mut c,
+                                        pi,
+                                        pns,
+                                        dir,
+                                        r.from.as_deref(),
+                                        r.ports.as_deref(),
+                                        ports,
+                                    );
                                 }
                             }
                             Dir::Egress if eg => {
                                 isolated = true;
                                 for r in spec.egress.iter().flatten() {
-                                    rule_entries(&book, &mut c, pi, pns, dir, r.to.as_deref(), r.ports.as_deref(), ports);
+                                    rule_entries(
+                                        &book,
+                                        &mut c,
+                                        pi,
+                                        pns,
+                                        dir,
+                                        r.to.as_deref(),
+                                        r.ports.as_deref(),
+                                        ports,
+                                    );
                                 }
                             }
                             _ => {}

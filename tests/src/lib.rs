@@ -7,10 +7,12 @@
 //! test panics. A missing prerequisite is a failure that names the package to
 //! install, never a silent skip.
 
+pub mod agent;
 pub mod cni;
 pub mod containerd;
 pub mod fixture;
 pub mod netns;
+pub mod policy;
 pub mod prereq;
 
 pub use cni::{CniCall, CniOutput, Plugin};

@@ -1,0 +1,244 @@
+//! A nodeplane-agent running in a test node's namespace, in standalone mode
+//! (manifests directory), with its own socket, state, table and port.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::fixture::Node;
+use crate::{Netns, TempDir};
+
+#[derive(Debug)]
+pub struct Agent {
+    child: Option<Child>,
+    pub manifests: TempDir,
+    pub state: TempDir,
+    pub socket: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+    ns_path: PathBuf,
+    args: Vec<String>,
+}
+
+/// Path to the `nodeplane-agent` binary built alongside the running test.
+pub fn agent_bin() -> PathBuf {
+    let p = crate::target_dir().join("nodeplane-agent");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build --workspace --bins` (cargo test --workspace does this)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `f` on a thread that has entered `ns` (only that thread moves).
+pub fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let ns = ns.to_path_buf();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&ns).expect("open netns");
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid fd affects only this thread.
+        let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(rc, 0, "setns {}", ns.display());
+        f()
+    })
+    .join()
+    .expect("netns thread")
+}
+
+impl Agent {
+    /// Starts an agent for `node` (whose plugin config is pointed at the
+    /// agent's socket) with `extra` flags. Pod CIDRs: `cidrs`.
+    pub fn start(node: &mut Node, cidrs: &[&str], extra: &[&str]) -> Agent {
+        crate::prereq::require_tool("nft", "nftables");
+        crate::prereq::require_tool("conntrack", "conntrack");
+        let manifests = TempDir::new("manifests");
+        let state = TempDir::new("agentstate");
+        let socket = state.path().join("agent.sock");
+        node.base["agentSocket"] = Value::String(socket.display().to_string());
+        let port = 20000 + (std::process::id() % 20000) as u16;
+        let mut args = vec![
+            "--manifests-dir".to_string(),
+            manifests.path().display().to_string(),
+            "--state-dir".into(),
+            state.path().display().to_string(),
+            "--cni-state-dir".into(),
+            node.state.path().display().to_string(),
+            "--network".into(),
+            node.network.clone(),
+            "--socket".into(),
+            socket.display().to_string(),
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--log-level".into(),
+            "info".into(),
+        ];
+        for c in cidrs {
+            args.extend(["--pod-cidr".to_string(), c.to_string()]);
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let log = state.path().join("agent.log");
+        let mut a = Agent {
+            child: None,
+            manifests,
+            state,
+            socket,
+            port,
+            log,
+            ns_path: node.ns.path(),
+            args,
+        };
+        a.spawn(&node.ns);
+        a
+    }
+
+    fn spawn(&mut self, ns: &Netns) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("agent log");
+        let child = ns
+            .command(agent_bin())
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log fd"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn nodeplane-agent");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    /// The agent's log so far (for failure messages).
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET `path` from the agent's HTTP endpoint: (status code, body).
+    pub fn get(&self, path: &str) -> Option<(u16, String)> {
+        let port = self.port;
+        let path = path.to_string();
+        in_netns(&self.ns_path, move || {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            let code = out.split_whitespace().nth(1)?.parse().ok()?;
+            let body = out
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Some((code, body))
+        })
+    }
+
+    pub fn status(&self) -> Value {
+        self.get("/status")
+            .and_then(|(_, b)| serde_json::from_str(&b).ok())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Waits until /readyz answers 200.
+    pub fn wait_ready(&self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if matches!(self.get("/readyz"), Some((200, _))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "nodeplane-agent not ready within 20 s; log:\n{}",
+            self.log_text()
+        );
+    }
+
+    /// Replaces the manifests directory's contents with `files` (name,
+    /// YAML) and waits until the agent has put exactly them in force.
+    pub fn apply(&self, files: &[(&str, String)]) {
+        let dir = self.manifests.path();
+        for entry in std::fs::read_dir(dir).expect("read manifests").flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        for (name, text) in files {
+            // Write then rename, as kubectl-like tools do: the agent never
+            // reads a half-written file.
+            let tmp = dir.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).expect("write manifest");
+            std::fs::rename(&tmp, dir.join(name)).expect("rename manifest");
+        }
+        self.wait_revision();
+    }
+
+    /// Waits until the agent reports the manifests directory's digest.
+    pub fn wait_revision(&self) {
+        let want = nodeplane_agent::source::manifests::digest_dir(self.manifests.path())
+            .expect("digest manifests");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            let s = self.status();
+            if s["revision"] == want.as_str() && s["programmed"] == true {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!(
+            "agent did not put manifests {want} in force within 20 s; status {}; log:\n{}",
+            self.status(),
+            self.log_text()
+        );
+    }
+
+    /// kill -9, as a crash would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the agent again with the same settings.
+    pub fn restart(&mut self, ns: &Netns) {
+        self.kill9();
+        self.spawn(ns);
+    }
+
+    /// The agent's nftables table as `nft list` prints it.
+    pub fn ruleset(&self, ns: &Netns) -> String {
+        let out = ns
+            .command("nft")
+            .args(["list", "table", "inet", "nodeplane"])
+            .output();
+        out.map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SIGTERM first: the agent drains (and leaves its table, which
+            // goes away with the test's node namespace).
+            let _ = Command::new("kill").arg(c.id().to_string()).status();
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_secs(3) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
