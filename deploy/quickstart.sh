@@ -15,6 +15,7 @@ command -v ip >/dev/null || missing+=(iproute2)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 [ -x /usr/lib/cni/portmap ] || missing+=(containernetworking-plugins)
 command -v iptables >/dev/null || missing+=(iptables)
+command -v protoc >/dev/null || missing+=(protobuf-compiler)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null

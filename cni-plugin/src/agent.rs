@@ -27,7 +27,9 @@ pub fn notify(conf: &NetConf, what: What, timeout: Duration) -> Result<Reply, St
     let request = Request { what: Some(what) };
     s.write_all(&request.encode_length_delimited_to_vec())
         .map_err(|e| format!("send to agent: {e}"))?;
-    let left = timeout.saturating_sub(start.elapsed()).max(Duration::from_millis(1));
+    let left = timeout
+        .saturating_sub(start.elapsed())
+        .max(Duration::from_millis(1));
     let _ = s.set_read_timeout(Some(left));
     let mut buf = Vec::new();
     s.read_to_end(&mut buf).map_err(|e| match e.kind() {

@@ -163,11 +163,15 @@ impl NetConf {
                 ))
             }
         };
-        let agent_socket = string(obj, "agentSocket")?.unwrap_or_else(|| DEFAULT_AGENT_SOCKET.into());
+        let agent_socket =
+            string(obj, "agentSocket")?.unwrap_or_else(|| DEFAULT_AGENT_SOCKET.into());
         let agent_timeout = match obj.get("agentTimeoutMs") {
             None | Some(Value::Null) => DEFAULT_AGENT_TIMEOUT_MS,
             Some(v) => v.as_u64().filter(|ms| *ms <= 60_000).ok_or_else(|| {
-                Error::config("agentTimeoutMs", format!("{v} is not an integer between 0 and 60000"))
+                Error::config(
+                    "agentTimeoutMs",
+                    format!("{v} is not an integer between 0 and 60000"),
+                )
             })?,
         };
         let prev_result = match obj.get("prevResult") {

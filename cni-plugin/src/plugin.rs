@@ -94,7 +94,9 @@ fn dispatch(
 /// Tells the agent what changed (ADD, DEL, GC); the outcome for the log.
 /// Never fails the verb: see [`crate::agent`].
 fn tell_agent(conf: &NetConf, inv: &Invocation) -> Option<String> {
-    use nodeplane_proto::agent::{request::What, Attachment as Valid, AttachmentsValid, PodAttached, PodDetached};
+    use nodeplane_proto::agent::{
+        request::What, Attachment as Valid, AttachmentsValid, PodAttached, PodDetached,
+    };
     let what = match (inv.command, &inv.attachment) {
         (Command::Add, Some(a)) => {
             let store = Store::open(&conf.state_dir, &conf.name).ok()?;
@@ -121,14 +123,20 @@ fn tell_agent(conf: &NetConf, inv: &Invocation) -> Option<String> {
                 .valid_attachments
                 .iter()
                 .flatten()
-                .map(|v| Valid { container_id: v.container_id.clone(), ifname: v.ifname.clone() })
+                .map(|v| Valid {
+                    container_id: v.container_id.clone(),
+                    ifname: v.ifname.clone(),
+                })
                 .collect(),
         }),
         _ => return None,
     };
     Some(match crate::agent::notify(conf, what, conf.agent_timeout) {
         Ok(r) if r.programmed => format!("agent programmed generation {}", r.generation),
-        Ok(r) => format!("agent did not program: {}; the pod is left to the agent's fail mode", r.error),
+        Ok(r) => format!(
+            "agent did not program: {}; the pod is left to the agent's fail mode",
+            r.error
+        ),
         Err(e) => format!("agent not reached ({e}); the pod is left to the agent's fail mode"),
     })
 }

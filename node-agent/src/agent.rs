@@ -66,7 +66,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("node", &self.cfg.node_name).finish()
+        f.debug_struct("Agent")
+            .field("node", &self.cfg.node_name)
+            .finish()
     }
 }
 
@@ -144,7 +146,11 @@ impl Agent {
             Some(What::Attached(a)) => {
                 let ips: Vec<IpAddr> = a.ips.iter().filter_map(|ip| ip.parse().ok()).collect();
                 let pod = (!a.pod_name.is_empty()).then(|| {
-                    let ns = if a.pod_namespace.is_empty() { "default".to_string() } else { a.pod_namespace.clone() };
+                    let ns = if a.pod_namespace.is_empty() {
+                        "default".to_string()
+                    } else {
+                        a.pod_namespace.clone()
+                    };
                     (ns, a.pod_name.clone())
                 });
                 let att = Attachment {
@@ -158,12 +164,17 @@ impl Agent {
                 let key = (a.network, a.container_id, a.ifname);
                 self.model.attachments.insert(key, att.clone()) != Some(att)
             }
-            Some(What::Detached(d)) => {
-                self.model.attachments.remove(&(d.network, d.container_id, d.ifname)).is_some()
-            }
+            Some(What::Detached(d)) => self
+                .model
+                .attachments
+                .remove(&(d.network, d.container_id, d.ifname))
+                .is_some(),
             Some(What::Gc(gc)) => {
-                let valid: Vec<(String, String)> =
-                    gc.valid.into_iter().map(|v| (v.container_id, v.ifname)).collect();
+                let valid: Vec<(String, String)> = gc
+                    .valid
+                    .into_iter()
+                    .map(|v| (v.container_id, v.ifname))
+                    .collect();
                 let before = self.model.attachments.len();
                 self.model.attachments.retain(|(net, cid, ifname), _| {
                     net != &gc.network || valid.iter().any(|(c, i)| c == cid && i == ifname)
@@ -181,7 +192,11 @@ impl Agent {
         };
         if !changed && self.applied.is_some() {
             let generation = self.status().generation;
-            let _ = call.reply.send(Reply { programmed: true, error: String::new(), generation });
+            let _ = call.reply.send(Reply {
+                programmed: true,
+                error: String::new(),
+                generation,
+            });
         } else {
             self.waiting.push(call.reply);
         }
@@ -208,7 +223,12 @@ impl Agent {
                 }
             };
             for r in records.into_iter().filter(|r| !r.ips.is_empty()) {
-                let pod = r.pod_name.clone().map(|n| (r.pod_namespace.clone().unwrap_or_else(|| "default".into()), n));
+                let pod = r.pod_name.clone().map(|n| {
+                    (
+                        r.pod_namespace.clone().unwrap_or_else(|| "default".into()),
+                        n,
+                    )
+                });
                 let key = (net.clone(), r.container_id.clone(), r.ifname.clone());
                 found.insert(
                     key,
@@ -232,7 +252,11 @@ impl Agent {
 
     fn settings(&self) -> Settings {
         let pod_cidrs = if self.cfg.pod_cidrs.is_empty() {
-            self.model.node_pod_cidrs.iter().filter_map(|c| c.parse().ok()).collect()
+            self.model
+                .node_pod_cidrs
+                .iter()
+                .filter_map(|c| c.parse().ok())
+                .collect()
         } else {
             self.cfg.pod_cidrs.clone()
         };
@@ -310,7 +334,11 @@ impl Agent {
         if ok {
             self.applied = Some(next);
             for w in self.waiting.drain(..) {
-                let _ = w.send(Reply { programmed: true, error: String::new(), generation });
+                let _ = w.send(Reply {
+                    programmed: true,
+                    error: String::new(),
+                    generation,
+                });
             }
         }
         ok

@@ -20,12 +20,18 @@ const MAX_REQUEST: usize = 4 << 20;
 /// Binds the socket, replacing a stale one left by a killed agent.
 pub fn bind(path: &Path) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
     }
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("remove stale socket {}", path.display()), e)),
+        Err(e) => {
+            return Err(Error::io(
+                format!("remove stale socket {}", path.display()),
+                e,
+            ))
+        }
     }
     UnixListener::bind(path).map_err(|e| Error::io(format!("bind {}", path.display()), e))
 }
@@ -57,10 +63,18 @@ async fn handle(mut stream: UnixStream, calls: mpsc::Sender<ApiCall>) -> Result<
     let request = read_message::<Request>(&mut stream).await?;
     let (tx, rx) = oneshot::channel();
     let reply = if calls.send(ApiCall { request, reply: tx }).await.is_err() {
-        Reply { programmed: false, error: "agent is shutting down".into(), generation: 0 }
+        Reply {
+            programmed: false,
+            error: "agent is shutting down".into(),
+            generation: 0,
+        }
     } else {
         // The plugin time-boxes its wait; the agent answers when programmed.
-        rx.await.unwrap_or(Reply { programmed: false, error: "agent dropped the request".into(), generation: 0 })
+        rx.await.unwrap_or(Reply {
+            programmed: false,
+            error: "agent dropped the request".into(),
+            generation: 0,
+        })
     };
     stream
         .write_all(&reply.encode_length_delimited_to_vec())
@@ -73,16 +87,24 @@ async fn handle(mut stream: UnixStream, calls: mpsc::Sender<ApiCall>) -> Result<
 async fn read_message<M: Message + Default>(stream: &mut UnixStream) -> Result<M> {
     let mut len: usize = 0;
     for shift in (0..35).step_by(7) {
-        let b = stream.read_u8().await.map_err(|e| Error::Api(format!("read length: {e}")))?;
+        let b = stream
+            .read_u8()
+            .await
+            .map_err(|e| Error::Api(format!("read length: {e}")))?;
         len |= usize::from(b & 0x7f) << shift;
         if b & 0x80 == 0 {
             break;
         }
     }
     if len > MAX_REQUEST {
-        return Err(Error::Api(format!("request of {len} bytes is larger than {MAX_REQUEST}")));
+        return Err(Error::Api(format!(
+            "request of {len} bytes is larger than {MAX_REQUEST}"
+        )));
     }
     let mut buf = vec![0; len];
-    stream.read_exact(&mut buf).await.map_err(|e| Error::Api(format!("read request: {e}")))?;
+    stream
+        .read_exact(&mut buf)
+        .await
+        .map_err(|e| Error::Api(format!("read request: {e}")))?;
     M::decode(buf.as_slice()).map_err(|e| Error::Api(format!("bad request: {e}")))
 }

@@ -136,21 +136,36 @@ impl Config {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| Error::io(format!("read config {}", path.display()), e))?;
                 serde_saphyr::from_str(&text).map_err(|e| {
-                    Error::Config(format!("{}: {e} (keys are camelCase, see the README)", path.display()))
+                    Error::Config(format!(
+                        "{}: {e} (keys are camelCase, see the README)",
+                        path.display()
+                    ))
                 })?
             }
         };
         let node_name = args
             .node_name
             .or(file.node_name)
-            .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()))
+            .or_else(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
             .unwrap_or_else(|| "localhost".into());
-        let pick_vec = |a: Vec<String>, f: Option<Vec<String>>| if a.is_empty() { f.unwrap_or_default() } else { a };
+        let pick_vec = |a: Vec<String>, f: Option<Vec<String>>| {
+            if a.is_empty() {
+                f.unwrap_or_default()
+            } else {
+                a
+            }
+        };
         let pod_cidrs = pick_vec(args.pod_cidrs, file.pod_cidrs)
             .iter()
             .map(|c| {
                 c.parse::<ipnetwork::IpNetwork>().map_err(|e| {
-                    Error::Config(format!("podCIDRs: `{c}` is not a CIDR ({e}); write e.g. 10.244.0.0/24"))
+                    Error::Config(format!(
+                        "podCIDRs: `{c}` is not a CIDR ({e}); write e.g. 10.244.0.0/24"
+                    ))
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -158,13 +173,23 @@ impl Config {
         if networks.is_empty() {
             networks.push("nodeplane".into());
         }
-        let table = args.table.or(file.table).unwrap_or_else(|| "nodeplane".into());
-        if table.is_empty() || !table.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+        let table = args
+            .table
+            .or(file.table)
+            .unwrap_or_else(|| "nodeplane".into());
+        if table.is_empty()
+            || !table
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
             return Err(Error::Config(format!(
                 "table `{table}`: use letters, digits, `_` and `-` only"
             )));
         }
-        let iface_prefix = args.iface_prefix.or(file.iface_prefix).unwrap_or_else(|| "np".into());
+        let iface_prefix = args
+            .iface_prefix
+            .or(file.iface_prefix)
+            .unwrap_or_else(|| "np".into());
         if iface_prefix.is_empty() || iface_prefix.len() > 3 || iface_prefix.contains(['"', '*']) {
             return Err(Error::Config(format!(
                 "ifacePrefix `{iface_prefix}`: 1 to 3 characters, the same as the plugin's hostInterfacePrefix"
@@ -179,8 +204,14 @@ impl Config {
                 .or(file.manifests_dir)
                 .unwrap_or_else(|| "/etc/nodeplane/manifests".into()),
             kube_api: args.kube_api.or(file.kube_api),
-            state_dir: args.state_dir.or(file.state_dir).unwrap_or_else(|| "/var/lib/nodeplane/agent".into()),
-            socket: args.socket.or(file.socket).unwrap_or_else(|| "/run/nodeplane/agent.sock".into()),
+            state_dir: args
+                .state_dir
+                .or(file.state_dir)
+                .unwrap_or_else(|| "/var/lib/nodeplane/agent".into()),
+            socket: args
+                .socket
+                .or(file.socket)
+                .unwrap_or_else(|| "/run/nodeplane/agent.sock".into()),
             listen: args
                 .listen
                 .or(file.listen)
@@ -197,8 +228,14 @@ impl Config {
             },
             table,
             iface_prefix,
-            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Human),
-            log_level: args.log_level.or(file.log_level).unwrap_or_else(|| "info".into()),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Human),
+            log_level: args
+                .log_level
+                .or(file.log_level)
+                .unwrap_or_else(|| "info".into()),
         })
     }
 }
@@ -212,7 +249,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("np-agent-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");
         let path = dir.join("c.yaml");
-        std::fs::write(&path, "nodeName: n1\ntable: t1\npodCIDRs: [10.1.0.0/24]\nfailMode: open\n").expect("write");
+        std::fs::write(
+            &path,
+            "nodeName: n1\ntable: t1\npodCIDRs: [10.1.0.0/24]\nfailMode: open\n",
+        )
+        .expect("write");
         let c = Config::resolve(Args {
             config: Some(path.clone()),
             table: Some("t2".into()),
@@ -223,10 +264,18 @@ mod tests {
         assert_eq!(c.fail_mode, FailMode::Open);
         assert_eq!(c.pod_cidrs.len(), 1);
         std::fs::write(&path, "tabel: x\n").expect("write");
-        let e = Config::resolve(Args { config: Some(path.clone()), ..Args::default() }).expect_err("typo");
+        let e = Config::resolve(Args {
+            config: Some(path.clone()),
+            ..Args::default()
+        })
+        .expect_err("typo");
         assert!(e.to_string().contains("tabel"), "{e}");
         std::fs::write(&path, "podCIDRs: [10.1.0.0/33]\n").expect("write");
-        let e = Config::resolve(Args { config: Some(path), ..Args::default() }).expect_err("bad cidr");
+        let e = Config::resolve(Args {
+            config: Some(path),
+            ..Args::default()
+        })
+        .expect_err("bad cidr");
         assert!(e.to_string().contains("10.1.0.0/33"), "{e}");
         let _ = std::fs::remove_dir_all(dir);
     }

@@ -45,16 +45,23 @@ pub fn parse(text: &str) -> Vec<Flow> {
                     _ => {}
                 }
             }
-            Some(Flow { proto, src: src?, dst: dst?, sport, dport })
+            Some(Flow {
+                proto,
+                src: src?,
+                dst: dst?,
+                sport,
+                dport,
+            })
         })
         .collect()
 }
 
 fn run(args: &[String]) -> Result<String> {
-    let out = Command::new("conntrack")
-        .args(args)
-        .output()
-        .map_err(|e| Error::Conntrack(format!("cannot run conntrack (Debian package conntrack): {e}")))?;
+    let out = Command::new("conntrack").args(args).output().map_err(|e| {
+        Error::Conntrack(format!(
+            "cannot run conntrack (Debian package conntrack): {e}"
+        ))
+    })?;
     // `-D` exits 1 when the entry is already gone: not an error.
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
@@ -62,7 +69,11 @@ fn run(args: &[String]) -> Result<String> {
 /// Deletes the entries of local pods that `rules` no longer allows;
 /// returns how many were cut.
 pub fn cut_denied(rules: &Compiled) -> Result<usize> {
-    let local: Vec<IpAddr> = rules.pods.iter().flat_map(|p| p.ips.iter().copied()).collect();
+    let local: Vec<IpAddr> = rules
+        .pods
+        .iter()
+        .flat_map(|p| p.ips.iter().copied())
+        .collect();
     let mut cut = 0;
     for family in ["ipv4", "ipv6"] {
         let listing = run(&["-L".into(), "-f".into(), family.into()])?;
@@ -85,7 +96,12 @@ pub fn cut_denied(rules: &Compiled) -> Result<usize> {
                 f.dst.to_string(),
             ];
             if let (Some(s), Some(d)) = (f.sport, f.dport) {
-                args.extend(["--sport".into(), s.to_string(), "--dport".into(), d.to_string()]);
+                args.extend([
+                    "--sport".into(),
+                    s.to_string(),
+                    "--dport".into(),
+                    d.to_string(),
+                ]);
             }
             run(&args)?;
             cut += 1;

@@ -46,10 +46,16 @@ async fn readyz(State(ctx): State<Ctx>) -> (StatusCode, String) {
     if s.synced && s.programmed {
         (StatusCode::OK, "ready\n".into())
     } else if !s.synced {
-        (StatusCode::SERVICE_UNAVAILABLE, "waiting for the sources to sync\n".into())
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the sources to sync\n".into(),
+        )
     } else {
         let why = s.last_error.unwrap_or_default();
-        (StatusCode::SERVICE_UNAVAILABLE, format!("rules not programmed: {why}\n"))
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("rules not programmed: {why}\n"),
+        )
     }
 }
 
@@ -85,17 +91,72 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
         }
     };
     let one = |v: String| vec![(String::new(), v)];
-    metric("nodeplane_ready", "gauge", "1 when every source has synced and the rules are programmed.", &one(u8::from(s.synced && s.programmed).to_string()));
-    metric("nodeplane_rule_generation", "counter", "Successful programming transactions.", &one(s.generation.to_string()));
-    metric("nodeplane_reconcile_duration_seconds_sum", "counter", "Time spent compiling and programming.", &one(s.reconcile_seconds_sum.to_string()));
-    metric("nodeplane_reconcile_duration_seconds_count", "counter", "Reconciles (compile + program).", &one(s.reconciles.to_string()));
-    metric("nodeplane_reconcile_last_duration_seconds", "gauge", "Duration of the last reconcile.", &one(s.last_reconcile_seconds.to_string()));
-    metric("nodeplane_reconcile_errors_total", "counter", "Reconciles that failed.", &one(s.errors.to_string()));
-    metric("nodeplane_pods", "gauge", "Pod interfaces programmed on this node.", &one(s.pods.to_string()));
-    metric("nodeplane_policies", "gauge", "NetworkPolicies known.", &one(s.policies.to_string()));
-    metric("nodeplane_rule_groups", "gauge", "Distinct compiled rule groups (nftables chains).", &one(s.groups.to_string()));
-    metric("nodeplane_rule_elements", "gauge", "Elements in the rule groups' maps.", &one(s.elements.to_string()));
-    metric("nodeplane_conntrack_cut_total", "counter", "Connections cut because a change denied them.", &one(s.conntrack_cut.to_string()));
+    metric(
+        "nodeplane_ready",
+        "gauge",
+        "1 when every source has synced and the rules are programmed.",
+        &one(u8::from(s.synced && s.programmed).to_string()),
+    );
+    metric(
+        "nodeplane_rule_generation",
+        "counter",
+        "Successful programming transactions.",
+        &one(s.generation.to_string()),
+    );
+    metric(
+        "nodeplane_reconcile_duration_seconds_sum",
+        "counter",
+        "Time spent compiling and programming.",
+        &one(s.reconcile_seconds_sum.to_string()),
+    );
+    metric(
+        "nodeplane_reconcile_duration_seconds_count",
+        "counter",
+        "Reconciles (compile + program).",
+        &one(s.reconciles.to_string()),
+    );
+    metric(
+        "nodeplane_reconcile_last_duration_seconds",
+        "gauge",
+        "Duration of the last reconcile.",
+        &one(s.last_reconcile_seconds.to_string()),
+    );
+    metric(
+        "nodeplane_reconcile_errors_total",
+        "counter",
+        "Reconciles that failed.",
+        &one(s.errors.to_string()),
+    );
+    metric(
+        "nodeplane_pods",
+        "gauge",
+        "Pod interfaces programmed on this node.",
+        &one(s.pods.to_string()),
+    );
+    metric(
+        "nodeplane_policies",
+        "gauge",
+        "NetworkPolicies known.",
+        &one(s.policies.to_string()),
+    );
+    metric(
+        "nodeplane_rule_groups",
+        "gauge",
+        "Distinct compiled rule groups (nftables chains).",
+        &one(s.groups.to_string()),
+    );
+    metric(
+        "nodeplane_rule_elements",
+        "gauge",
+        "Elements in the rule groups' maps.",
+        &one(s.elements.to_string()),
+    );
+    metric(
+        "nodeplane_conntrack_cut_total",
+        "counter",
+        "Connections cut because a change denied them.",
+        &one(s.conntrack_cut.to_string()),
+    );
     let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
     let mut packets = Vec::new();
     let mut bytes = Vec::new();
@@ -110,8 +171,23 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
             drops.push((format!("{{reason=\"{name}\"}}"), p.to_string()));
         }
     }
-    metric("nodeplane_policy_allowed_packets_total", "counter", "Packets that opened a connection a policy allowed (first packet of each connection).", &packets);
-    metric("nodeplane_policy_allowed_bytes_total", "counter", "Bytes of those packets.", &bytes);
-    metric("nodeplane_dropped_packets_total", "counter", "Packets dropped, by reason.", &drops);
+    metric(
+        "nodeplane_policy_allowed_packets_total",
+        "counter",
+        "Packets that opened a connection a policy allowed (first packet of each connection).",
+        &packets,
+    );
+    metric(
+        "nodeplane_policy_allowed_bytes_total",
+        "counter",
+        "Bytes of those packets.",
+        &bytes,
+    );
+    metric(
+        "nodeplane_dropped_packets_total",
+        "counter",
+        "Packets dropped, by reason.",
+        &drops,
+    );
     o
 }

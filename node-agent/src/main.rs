@@ -12,7 +12,11 @@ fn main() -> std::process::ExitCode {
         }
     };
     nodeplane_agent::run::init_logging(&cfg);
-    let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nodeplane-agent: cannot start the runtime: {e}");

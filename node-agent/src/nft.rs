@@ -99,15 +99,23 @@ impl BaseElements {
     fn of(c: &Compiled, s: &Settings) -> Self {
         let mut m: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
         for n in s.pod_cidrs.iter() {
-            let set = if n.is_ipv4() { "podnets_v4" } else { "podnets_v6" };
+            let set = if n.is_ipv4() {
+                "podnets_v4"
+            } else {
+                "podnets_v6"
+            };
             m.entry(set).or_default().insert(n.to_string());
         }
         for p in &c.pods {
-            m.entry("pod_ifaces").or_default().insert(quote(&p.host_ifname));
+            m.entry("pod_ifaces")
+                .or_default()
+                .insert(quote(&p.host_ifname));
             for ip in &p.ips {
                 let v = if ip.is_ipv4() { "v4" } else { "v6" };
                 let pick = |a: &'static str, b: &'static str| if v == "v4" { a } else { b };
-                m.entry(pick("pods_v4", "pods_v6")).or_default().insert(ip.to_string());
+                m.entry(pick("pods_v4", "pods_v6"))
+                    .or_default()
+                    .insert(ip.to_string());
                 m.entry(pick("spoof_v4", "spoof_v6"))
                     .or_default()
                     .insert(format!("{} . {ip}", quote(&p.host_ifname)));
@@ -139,7 +147,10 @@ fn quote(s: &str) -> String {
 fn base_rules(s: &Settings) -> Vec<(&'static str, String)> {
     let wild = quote(&format!("{}*", s.iface_prefix));
     let mut r = vec![
-        ("prerouting", "type filter hook prerouting priority raw; policy accept;".to_string()),
+        (
+            "prerouting",
+            "type filter hook prerouting priority raw; policy accept;".to_string(),
+        ),
         ("prerouting", format!("iifname != {wild} accept")),
         // Link-local and unspecified sources (neighbour discovery, MLD,
         // router solicitations) are never forwarded off the link, so they
@@ -150,16 +161,28 @@ fn base_rules(s: &Settings) -> Vec<(&'static str, String)> {
         r.push(("prerouting", "iifname != @pod_ifaces accept".into()));
     }
     r.extend([
-        ("prerouting", "iifname . ip saddr @spoof_v4 accept".to_string()),
+        (
+            "prerouting",
+            "iifname . ip saddr @spoof_v4 accept".to_string(),
+        ),
         ("prerouting", "iifname . ip6 saddr @spoof_v6 accept".into()),
         ("prerouting", "counter name \"spoofed\" drop".into()),
-        ("forward", "type filter hook forward priority filter; policy accept;".into()),
+        (
+            "forward",
+            "type filter hook forward priority filter; policy accept;".into(),
+        ),
         ("forward", format!("iifname {wild} goto pod_fwd")),
         ("forward", format!("oifname {wild} goto pod_fwd")),
-        ("input", "type filter hook input priority filter; policy accept;".into()),
+        (
+            "input",
+            "type filter hook input priority filter; policy accept;".into(),
+        ),
         ("input", format!("iifname {wild} goto pod_in")),
         ("pod_fwd", "ct state established,related accept".into()),
-        ("pod_fwd", "ct state new tcp flags & (fin|syn|rst|ack) != syn drop".into()),
+        (
+            "pod_fwd",
+            "ct state new tcp flags & (fin|syn|rst|ack) != syn drop".into(),
+        ),
     ]);
     if s.fail_mode == FailMode::Isolate {
         r.push((
@@ -178,7 +201,10 @@ fn base_rules(s: &Settings) -> Vec<(&'static str, String)> {
         ("pod_fwd", "ip6 daddr vmap @ingress_v6".into()),
         ("pod_fwd", "accept".into()),
         ("pod_in", "ct state established,related accept".into()),
-        ("pod_in", "ct state new tcp flags & (fin|syn|rst|ack) != syn drop".into()),
+        (
+            "pod_in",
+            "ct state new tcp flags & (fin|syn|rst|ack) != syn drop".into(),
+        ),
         ("pod_in", "ip saddr vmap @egress_v4".into()),
         ("pod_in", "ip6 saddr vmap @egress_v6".into()),
     ]);
@@ -237,8 +263,18 @@ fn add_group(out: &mut String, t: &str, id: &str, g: &Group, policies: &[String]
         out,
         "add map inet {t} {id}_v6 {{ type ipv6_addr . inet_proto . inet_service : counter; flags interval; }}"
     );
-    elements(out, t, &format!("{id}_v4"), &cell_elements(&g.v4, policies, |a| v4(a).to_string()));
-    elements(out, t, &format!("{id}_v6"), &cell_elements(&g.v6, policies, |a| v6(a).to_string()));
+    elements(
+        out,
+        t,
+        &format!("{id}_v4"),
+        &cell_elements(&g.v4, policies, |a| v4(a).to_string()),
+    );
+    elements(
+        out,
+        t,
+        &format!("{id}_v6"),
+        &cell_elements(&g.v6, policies, |a| v6(a).to_string()),
+    );
     let _ = writeln!(out, "add chain inet {t} {id}");
     let _ = writeln!(out, "flush chain inet {t} {id}");
     let _ = writeln!(
@@ -260,7 +296,11 @@ fn elements(out: &mut String, t: &str, set: &str, elems: &[String]) {
 
 fn delete_elements(out: &mut String, t: &str, set: &str, elems: &[String]) {
     for chunk in elems.chunks(2000) {
-        let _ = writeln!(out, "delete element inet {t} {set} {{ {} }}", chunk.join(", "));
+        let _ = writeln!(
+            out,
+            "delete element inet {t} {set} {{ {} }}",
+            chunk.join(", ")
+        );
     }
 }
 
@@ -281,12 +321,19 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
             let _ = writeln!(out, "flush {what} inet {t} {name}");
         }
     }
-    for c in DROP_COUNTERS.iter().map(|c| c.to_string()).chain(next.policies.iter().cloned()) {
+    for c in DROP_COUNTERS
+        .iter()
+        .map(|c| c.to_string())
+        .chain(next.policies.iter().cloned())
+    {
         let _ = writeln!(out, "add counter inet {t} {c}");
     }
     let rules = base_rules(s);
     for chain in BASE_CHAINS {
-        match rules.iter().find(|(c, r)| c == chain && r.starts_with("type ")) {
+        match rules
+            .iter()
+            .find(|(c, r)| c == chain && r.starts_with("type "))
+        {
             Some((_, hook)) => writeln!(out, "add chain inet {t} {chain} {{ {hook} }}"),
             None => writeln!(out, "add chain inet {t} {chain}"),
         }
@@ -318,7 +365,11 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
         .iter()
         .chain(BASE_MAPS)
         .map(|(n, _)| n.to_string())
-        .chain(next.groups.keys().flat_map(|id| [format!("{id}_v4"), format!("{id}_v6")]))
+        .chain(
+            next.groups
+                .keys()
+                .flat_map(|id| [format!("{id}_v4"), format!("{id}_v6")]),
+        )
         .collect();
     for set in existing.sets.difference(&keep_sets) {
         let _ = writeln!(out, "delete set inet {t} {set}");
@@ -339,27 +390,46 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
 pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> String {
     let t = &s.table;
     let mut out = String::new();
-    for c in next.policies.iter().filter(|c| !prev.counters.contains_key(*c)) {
+    for c in next
+        .policies
+        .iter()
+        .filter(|c| !prev.counters.contains_key(*c))
+    {
         let _ = writeln!(out, "add counter inet {t} {c}");
     }
-    for (id, g) in next.groups.iter().filter(|(id, _)| !prev.groups.contains_key(*id)) {
+    for (id, g) in next
+        .groups
+        .iter()
+        .filter(|(id, _)| !prev.groups.contains_key(*id))
+    {
         add_group(&mut out, t, id, g, &next.policies);
     }
     let (a, b) = (BaseElements::of(prev, s), BaseElements::of(next, s));
     for (name, _) in BASE_SETS.iter().chain(BASE_MAPS) {
         let old: BTreeSet<&String> = a.get(name).collect();
         let new: BTreeSet<&String> = b.get(name).collect();
-        let gone: Vec<String> = old.difference(&new).map(|e| element_key(e).to_string()).collect();
+        let gone: Vec<String> = old
+            .difference(&new)
+            .map(|e| element_key(e).to_string())
+            .collect();
         let added: Vec<String> = new.difference(&old).map(|e| e.to_string()).collect();
         delete_elements(&mut out, t, name, &gone);
         elements(&mut out, t, name, &added);
     }
-    for id in prev.groups.keys().filter(|id| !next.groups.contains_key(*id)) {
+    for id in prev
+        .groups
+        .keys()
+        .filter(|id| !next.groups.contains_key(*id))
+    {
         let _ = writeln!(out, "delete chain inet {t} {id}");
         let _ = writeln!(out, "delete map inet {t} {id}_v4");
         let _ = writeln!(out, "delete map inet {t} {id}_v6");
     }
-    for c in prev.counters.keys().filter(|c| !next.counters.contains_key(*c)) {
+    for c in prev
+        .counters
+        .keys()
+        .filter(|c| !next.counters.contains_key(*c))
+    {
         let _ = writeln!(out, "delete counter inet {t} {c}");
     }
     out
@@ -390,7 +460,9 @@ pub fn apply(script: &str) -> Result<()> {
     }
     let err = String::from_utf8_lossy(&out.stderr);
     let err: String = err.lines().take(12).collect::<Vec<_>>().join("\n");
-    Err(Error::Nft(format!("transaction rejected, nothing changed: {err}")))
+    Err(Error::Nft(format!(
+        "transaction rejected, nothing changed: {err}"
+    )))
 }
 
 fn list_json(args: &[&str]) -> Result<Option<serde_json::Value>> {
@@ -446,7 +518,10 @@ pub fn counters(table: &str) -> Result<BTreeMap<String, (u64, u64)>> {
         if let Some(name) = c["name"].as_str() {
             out.insert(
                 name.to_string(),
-                (c["packets"].as_u64().unwrap_or(0), c["bytes"].as_u64().unwrap_or(0)),
+                (
+                    c["packets"].as_u64().unwrap_or(0),
+                    c["bytes"].as_u64().unwrap_or(0),
+                ),
             );
         }
     }
@@ -455,5 +530,7 @@ pub fn counters(table: &str) -> Result<BTreeMap<String, (u64, u64)>> {
 
 /// Deletes the table (agent uninstall; tests).
 pub fn delete_table(table: &str) -> Result<()> {
-    apply(&format!("add table inet {table}\ndelete table inet {table}\n"))
+    apply(&format!(
+        "add table inet {table}\ndelete table inet {table}\n"
+    ))
 }

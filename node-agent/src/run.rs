@@ -13,7 +13,9 @@ use crate::{Error, Result};
 pub fn init_logging(cfg: &Config) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log_level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match cfg.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Human => builder.try_init(),
@@ -22,8 +24,12 @@ pub fn init_logging(cfg: &Config) {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> Result<()> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|e| Error::io(format!("create state directory {}", cfg.state_dir.display()), e))?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+        Error::io(
+            format!("create state directory {}", cfg.state_dir.display()),
+            e,
+        )
+    })?;
     let status = Arc::new(Mutex::new(Status::default()));
     let (ev_tx, ev_rx) = mpsc::channel(4096);
     let (call_tx, call_rx) = mpsc::channel(1024);
@@ -39,7 +45,9 @@ pub async fn run(cfg: Config) -> Result<()> {
                 )));
             }
             tokio::spawn(async move {
-                if let Err(e) = crate::source::manifests::run(dir, ev_tx, Duration::from_millis(5)).await {
+                if let Err(e) =
+                    crate::source::manifests::run(dir, ev_tx, Duration::from_millis(5)).await
+                {
                     tracing::error!(error = %e, "manifests source stopped");
                 }
             });

@@ -276,7 +276,8 @@ items:
         let e = parse_objects("kind: NetworkPolicy\nmetadata: {name: p}\nspec: {podSelector: 5}\n")
             .expect_err("wrong type");
         assert!(e.to_string().contains("NetworkPolicy p"), "{e}");
-        let objs = parse_objects("kind: Pod\nmetadata: {name: c, namespace: y}\n").expect("y is a string");
+        let objs =
+            parse_objects("kind: Pod\nmetadata: {name: c, namespace: y}\n").expect("y is a string");
         assert!(matches!(&objs[0], Object::Pod(p) if p.metadata.namespace.as_deref() == Some("y")));
         let e = parse_objects("a: [").expect_err("bad yaml");
         assert!(e.to_string().contains("not valid YAML"), "{e}");
