@@ -67,11 +67,12 @@ fn dispatch(
             problem: "this verb needs CNI_CONTAINERID and CNI_IFNAME".into(),
         }),
     };
-    if out.is_ok() {
-        if let Some(note) = tell_agent(&conf, inv) {
-            log.write(crate::config::LogLevel::Info, &note);
-        }
+    // One log line per call: the agent's answer goes on the verb's line.
+    let note = match &out {
+        Ok(_) => tell_agent(&conf, inv).map(|n| format!("; {n}")),
+        Err(_) => None,
     }
+    .unwrap_or_default();
     let who = inv
         .attachment
         .as_ref()
@@ -81,7 +82,7 @@ fn dispatch(
     match &out {
         Ok(_) => log.write(
             crate::config::LogLevel::Info,
-            &format!("{:?}{who} ok in {took} µs", inv.command),
+            &format!("{:?}{who} ok in {took} µs{note}", inv.command),
         ),
         Err(e) => log.write(
             crate::config::LogLevel::Error,
