@@ -121,7 +121,10 @@ impl Agent {
                 _ = &mut stop => break,
             }
             if dirty && self.model.is_synced() {
-                dirty = !self.program();
+                // Programming runs nft and conntrack synchronously: tell
+                // the runtime, so the HTTP and socket tasks move to another
+                // worker instead of waiting behind it.
+                dirty = !tokio::task::block_in_place(|| self.program());
             }
         }
         // Drain: the rules stay in the kernel (traffic keeps flowing with

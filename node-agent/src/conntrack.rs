@@ -22,12 +22,15 @@ pub struct Flow {
     pub dst: IpAddr,
     pub sport: Option<u16>,
     pub dport: Option<u16>,
+    /// A TCP entry in TIME_WAIT or CLOSE: no connection left to cut.
+    pub dead: bool,
 }
 
 /// Parses `conntrack -L` output (first src/dst/sport/dport of each line).
 pub fn parse(text: &str) -> Vec<Flow> {
     text.lines()
         .filter_map(|line| {
+            let dead = line.contains(" TIME_WAIT ") || line.contains(" CLOSE ");
             let mut it = line.split_whitespace();
             let _name = it.next()?;
             let proto: u8 = it.next()?.parse().ok()?;
@@ -51,6 +54,7 @@ pub fn parse(text: &str) -> Vec<Flow> {
                 dst: dst?,
                 sport,
                 dport,
+                dead,
             })
         })
         .collect()
@@ -67,9 +71,13 @@ fn run(args: &[String]) -> Result<String> {
 }
 
 /// Deletes the entries of local pods that `rules` no longer allows;
-/// returns how many were cut.
+/// returns how many (source, destination, protocol, port) groups were cut.
+///
+/// The verdict depends only on that quadruple, so all connections sharing
+/// it go in one `conntrack -D` (any source port). TCP entries already in
+/// TIME_WAIT or CLOSE carry no traffic and are left to expire.
 pub fn cut_denied(rules: &Compiled) -> Result<usize> {
-    let local: Vec<IpAddr> = rules
+    let local: std::collections::HashSet<IpAddr> = rules
         .pods
         .iter()
         .flat_map(|p| p.ips.iter().copied())
@@ -77,31 +85,29 @@ pub fn cut_denied(rules: &Compiled) -> Result<usize> {
     let mut cut = 0;
     for family in ["ipv4", "ipv6"] {
         let listing = run(&["-L".into(), "-f".into(), family.into()])?;
+        let mut groups = std::collections::BTreeSet::new();
         for f in parse(&listing) {
-            if !local.contains(&f.src) && !local.contains(&f.dst) {
+            if f.dead || (!local.contains(&f.src) && !local.contains(&f.dst)) {
                 continue;
             }
-            if rules.allows(f.src, f.dst, f.proto, f.dport.unwrap_or(0)) {
-                continue;
+            if !rules.allows(f.src, f.dst, f.proto, f.dport.unwrap_or(0)) {
+                groups.insert((f.proto, f.src, f.dst, f.dport));
             }
+        }
+        for (proto, src, dst, dport) in groups {
             let mut args: Vec<String> = vec![
                 "-D".into(),
                 "-f".into(),
                 family.into(),
                 "-p".into(),
-                f.proto.to_string(),
+                proto.to_string(),
                 "-s".into(),
-                f.src.to_string(),
+                src.to_string(),
                 "-d".into(),
-                f.dst.to_string(),
+                dst.to_string(),
             ];
-            if let (Some(s), Some(d)) = (f.sport, f.dport) {
-                args.extend([
-                    "--sport".into(),
-                    s.to_string(),
-                    "--dport".into(),
-                    d.to_string(),
-                ]);
+            if let Some(d) = dport {
+                args.extend(["--dport".into(), d.to_string()]);
             }
             run(&args)?;
             cut += 1;

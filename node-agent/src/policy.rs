@@ -12,7 +12,8 @@
 //! Semantics, field by field (the API reference's wording, condensed):
 //! - A pod is isolated for ingress (egress) when a policy in its namespace
 //!   selects it and that policy's `policyTypes` contains Ingress (Egress).
-//!   Unset `policyTypes` means Ingress, plus Egress when `egress` is set.
+//!   Unset `policyTypes` means Ingress, plus Egress when `egress` is non-empty
+//!   (the API server's defaulting).
 //! - Allowed traffic is the union of all rules of all selecting policies;
 //!   an empty rule list allows nothing.
 //! - A rule with no peers (`from`/`to` absent or empty) matches every
@@ -25,8 +26,10 @@
 //!   that covers the pod CIDR admits those pods.
 //! - Ports: protocol defaults to TCP; a number (with `endPort`, a range);
 //!   a name resolves against the destination pod's named container ports
-//!   (ingress: the selected pod; egress: each peer pod), so a named port
-//!   never matches an ipBlock peer; no port means every port of the protocol.
+//!   (ingress: the selected pod; egress: each peer pod, including pods whose
+//!   address lies in an ipBlock peer, as Calico does); an address that is no
+//!   known pod never matches a named port; no port means every port of the
+//!   protocol.
 //! - Host-network pods have the node's address and are never peers by
 //!   selector (they can still match an ipBlock).
 //! - A pod reaching itself never leaves its namespace, so policy never
@@ -281,13 +284,17 @@ impl<'m> Book<'m> {
 }
 
 /// Which directions a policy applies to.
+///
+/// Unset (or empty) `policyTypes` is defaulted as the API server does:
+/// Ingress, plus Egress when the egress list is non-empty. (The manifests
+/// source gets objects the API server never defaulted.)
 fn policy_types(spec: &NetworkPolicySpec) -> (bool, bool) {
     match &spec.policy_types {
-        Some(types) => (
+        Some(types) if !types.is_empty() => (
             types.iter().any(|t| t == "Ingress"),
             types.iter().any(|t| t == "Egress"),
         ),
-        None => (true, spec.egress.is_some()),
+        _ => (true, spec.egress.as_ref().is_some_and(|e| !e.is_empty())),
     }
 }
 
@@ -444,6 +451,15 @@ fn rule_entries(
         Dir::Ingress => for_selected.clone(),
         Dir::Egress => pairs(peer_ports),
     };
+    let has_named = ports.is_some_and(|ps| {
+        ps.iter()
+            .any(|p| matches!(p.port, Some(IntOrString::String(_))))
+    });
+    // Every pod in every namespace, for resolving named ports.
+    let any_pod = NetworkPolicyPeer {
+        namespace_selector: Some(LabelSelector::default()),
+        ..Default::default()
+    };
     let peers = peers.filter(|p| !p.is_empty());
     let Some(peers) = peers else {
         // Every address. Named ports on egress cannot resolve against an
@@ -462,17 +478,8 @@ fn rule_entries(
                 policy: pi,
             });
         }
-        if dir == Dir::Egress
-            && ports.is_some_and(|ps| {
-                ps.iter()
-                    .any(|p| matches!(p.port, Some(IntOrString::String(_))))
-            })
-        {
-            let all = NetworkPolicyPeer {
-                namespace_selector: Some(LabelSelector::default()),
-                ..Default::default()
-            };
-            for pod in book.peer_pods(policy_ns, &all) {
+        if dir == Dir::Egress && has_named {
+            for pod in book.peer_pods(policy_ns, &any_pod) {
                 for (proto, port) in pairs(Some(pod.ports)) {
                     for ip in pod.ips {
                         out.addr(*ip, proto, port, pi);
@@ -498,6 +505,25 @@ fn rule_entries(
                     port,
                     policy: pi,
                 }));
+            }
+            // A named port on egress resolves on each pod inside the block
+            // (as Calico does): the block matches pod addresses anyway.
+            if dir == Dir::Egress && has_named {
+                let inside = |ip: &IpAddr| match ip {
+                    IpAddr::V4(a) => v4
+                        .iter()
+                        .any(|r| r.0 <= u32::from(*a) && u32::from(*a) <= r.1),
+                    IpAddr::V6(a) => v6
+                        .iter()
+                        .any(|r| r.0 <= u128::from(*a) && u128::from(*a) <= r.1),
+                };
+                for pod in book.peer_pods(policy_ns, &any_pod) {
+                    for ip in pod.ips.iter().filter(|ip| inside(ip)) {
+                        for (proto, port) in pairs(Some(pod.ports)) {
+                            out.addr(*ip, proto, port, pi);
+                        }
+                    }
+                }
             }
             continue;
         }
@@ -634,4 +660,65 @@ pub fn compile(model: &Model) -> Compiled {
         });
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Attachment, PodInfo};
+
+    fn model_with(policy_yaml: &str) -> Model {
+        let mut m = Model::new("n");
+        for (i, name) in ["a", "b"].iter().enumerate() {
+            let key = ("x".to_string(), name.to_string());
+            let ip: IpAddr = format!("10.244.0.{}", i + 1).parse().expect("ip");
+            m.pods.insert(
+                key.clone(),
+                PodInfo {
+                    labels: [("pod".to_string(), name.to_string())].into(),
+                    ports: vec![
+                        NamedPort {
+                            name: "serve-80-tcp".into(),
+                            protocol: "TCP".into(),
+                            port: 80,
+                        },
+                        NamedPort {
+                            name: "serve-80-udp".into(),
+                            protocol: "UDP".into(),
+                            port: 80,
+                        },
+                    ],
+                    ..PodInfo::default()
+                },
+            );
+            m.attachments.insert(
+                ("net".into(), name.to_string(), "eth0".into()),
+                Attachment {
+                    network: "net".into(),
+                    container_id: name.to_string(),
+                    ifname: "eth0".into(),
+                    pod: Some(key),
+                    host_ifname: format!("np{name}"),
+                    ips: vec![ip],
+                },
+            );
+        }
+        for obj in crate::source::manifests::parse_objects(policy_yaml).expect("yaml") {
+            m.apply(crate::source::Event::Apply(obj));
+        }
+        m
+    }
+
+    #[test]
+    fn named_udp_port_from_anywhere() {
+        let m = model_with(
+            "kind: NetworkPolicy\nmetadata: {name: p, namespace: x}\nspec:\n  podSelector: {}\n  ingress:\n  - ports:\n    - {protocol: UDP, port: serve-80-udp}\n",
+        );
+        let c = compile(&m);
+        let a: IpAddr = "10.244.0.1".parse().expect("ip");
+        let b: IpAddr = "10.244.0.2".parse().expect("ip");
+        assert!(c.allows(a, b, 17, 80));
+        assert!(!c.allows(a, b, 6, 80));
+        assert!(!c.allows(a, b, 17, 81));
+    }
 }

@@ -192,8 +192,17 @@ impl Agent {
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        let state = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("State:"))
+                    .map(str::to_string)
+            })
+            .unwrap_or_else(|| "process gone".into());
         panic!(
-            "agent did not put manifests {want} in force within 20 s; status {}; log:\n{}",
+            "agent did not put manifests {want} in force within 20 s; status {}; agent pid {pid} {state}; log:\n{}",
             self.status(),
             self.log_text()
         );

@@ -78,6 +78,26 @@ impl Node {
         )
     }
 
+    /// ADD for the Kubernetes pod `namespace/name` (CNI_ARGS carry its
+    /// name, as the CRI runtime passes them); must succeed.
+    pub fn add_pod(&self, container_id: &str, pod: &Netns, namespace: &str, name: &str) -> Value {
+        let path = pod.path();
+        self.plugin
+            .run(
+                &self.ns,
+                &CniCall {
+                    command: "ADD",
+                    container_id,
+                    netns: Some(&path),
+                    ifname: "eth0",
+                    args: &format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
+                    config: &self.config(json!({})),
+                },
+            )
+            .expect_ok()
+            .json()
+    }
+
     /// ADD that must succeed; returns the result JSON.
     pub fn add(&self, container_id: &str, pod: &Netns) -> Value {
         self.call("ADD", container_id, Some(pod), &self.config(json!({})))

@@ -11,8 +11,7 @@ use std::time::{Duration, Instant};
 
 use nodeplane_tests::agent::{in_netns, Agent};
 use nodeplane_tests::fixture::{ip_of, Node};
-use nodeplane_tests::{prereq, CniCall, Netns};
-use serde_json::json;
+use nodeplane_tests::{prereq, Netns};
 
 const CIDR: &str = "10.244.0.0/24";
 
@@ -40,19 +39,12 @@ fn add(node: &Node, namespace: &str, name: &str, netns: Netns) -> Pod {
 
 /// ADD without starting a server in the pod.
 fn add_bare(node: &Node, namespace: &str, name: &str, netns: Netns) -> Pod {
-    let out = node.plugin.run(
-        &node.ns,
-        &CniCall {
-            command: "ADD",
-            container_id: &format!("{namespace}-{name}"),
-            netns: Some(&netns.path()),
-            ifname: "eth0",
-            args: &format!("K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name}"),
-            config: &node.config(json!({})),
-        },
-    );
-    let ip = ip_of(&out.expect_ok().json(), 0);
-    let ip = ip.split('/').next().unwrap_or_default().to_string();
+    let res = node.add_pod(&format!("{namespace}-{name}"), &netns, namespace, name);
+    let ip = ip_of(&res, 0)
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
     Pod {
         ns: netns,
         ip,
