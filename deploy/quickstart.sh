@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # nodeplane quick start: a standalone node on this machine, no Kubernetes.
 #
-# Builds nodeplane-cni, makes a "node" network namespace (so your host's own
-# routes are never touched), wires three pods into it with the example
-# network configuration deploy/cni/10-nodeplane.conflist, shows their
-# addresses, pings and TCP between them and the node over IPv4 and IPv6, then
-# removes everything. Pass --keep to leave the node and pods up to explore.
+# Builds nodeplane-cni and nodeplane-agent, makes a "node" network namespace
+# (so your host's own routes and firewall are never touched), starts the
+# agent in it in standalone mode (manifests from deploy/standalone/), wires
+# three pods into it with the example network configuration
+# deploy/cni/10-nodeplane.conflist, shows their addresses, pings and TCP
+# between them and the node over IPv4 and IPv6, then applies the example
+# NetworkPolicy and shows an allowed and a denied connection, then removes
+# everything. Pass --keep to leave the node and pods up to explore.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,14 +18,16 @@ command -v ip >/dev/null || missing+=(iproute2)
 [ -x /bin/busybox ] || missing+=(busybox-static)
 [ -x /usr/lib/cni/portmap ] || missing+=(containernetworking-plugins)
 command -v iptables >/dev/null || missing+=(iptables)
+command -v nft >/dev/null || missing+=(nftables)
+command -v conntrack >/dev/null || missing+=(conntrack)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-echo "==> building nodeplane-cni (release)"
-cargo build --release -q -p nodeplane-cni
+echo "==> building nodeplane-cni and nodeplane-agent (release; the first build takes a few minutes)"
+cargo build --release -q -p nodeplane-cni -p nodeplane-agent
 # .cargo/config.toml builds for the explicit host tuple (static binaries).
 BIN="$PWD/target/$(rustc -vV | sed -n 's/^host: //p')/release"
 TOOL="$BIN/nodeplane-cnitool"
@@ -30,6 +35,8 @@ CONF="$PWD/deploy/cni/10-nodeplane.conflist"
 export CNI_PATH="$BIN:/usr/lib/cni"
 # The demo keeps its IPAM state apart from a real install's /var/lib/nodeplane.
 export NODEPLANE_STATE_DIR=/run/nodeplane-demo/cni
+export NODEPLANE_AGENT_SOCKET=/run/nodeplane-demo/agent.sock
+MANIFESTS=/run/nodeplane-demo/manifests
 NODE=np-demo-node
 PODS=(a b c)
 KEEP=${1:-}
@@ -39,8 +46,24 @@ cleanup() {
     ip netns exec "$NODE" "$TOOL" del "$CONF" "/run/netns/np-demo-$p" "demo-$p" 2>/dev/null || true
     ip netns delete "np-demo-$p" 2>/dev/null || true
   done
+  [ -f /run/nodeplane-demo/agent.pid ] && kill "$(cat /run/nodeplane-demo/agent.pid)" 2>/dev/null || true
   ip netns delete "$NODE" 2>/dev/null || true
   rm -rf /run/nodeplane-demo
+}
+
+# GET a path from the agent's health/metrics endpoint inside the node.
+agent_get() {
+  ip netns exec "$NODE" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9650 && printf "GET %s HTTP/1.0\r\n\r\n" "$1" >&3 && cat <&3' _ "$1" 2>/dev/null
+}
+# Waits until the agent has programmed a model with $1 policies.
+wait_policies() {
+  for _ in $(seq 1 100); do
+    agent_get /status | grep -q "\"policies\":$1,\"programmed\":true" && return 0
+    sleep 0.1
+  done
+  echo "quickstart: the agent did not program $1 policies; its log:" >&2
+  cat /run/nodeplane-demo/agent.log >&2
+  return 1
 }
 if [ "$KEEP" != "--keep" ]; then trap cleanup EXIT; fi
 cleanup
@@ -50,6 +73,18 @@ ip netns add "$NODE"
 ip -n "$NODE" link set lo up
 ip -n "$NODE" addr add 10.10.0.1/32 dev lo
 ip -n "$NODE" addr add fd00:10:10::1/128 dev lo
+
+echo "==> nodeplane-agent in the node, standalone mode (manifests: deploy/standalone/cluster.yaml)"
+mkdir -p "$MANIFESTS"
+cp deploy/standalone/cluster.yaml "$MANIFESTS/"
+ip netns exec "$NODE" "$BIN/nodeplane-agent" --manifests-dir "$MANIFESTS" \
+  --state-dir /run/nodeplane-demo/agent --cni-state-dir "$NODEPLANE_STATE_DIR" \
+  --socket "$NODEPLANE_AGENT_SOCKET" --listen 127.0.0.1:9650 \
+  --pod-cidr 10.244.0.0/24,fd00:10:244::/64 --node-name demo-node \
+  > /run/nodeplane-demo/agent.log 2>&1 &
+echo $! > /run/nodeplane-demo/agent.pid
+wait_policies 0
+echo "    ready: $(agent_get /readyz | tail -1)"
 
 declare -A V4 V6
 for p in "${PODS[@]}"; do
@@ -79,6 +114,18 @@ sleep 0.3
 DESC="tcp   pod a -> pod b  ${V4[b]}:8080"; check sh -c "echo hello-from-a | ip netns exec np-demo-a busybox nc -w 2 ${V4[b]} 8080"
 wait $srv || true
 echo "    pod b received: $(cat /run/nodeplane-demo/received)"
+
+echo "==> NetworkPolicy: applying deploy/standalone/policy.yaml (role=web accepts only role=client on port http)"
+cp deploy/standalone/policy.yaml "$MANIFESTS/"
+wait_policies 1
+ip netns exec np-demo-b busybox nc -ll -p 8080 -e echo web-b-says-hi & srv=$!
+sleep 0.3
+DESC="allowed: pod a (client) -> pod b (web) :8080"; check sh -c "ip netns exec np-demo-a busybox nc -w 2 ${V4[b]} 8080 </dev/null | grep -q web-b-says-hi"
+DESC="denied:  pod c (other)  -> pod b (web) :8080"; check sh -c "! ip netns exec np-demo-c busybox nc -w 2 ${V4[b]} 8080 </dev/null | grep -q web-b-says-hi"
+DESC="allowed: pod c -> pod a (not selected by any policy)"; check ip netns exec np-demo-c busybox ping -c1 -W2 "${V4[a]}"
+kill $srv 2>/dev/null || true
+echo "    per-policy counter: $(agent_get /metrics | grep '^nodeplane_policy_allowed_packets_total' | head -1)"
+echo "    dropped:            $(agent_get /metrics | grep '^nodeplane_dropped_packets_total{reason="denied_ingress"}')"
 
 if [ "$KEEP" = "--keep" ]; then
   echo "==> left running: ip netns exec np-demo-a sh; remove with: $0 (without --keep)"

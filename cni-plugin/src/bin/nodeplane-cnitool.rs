@@ -31,10 +31,14 @@ fn main() -> ExitCode {
         args: std::env::var("CNI_ARGS").unwrap_or_default(),
     };
     let bin_dirs = bin_dirs();
-    // The nodeplane plugin's stateDir may be overridden for experiments.
+    // The nodeplane plugin's stateDir and agentSocket may be overridden for
+    // experiments (the quick start keeps both apart from a real install).
     let mut overrides = serde_json::Map::new();
     if let Ok(dir) = std::env::var("NODEPLANE_STATE_DIR") {
         overrides.insert("stateDir".into(), dir.into());
+    }
+    if let Ok(sock) = std::env::var("NODEPLANE_AGENT_SOCKET") {
+        overrides.insert("agentSocket".into(), sock.into());
     }
     let cache = std::env::temp_dir().join(format!(
         "nodeplane-cnitool-{}-{}.json",
