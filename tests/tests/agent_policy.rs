@@ -388,3 +388,127 @@ fn agent_kill9_and_restart_keeps_allowed_connections_and_converges() {
     let _ = server.kill();
     let _ = server.wait();
 }
+
+/// A TCP listener on `[::]:port` (dual stack) in `ns` that greets every
+/// connection; it lives on a background thread until the test ends.
+fn greet_server(ns: &Netns, port: u16) {
+    let listener = in_netns(&ns.path(), move || {
+        std::net::TcpListener::bind(("::", port)).expect("bind [::]")
+    });
+    std::thread::spawn(move || {
+        for mut s in listener.incoming().flatten() {
+            let _ = s.write_all(b"hi\n");
+        }
+    });
+}
+
+#[test]
+fn policy_applies_to_ipv6_as_to_ipv4() {
+    prereq::require_root();
+    let cidrs = [CIDR, "fd00:10:244::/64"];
+    let mut node = Node::new(&cidrs);
+    let agent = Agent::start(&mut node, &cidrs, &[]);
+    let cluster = ns_yaml("x", "ns: x")
+        + &pod_yaml("x", "a", "pod: a")
+        + &pod_yaml("x", "b", "pod: b")
+        + &pod_yaml("x", "c", "pod: c");
+    agent.apply(&[("cluster.yaml", cluster.clone())]);
+    let v6 = |node: &Node, name: &str, ns: &Netns| {
+        let res = node.add_pod(&format!("x-{name}"), ns, "x", name);
+        let ips = res["ips"].as_array().cloned().unwrap_or_default();
+        ips.iter()
+            .filter_map(|i| i["address"].as_str())
+            .find(|a| a.contains(':'))
+            .and_then(|a| a.split('/').next())
+            .map(str::to_string)
+            .expect("an IPv6 address")
+    };
+    let (a, b, c) = (Netns::new("npa"), Netns::new("npb"), Netns::new("npc"));
+    let (_ia, ib, _ic) = (v6(&node, "a", &a), v6(&node, "b", &b), v6(&node, "c", &c));
+    greet_server(&b, 8080);
+    let bracket = format!("[{ib}]");
+    assert!(
+        tcp(&a, &bracket, 8080),
+        "no policy: a → b over IPv6 must pass"
+    );
+    let allow_a = "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: allow-a, namespace: x}\nspec:\n  podSelector: {matchLabels: {pod: b}}\n  ingress: [{from: [{podSelector: {matchLabels: {pod: a}}}], ports: [{port: 8080}]}]\n";
+    agent.apply(&[("cluster.yaml", cluster), ("p.yaml", allow_a.into())]);
+    assert!(
+        tcp(&a, &bracket, 8080),
+        "allow-a: a → b over IPv6 must pass"
+    );
+    assert!(
+        !tcp(&c, &bracket, 8080),
+        "allow-a: c → b over IPv6 must be dropped"
+    );
+}
+
+#[test]
+fn a_pod_cannot_send_from_an_address_that_is_not_its_own() {
+    let (node, agent) = setup();
+    let cluster =
+        ns_yaml("x", "ns: x") + &pod_yaml("x", "a", "pod: a") + &pod_yaml("x", "b", "pod: b");
+    agent.apply(&[("cluster.yaml", cluster)]);
+    let a = add(&node, "x", "a", Netns::new("npa"));
+    let b = add(&node, "x", "b", Netns::new("npb"));
+    // Pod a claims another address (in the pod CIDR, not allocated to it).
+    a.ns.ip(&["addr", "add", "10.244.0.200/32", "dev", "eth0"]);
+    prereq::require_tool("busybox", "busybox-static");
+    let ping_from = |src: &str| {
+        a.ns.command("busybox")
+            .args(["ping", "-c", "2", "-W", "1", "-I", src, &b.ip])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    };
+    let spoofed = ping_from("10.244.0.200");
+    assert!(ping_from(&a.ip), "from its own address pod a pings b");
+    assert!(
+        !spoofed,
+        "a connection from a forged source address got through"
+    );
+    assert!(
+        tcp(&a.ns, &b.ip, 80),
+        "from its own address pod a still reaches b"
+    );
+    let m = agent.get("/metrics").map(|(_, m)| m).unwrap_or_default();
+    let spoofed_drops = m
+        .lines()
+        .find(|l| l.starts_with("nodeplane_dropped_packets_total{reason=\"spoofed\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(
+        spoofed_drops > 0,
+        "the spoofed packets should be counted:\n{m}"
+    );
+}
+
+#[test]
+fn del_and_gc_reach_the_agent_at_once() {
+    let (node, agent) = setup();
+    let cluster =
+        ns_yaml("x", "ns: x") + &pod_yaml("x", "a", "pod: a") + &pod_yaml("x", "b", "pod: b");
+    agent.apply(&[("cluster.yaml", cluster)]);
+    let a = add(&node, "x", "a", Netns::new("npa"));
+    let _b = add(&node, "x", "b", Netns::new("npb"));
+    assert_eq!(
+        agent.status()["pods"],
+        2,
+        "both ADDs programmed before they returned"
+    );
+    node.del("x-a", Some(&a.ns));
+    // DEL returns after the agent programmed the change: no 10 s resync wait.
+    assert_eq!(
+        agent.status()["pods"],
+        1,
+        "DEL must reach the agent: {}",
+        agent.status()
+    );
+    node.gc(&[]).expect_ok();
+    assert_eq!(
+        agent.status()["pods"],
+        0,
+        "GC must reach the agent: {}",
+        agent.status()
+    );
+}
