@@ -3,7 +3,7 @@
 //! fields pass silently as the spec requires (runtimes add their own).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ipnetwork::IpNetwork;
 use serde_json::{Map, Value};
@@ -92,11 +92,22 @@ impl NetConf {
             .ok_or_else(|| Error::config("name", "missing; every network needs a name"))?;
         validate_network_name(&name)?;
 
-        let pod_cidrs = cidrs(obj, "podCIDRs")?;
+        let state_dir = string(obj, "stateDir")?.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
+        if !state_dir.starts_with('/') {
+            return Err(Error::config(
+                "stateDir",
+                format!("{state_dir:?} must be an absolute path"),
+            ));
+        }
+        let pod_cidrs = match obj.get("podCIDRs") {
+            // Not configured: the node agent writes the Node's podCIDRs.
+            None | Some(Value::Null) => agent_pod_cidrs(Path::new(&state_dir), &name)?,
+            Some(_) => cidrs(obj, "podCIDRs")?,
+        };
         if pod_cidrs.is_empty() {
             return Err(Error::config(
                 "podCIDRs",
-                "missing or empty; give the node's pod CIDRs, e.g. [\"10.244.0.0/24\", \"fd00:10:244::/64\"]",
+                "empty; give the node's pod CIDRs, e.g. [\"10.244.0.0/24\", \"fd00:10:244::/64\"], or leave it out so nodeplane-agent supplies them",
             ));
         }
         validate_pools(&pod_cidrs)?;
@@ -141,13 +152,6 @@ impl NetConf {
             return Err(Error::config(
                 "hostInterfacePrefix",
                 format!("{host_prefix:?} must be 1 to 3 letters or digits (host names are prefix + 12 hex digits)"),
-            ));
-        }
-        let state_dir = string(obj, "stateDir")?.unwrap_or_else(|| DEFAULT_STATE_DIR.into());
-        if !state_dir.starts_with('/') {
-            return Err(Error::config(
-                "stateDir",
-                format!("{state_dir:?} must be an absolute path"),
             ));
         }
         let log_file = string(obj, "logFile")?.map(PathBuf::from);
@@ -252,6 +256,28 @@ fn cidrs(obj: &Map<String, Value>, field: &str) -> Result<Vec<IpNetwork>> {
         .collect()
 }
 
+/// The file in which nodeplane-agent leaves the node's pod CIDRs for a
+/// network (from Node.spec.podCIDRs or its --pod-cidr): a JSON array.
+pub fn pod_cidrs_file(state_dir: &Path, network: &str) -> PathBuf {
+    state_dir.join(network).join("pod-cidrs.json")
+}
+
+fn agent_pod_cidrs(state_dir: &Path, network: &str) -> Result<Vec<IpNetwork>> {
+    let path = pod_cidrs_file(state_dir, network);
+    let pending = |why: String| Error::PodCidrsPending {
+        path: path.clone(),
+        why,
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| pending(e.to_string()))?;
+    let list: Vec<String> = serde_json::from_str(&text).map_err(|e| pending(e.to_string()))?;
+    list.iter()
+        .map(|c| {
+            c.parse::<IpNetwork>()
+                .map_err(|e| pending(format!("{c}: {e}")))
+        })
+        .collect()
+}
+
 /// One pool per family, large enough to hold a pod, given in canonical form.
 fn validate_pools(pools: &[IpNetwork]) -> Result<()> {
     let v4 = pools.iter().filter(|p| p.is_ipv4()).count();
@@ -350,6 +376,21 @@ mod tests {
     }
 
     #[test]
+    fn pod_cidrs_come_from_the_agent_when_not_configured() {
+        let dir = std::env::temp_dir().join(format!("np-cfg-cidrs-{}", std::process::id()));
+        let file = pod_cidrs_file(&dir, "n");
+        std::fs::create_dir_all(file.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&file, r#"["10.9.0.0/24","fd00:9::/64"]"#).expect("write");
+        let conf = format!(
+            r#"{{"cniVersion":"1.0.0","name":"n","stateDir":"{}"}}"#,
+            dir.display()
+        );
+        let c = parse(&conf).expect("podCIDRs from the agent's file");
+        assert_eq!(c.pod_cidrs.len(), 2);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn malformed_input_gets_the_right_code_and_names_the_field() {
         let cases: &[(&str, u32, &str)] = &[
             ("not json", 6, "JSON"),
@@ -374,7 +415,17 @@ mod tests {
                 7,
                 "name",
             ),
-            (r#"{"cniVersion":"1.0.0","name":"n"}"#, 7, "podCIDRs"),
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":[]}"#,
+                7,
+                "podCIDRs",
+            ),
+            // Absent: the agent's file is read; none there yet is code 11.
+            (
+                r#"{"cniVersion":"1.0.0","name":"n","stateDir":"/nonexistent/np"}"#,
+                11,
+                "pod-cidrs.json",
+            ),
             (
                 r#"{"cniVersion":"1.0.0","name":"n","podCIDRs":"10.0.0.0/24"}"#,
                 7,

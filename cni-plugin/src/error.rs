@@ -80,6 +80,8 @@ pub enum Error {
 
     #[error("timed out after {waited_ms} ms waiting for the IPAM lock {path}; another invocation holds it, try again")]
     LockTimeout { path: PathBuf, waited_ms: u64 },
+    #[error("podCIDRs is not in the configuration and nodeplane-agent has not left the node's pod CIDRs in {path} ({why}); start the agent (it takes them from Node.spec.podCIDRs or --pod-cidr) or set podCIDRs in the configuration")]
+    PodCidrsPending { path: PathBuf, why: String },
 
     #[error("network namespace {path}: {source}")]
     Netns {
@@ -123,6 +125,7 @@ impl Error {
             Error::AlreadyAttached { .. } => code::ALREADY_ATTACHED,
             Error::PoolExhausted { .. } => code::POOL_EXHAUSTED,
             Error::LockTimeout { .. } => code::TRY_AGAIN_LATER,
+            Error::PodCidrsPending { .. } => code::TRY_AGAIN_LATER,
             Error::Netns { .. } => code::UNKNOWN_CONTAINER,
             Error::Netlink { .. } | Error::Sysctl { .. } => code::KERNEL,
             Error::Drift(_) => code::DRIFT,
@@ -141,7 +144,7 @@ impl Error {
             Error::Config { .. } => "invalid network configuration",
             Error::AlreadyAttached { .. } => "attachment already exists",
             Error::PoolExhausted { .. } => "address pool exhausted",
-            Error::LockTimeout { .. } => "try again later",
+            Error::LockTimeout { .. } | Error::PodCidrsPending { .. } => "try again later",
             Error::Netns { .. } => "container network namespace unusable",
             Error::Netlink { .. } | Error::Sysctl { .. } => "kernel operation failed",
             Error::Drift(_) => "attachment drifted",

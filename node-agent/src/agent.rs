@@ -335,6 +335,7 @@ impl Agent {
         let generation = st.generation;
         drop(st);
         if ok {
+            self.publish_pod_cidrs(&settings);
             self.applied = Some(next);
             for w in self.waiting.drain(..) {
                 let _ = w.send(Reply {
@@ -345,6 +346,39 @@ impl Agent {
             }
         }
         ok
+    }
+}
+
+impl Agent {
+    /// Leaves the node's pod CIDRs where nodeplane-cni looks for them when
+    /// its configuration has no podCIDRs (so Node.spec.podCIDRs feeds IPAM,
+    /// and the plugin keeps working from the file while the agent is down).
+    fn publish_pod_cidrs(&self, settings: &Settings) {
+        if settings.pod_cidrs.is_empty() {
+            return;
+        }
+        let list: Vec<String> = settings.pod_cidrs.iter().map(|c| c.to_string()).collect();
+        let json = serde_json::to_string(&list).unwrap_or_default();
+        for net in &self.cfg.networks {
+            let path = nodeplane_cni::config::pod_cidrs_file(&self.cfg.cni_state_dir, net);
+            if std::fs::read_to_string(&path).is_ok_and(|old| old == json) {
+                continue;
+            }
+            let tmp = path.with_extension("json.tmp");
+            let written = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&tmp, &json))
+                .and_then(|()| std::fs::rename(&tmp, &path));
+            match written {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), cidrs = %json, "pod CIDRs published for the CNI plugin")
+                }
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot publish pod CIDRs")
+                }
+            }
+        }
     }
 }
 

@@ -512,3 +512,23 @@ fn del_and_gc_reach_the_agent_at_once() {
         agent.status()
     );
 }
+
+#[test]
+fn the_nodes_pod_cidrs_feed_ipam() {
+    prereq::require_root();
+    let mut node = Node::new(&[CIDR]);
+    // The plugin's configuration names no CIDR: the agent supplies the Node's.
+    if let Some(obj) = node.base.as_object_mut() {
+        obj.remove("podCIDRs");
+    }
+    let agent = Agent::start(&mut node, &[], &["--node-name", "node-7"]);
+    let node_yaml =
+        "apiVersion: v1\nkind: Node\nmetadata: {name: node-7}\nspec: {podCIDRs: [10.245.3.0/24]}\n";
+    agent.apply(&[("node.yaml", node_yaml.into())]);
+    let a = add_bare(&node, "x", "a", Netns::new("npa"));
+    assert!(
+        a.ip.starts_with("10.245.3."),
+        "the pod's address {} should come from Node.spec.podCIDRs",
+        a.ip
+    );
+}
