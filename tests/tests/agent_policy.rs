@@ -532,3 +532,24 @@ fn the_nodes_pod_cidrs_feed_ipam() {
         a.ip
     );
 }
+
+#[test]
+fn fail_mode_open_lets_an_unprogrammed_pod_through() {
+    prereq::require_root();
+    let mut node = Node::new(&[CIDR]);
+    let mut agent = Agent::start(&mut node, &[CIDR], &["--fail-mode", "open"]);
+    let cluster =
+        ns_yaml("x", "ns: x") + &pod_yaml("x", "a", "pod: a") + &pod_yaml("x", "b", "pod: b");
+    agent.apply(&[("cluster.yaml", cluster)]);
+    let a = add(&node, "x", "a", Netns::new("npa"));
+    agent.kill9();
+    let b = add(&node, "x", "b", Netns::new("npb"));
+    assert!(
+        tcp(&a.ns, &b.ip, 80),
+        "fail mode open: an unprogrammed pod is reachable"
+    );
+    assert!(
+        tcp(&b.ns, &a.ip, 80),
+        "fail mode open: an unprogrammed pod can send"
+    );
+}
