@@ -210,25 +210,43 @@ struct PeerPod<'a> {
     ports: &'a [NamedPort],
 }
 
-/// The pods and addresses known to this compile.
+/// One addressable pod in the index.
+struct Entry2<'m> {
+    ns: &'m str,
+    labels: &'m Labels,
+    ips: Vec<IpAddr>,
+    ports: &'m [NamedPort],
+}
+
+/// The pods and addresses known to this compile, indexed so that a
+/// selector with matchLabels looks only at pods carrying its first label.
 struct Book<'m> {
     model: &'m Model,
-    /// Pod → addresses: the source's status IPs plus this node's attachments.
-    ips: BTreeMap<PodKey, Vec<IpAddr>>,
-    ns_labels: HashMap<String, Labels>,
+    pods: Vec<Entry2<'m>>,
+    /// (key, value) → pods carrying that label.
+    by_label: HashMap<(&'m str, &'m str), Vec<usize>>,
+    /// namespace → its pods.
+    by_ns: HashMap<&'m str, Vec<usize>>,
+    ns_labels: HashMap<&'m str, Labels>,
+    /// Resolved selector peers, by (policy namespace, peer) identity.
+    peers: std::cell::RefCell<HashMap<(usize, usize), std::rc::Rc<Vec<usize>>>>,
 }
+
+static NO_LABELS: std::sync::OnceLock<Labels> = std::sync::OnceLock::new();
 
 impl<'m> Book<'m> {
     fn new(model: &'m Model) -> Self {
-        let mut ips: BTreeMap<PodKey, Vec<IpAddr>> = BTreeMap::new();
+        let no_labels = NO_LABELS.get_or_init(Labels::new);
+        // Pod → addresses: the source's status IPs plus this node's attachments.
+        let mut ips: BTreeMap<&'m PodKey, Vec<IpAddr>> = BTreeMap::new();
         for (k, p) in &model.pods {
             if !p.host_network && !p.ips.is_empty() {
-                ips.insert(k.clone(), p.ips.clone());
+                ips.insert(k, p.ips.clone());
             }
         }
         for a in model.attachments.values() {
             if let Some(k) = &a.pod {
-                let v = ips.entry(k.clone()).or_default();
+                let v = ips.entry(k).or_default();
                 for ip in &a.ips {
                     if !v.contains(ip) {
                         v.push(*ip);
@@ -236,48 +254,104 @@ impl<'m> Book<'m> {
                 }
             }
         }
-        let mut ns_labels = HashMap::new();
-        for (ns, _) in ips.keys() {
-            if !ns_labels.contains_key(ns) {
-                ns_labels.insert(ns.clone(), model.namespace_labels(ns));
-            }
-        }
-        Book {
+        let mut book = Book {
             model,
-            ips,
-            ns_labels,
+            pods: Vec::with_capacity(ips.len()),
+            by_label: HashMap::new(),
+            by_ns: HashMap::new(),
+            ns_labels: HashMap::new(),
+            peers: Default::default(),
+        };
+        for (k, ips) in ips {
+            let pod = model.pods.get(k);
+            let e = Entry2 {
+                ns: &k.0,
+                labels: pod.map(|p| &p.labels).unwrap_or(no_labels),
+                ips,
+                ports: pod.map(|p| p.ports.as_slice()).unwrap_or_default(),
+            };
+            let i = book.pods.len();
+            for (lk, lv) in e.labels {
+                book.by_label
+                    .entry((lk.as_str(), lv.as_str()))
+                    .or_default()
+                    .push(i);
+            }
+            book.by_ns.entry(e.ns).or_default().push(i);
+            if !book.ns_labels.contains_key(e.ns) {
+                book.ns_labels.insert(e.ns, model.namespace_labels(e.ns));
+            }
+            book.pods.push(e);
         }
+        book
     }
 
-    fn labels(&self, k: &PodKey) -> Labels {
+    fn labels(&self, k: &PodKey) -> &Labels {
         self.model
             .pods
             .get(k)
-            .map(|p| p.labels.clone())
-            .unwrap_or_default()
+            .map(|p| &p.labels)
+            .unwrap_or_else(|| NO_LABELS.get_or_init(Labels::new))
     }
 
-    /// Pods (with addresses) that one selector peer matches.
+    /// Pods (with addresses) that one selector peer matches. Results are
+    /// cached per peer object for the length of one compile.
     fn peer_pods(&self, policy_ns: &str, peer: &NetworkPolicyPeer) -> Vec<PeerPod<'_>> {
-        let empty: &[NamedPort] = &[];
-        self.ips
+        let id = (policy_ns.as_ptr() as usize, peer as *const _ as usize);
+        let cached = self.peers.borrow().get(&id).cloned();
+        let hits = match cached {
+            Some(h) => h,
+            None => {
+                let h = std::rc::Rc::new(self.select(policy_ns, peer));
+                self.peers.borrow_mut().insert(id, h.clone());
+                h
+            }
+        };
+        hits.iter()
+            .map(|&i| PeerPod {
+                ips: &self.pods[i].ips,
+                ports: self.pods[i].ports,
+            })
+            .collect()
+    }
+
+    fn select(&self, policy_ns: &str, peer: &NetworkPolicyPeer) -> Vec<usize> {
+        let first_label = peer
+            .pod_selector
+            .as_ref()
+            .and_then(|s| s.match_labels.as_ref())
+            .and_then(|m| m.iter().next());
+        let all: Vec<usize>;
+        let candidates: &[usize] = match (first_label, &peer.namespace_selector) {
+            (Some((k, v)), _) => self
+                .by_label
+                .get(&(k.as_str(), v.as_str()))
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+            (None, None) => self
+                .by_ns
+                .get(policy_ns)
+                .map(Vec::as_slice)
+                .unwrap_or_default(),
+            (None, Some(_)) => {
+                all = (0..self.pods.len()).collect();
+                &all
+            }
+        };
+        candidates
             .iter()
-            .filter(|((ns, _), _)| match &peer.namespace_selector {
-                None => ns == policy_ns,
-                Some(sel) => self.ns_labels.get(ns).is_some_and(|l| selects(sel, l)),
-            })
-            .filter(|(k, _)| match &peer.pod_selector {
-                None => true,
-                Some(sel) => selects(sel, &self.labels(k)),
-            })
-            .map(|(k, ips)| PeerPod {
-                ips,
-                ports: self
-                    .model
-                    .pods
-                    .get(k)
-                    .map(|p| p.ports.as_slice())
-                    .unwrap_or(empty),
+            .copied()
+            .filter(|&i| {
+                let p = &self.pods[i];
+                let ns_ok = match &peer.namespace_selector {
+                    None => p.ns == policy_ns,
+                    Some(sel) => self.ns_labels.get(p.ns).is_some_and(|l| selects(sel, l)),
+                };
+                ns_ok
+                    && peer
+                        .pod_selector
+                        .as_ref()
+                        .is_none_or(|sel| selects(sel, p.labels))
             })
             .collect()
     }
@@ -560,27 +634,34 @@ pub fn compile(model: &Model) -> Compiled {
     type GroupIds = (Option<String>, Option<String>);
     let mut memo: HashMap<Signature, GroupIds> = HashMap::new();
     let no_ports: Vec<NamedPort> = Vec::new();
+    let specs: Vec<&NetworkPolicySpec> = model.policies.values().collect();
+    // Policies by namespace, so a pod only looks at its own namespace's.
+    let mut by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
+    for (i, (ns, _)) in keys.iter().enumerate() {
+        by_ns.entry(ns.as_str()).or_default().push(i);
+    }
     for a in model.attachments.values() {
+        let no_labels = Labels::new();
         let (labels, ports) = match &a.pod {
             Some(k) => (
                 book.labels(k),
                 model.pods.get(k).map(|p| &p.ports).unwrap_or(&no_ports),
             ),
-            None => (Labels::new(), &no_ports),
+            None => (&no_labels, &no_ports),
         };
         let selecting: Vec<usize> = match &a.pod {
             None => Vec::new(),
-            Some((ns, _)) => keys
-                .iter()
-                .enumerate()
-                .filter(|(_, (pns, pname))| {
-                    pns == ns
-                        && model.policies[&(pns.clone(), pname.clone())]
-                            .pod_selector
-                            .as_ref()
-                            .is_none_or(|sel| selects(sel, &labels))
+            Some((ns, _)) => by_ns
+                .get(ns.as_str())
+                .into_iter()
+                .flatten()
+                .copied()
+                .filter(|&i| {
+                    specs[i]
+                        .pod_selector
+                        .as_ref()
+                        .is_none_or(|sel| selects(sel, labels))
                 })
-                .map(|(i, _)| i)
                 .collect(),
         };
         let memo_key = (selecting.clone(), ports.clone());
@@ -595,8 +676,8 @@ pub fn compile(model: &Model) -> Compiled {
                         v6: Vec::new(),
                     };
                     for &pi in &selecting {
-                        let (pns, pname) = keys[pi];
-                        let spec = &model.policies[&(pns.clone(), pname.clone())];
+                        let pns = &keys[pi].0;
+                        let spec = specs[pi];
                         let (ing, eg) = policy_types(spec);
                         match dir {
                             Dir::Ingress if ing => {

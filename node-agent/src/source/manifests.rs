@@ -119,13 +119,32 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Reads and parses every manifest in `dir`; also returns the directory's
 /// digest (see [`digest_dir`]) of exactly what was read.
 pub fn load_dir(dir: &Path) -> Result<(Vec<Object>, String)> {
+    load_dir_cached(dir, &mut ParseCache::default())
+}
+
+/// Parsed files by name, with the text they were parsed from: a change to
+/// one file of a large directory re-parses only that file.
+#[derive(Debug, Default)]
+pub struct ParseCache(std::collections::HashMap<PathBuf, (String, Vec<Object>)>);
+
+/// [`load_dir`] reusing the parse of files whose text has not changed.
+pub fn load_dir_cached(dir: &Path, cache: &mut ParseCache) -> Result<(Vec<Object>, String)> {
     let mut objects = Vec::new();
     let mut digest = Fnv::new();
-    for path in manifest_files(dir)? {
+    let files = manifest_files(dir)?;
+    cache.0.retain(|p, _| files.contains(p));
+    for path in files {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
         digest.file(&path, &text);
-        objects.extend(parse_in(&path, &text)?);
+        match cache.0.get(&path) {
+            Some((old, parsed)) if *old == text => objects.extend(parsed.iter().cloned()),
+            _ => {
+                let parsed = parse_in(&path, &text)?;
+                objects.extend(parsed.iter().cloned());
+                cache.0.insert(path, (text, parsed));
+            }
+        }
     }
     Ok((objects, digest.hex()))
 }
@@ -202,8 +221,9 @@ pub async fn run(dir: PathBuf, tx: mpsc::Sender<Event>, settle: Duration) -> Res
             ))
         })?;
     let mut last = String::new();
+    let mut cache = ParseCache::default();
     loop {
-        match load_dir(&dir) {
+        match load_dir_cached(&dir, &mut cache) {
             Ok((objects, digest)) if digest != last => {
                 tracing::info!(dir = %dir.display(), objects = objects.len(), %digest, "manifests loaded");
                 last = digest.clone();
