@@ -211,7 +211,7 @@ struct PeerPod<'a> {
 }
 
 /// One addressable pod in the index.
-struct Entry2<'m> {
+struct Indexed<'m> {
     ns: &'m str,
     labels: &'m Labels,
     ips: Vec<IpAddr>,
@@ -222,15 +222,18 @@ struct Entry2<'m> {
 /// selector with matchLabels looks only at pods carrying its first label.
 struct Book<'m> {
     model: &'m Model,
-    pods: Vec<Entry2<'m>>,
+    pods: Vec<Indexed<'m>>,
     /// (key, value) → pods carrying that label.
     by_label: HashMap<(&'m str, &'m str), Vec<usize>>,
     /// namespace → its pods.
     by_ns: HashMap<&'m str, Vec<usize>>,
     ns_labels: HashMap<&'m str, Labels>,
     /// Resolved selector peers, by (policy namespace, peer) identity.
-    peers: std::cell::RefCell<HashMap<(usize, usize), std::rc::Rc<Vec<usize>>>>,
+    peers: std::cell::RefCell<PeerCache>,
 }
+
+/// Selector peer (by address of policy namespace and peer) → matching pods.
+type PeerCache = HashMap<(usize, usize), std::rc::Rc<Vec<usize>>>;
 
 static NO_LABELS: std::sync::OnceLock<Labels> = std::sync::OnceLock::new();
 
@@ -264,7 +267,7 @@ impl<'m> Book<'m> {
         };
         for (k, ips) in ips {
             let pod = model.pods.get(k);
-            let e = Entry2 {
+            let e = Indexed {
                 ns: &k.0,
                 labels: pod.map(|p| &p.labels).unwrap_or(no_labels),
                 ips,
