@@ -120,7 +120,9 @@ impl Agent {
                 _ = resync.tick() => dirty |= self.read_attachments(),
                 _ = &mut stop => break,
             }
-            if dirty && self.model.is_synced() {
+            // Never program a half-received relist: it would put a mix of
+            // the old and new state into the kernel, then program again.
+            if dirty && self.model.is_synced() && !self.model.is_relisting() {
                 // Programming runs nft and conntrack synchronously: tell
                 // the runtime, so the HTTP and socket tasks move to another
                 // worker instead of waiting behind it.

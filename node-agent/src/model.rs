@@ -93,6 +93,12 @@ impl Model {
         }
     }
 
+    /// True while a source is between `Reset` and `Synced` of some kind:
+    /// the model then mixes the old list with part of the new one.
+    pub fn is_relisting(&self) -> bool {
+        !self.relisting.is_empty()
+    }
+
     /// True once every kind has been listed completely.
     pub fn is_synced(&self) -> bool {
         Kind::ALL.iter().all(|k| self.synced.contains(k))
