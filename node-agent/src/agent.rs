@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 use nodeplane_proto::agent::{request::What, Reply, Request};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::compiler::Compiler;
 use crate::config::Config;
 use crate::model::{Attachment, AttachmentKey, Model};
 use crate::nft::{self, Settings};
-use crate::policy::{self, Compiled};
+use crate::policy::Compiled;
 use crate::source::Event;
 
 /// A plugin request waiting for its reply.
@@ -59,6 +60,7 @@ const RESYNC: Duration = Duration::from_secs(10);
 pub struct Agent {
     cfg: Config,
     model: Model,
+    compiler: Compiler,
     applied: Option<Compiled>,
     status: SharedStatus,
     waiting: Vec<oneshot::Sender<Reply>>,
@@ -78,6 +80,7 @@ impl Agent {
         Agent {
             cfg,
             model,
+            compiler: Compiler::default(),
             applied: None,
             status,
             waiting: Vec::new(),
@@ -276,7 +279,8 @@ impl Agent {
     /// Compiles and programs; true on success.
     fn program(&mut self) -> bool {
         let start = Instant::now();
-        let next = policy::compile(&self.model);
+        let changes = self.model.take_changes();
+        let next = self.compiler.compile(&self.model, Some(changes));
         let settings = self.settings();
         let result = match &self.applied {
             Some(prev) => nft::apply(&nft::delta(&settings, prev, &next)).or_else(|e| {

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 pub type Range<T> = (T, T);
 
 /// One allow entry before cutting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Entry<A> {
     pub addr: Range<A>,
     pub proto: Range<u8>,

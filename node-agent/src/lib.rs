@@ -12,6 +12,7 @@
 pub mod agent;
 pub mod api;
 pub mod cells;
+pub mod compiler;
 pub mod config;
 pub mod conntrack;
 pub mod error;

@@ -68,6 +68,23 @@ pub struct Model {
     node_name: String,
     /// The last [`Event::Revision`] applied.
     pub revision: String,
+    /// What changed since the compiler last took them.
+    changes: Changes,
+}
+
+/// What changed in a model since [`Model::take_changes`] was last called:
+/// what an incremental compile needs to know to recompile only the rule
+/// groups a change can affect. Attachments are not tracked here (the agent
+/// replaces them wholesale); the compiler compares them itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Each changed pod with its state before its first change (None: it
+    /// did not exist).
+    pub pods: BTreeMap<PodKey, Option<PodInfo>>,
+    /// Policies added, changed or removed.
+    pub policies: BTreeSet<PodKey>,
+    /// A namespace's labels changed (or a namespace came or went).
+    pub namespaces: bool,
 }
 
 /// Two models are equal when they hold the same cluster state, whichever
@@ -91,6 +108,11 @@ impl Model {
             node_name: node_name.to_string(),
             ..Model::default()
         }
+    }
+
+    /// Hands over what changed since the last call.
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
     }
 
     /// True while a source is between `Reset` and `Synced` of some kind:
@@ -158,12 +180,28 @@ impl Model {
         match obj {
             Object::Pod(pod) => {
                 let info = pod_info(&pod);
-                replace(&mut self.pods, (key.namespace, key.name), info)
+                let key = (key.namespace, key.name);
+                let old = self.pods.get(&key).cloned();
+                if old.as_ref() == Some(&info) {
+                    return false;
+                }
+                self.changes.pods.entry(key.clone()).or_insert(old);
+                self.pods.insert(key, info);
+                true
             }
-            Object::Namespace(ns) => replace(&mut self.namespaces, key.name, namespace_labels(&ns)),
+            Object::Namespace(ns) => {
+                let changed = replace(&mut self.namespaces, key.name, namespace_labels(&ns));
+                self.changes.namespaces |= changed;
+                changed
+            }
             Object::NetworkPolicy(np) => {
                 let spec = policy_spec(&np);
-                replace(&mut self.policies, (key.namespace, key.name), spec)
+                let key = (key.namespace, key.name);
+                let changed = replace(&mut self.policies, key.clone(), spec);
+                if changed {
+                    self.changes.policies.insert(key);
+                }
+                changed
             }
             Object::Node(node) => {
                 if key.name != self.node_name {
@@ -180,9 +218,25 @@ impl Model {
     fn remove(&mut self, key: &ObjectRef) -> bool {
         let k = (key.namespace.clone(), key.name.clone());
         match key.kind {
-            Kind::Pod => self.pods.remove(&k).is_some(),
-            Kind::NetworkPolicy => self.policies.remove(&k).is_some(),
-            Kind::Namespace => self.namespaces.remove(&key.name).is_some(),
+            Kind::Pod => match self.pods.remove(&k) {
+                Some(old) => {
+                    self.changes.pods.entry(k).or_insert(Some(old));
+                    true
+                }
+                None => false,
+            },
+            Kind::NetworkPolicy => {
+                let removed = self.policies.remove(&k).is_some();
+                if removed {
+                    self.changes.policies.insert(k);
+                }
+                removed
+            }
+            Kind::Namespace => {
+                let removed = self.namespaces.remove(&key.name).is_some();
+                self.changes.namespaces |= removed;
+                removed
+            }
             Kind::Node if key.name == self.node_name => {
                 !std::mem::take(&mut self.node_pod_cidrs).is_empty()
             }

@@ -21,12 +21,14 @@
 //! - The output hook is not filtered: the node always reaches its pods
 //!   (kubelet probes).
 //!
-//! Groups are named by a digest of their contents, so an update never edits
-//! a group: it creates new groups, repoints verdict-map elements, and
-//! deletes groups nothing points to, all in one `nft -f` transaction, which
-//! the kernel applies atomically. At start the agent reads back which
-//! objects its table holds and rewrites them (flush and refill) in one
-//! transaction too, so traffic of running pods never sees a gap.
+//! Groups are named after what shapes them (see [`crate::compiler`]), not
+//! after their contents, so a change usually edits a few elements of the
+//! groups it touches; it may also create groups, repoint verdict-map
+//! elements and delete groups nothing points to. Each change is one
+//! `nft -f` transaction, which the kernel applies atomically. At start the
+//! agent reads back which objects its table holds and rewrites them (flush
+//! and refill) in one transaction too, so traffic of running pods never
+//! sees a gap.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -226,6 +228,20 @@ fn range<T: std::fmt::Display + PartialEq>(lo: T, hi: T) -> String {
     }
 }
 
+/// The key of a cell's map element: `addr . proto . port` (ranges where wide).
+fn cell_key<A: Copy>(c: &Cell<A>, addr: &impl Fn(A) -> String) -> String {
+    let a = if addr(c.addr.0) == addr(c.addr.1) {
+        addr(c.addr.0)
+    } else {
+        format!("{}-{}", addr(c.addr.0), addr(c.addr.1))
+    };
+    format!(
+        "{a} . {} . {}",
+        range(c.proto.0, c.proto.1),
+        range(c.port.0, c.port.1)
+    )
+}
+
 fn cell_elements<A: Copy>(
     cells: &[Cell<A>],
     policies: &[String],
@@ -233,20 +249,82 @@ fn cell_elements<A: Copy>(
 ) -> Vec<String> {
     cells
         .iter()
-        .map(|c| {
-            let a = if addr(c.addr.0) == addr(c.addr.1) {
-                addr(c.addr.0)
-            } else {
-                format!("{}-{}", addr(c.addr.0), addr(c.addr.1))
-            };
-            format!(
-                "{a} . {} . {} : {}",
-                range(c.proto.0, c.proto.1),
-                range(c.port.0, c.port.1),
-                quote(&policies[c.policy])
-            )
-        })
+        .map(|c| format!("{} : {}", cell_key(c, &addr), quote(&policies[c.policy])))
         .collect()
+}
+
+/// Commands that turn group `id`'s map elements from `old` into `new`
+/// (same group name, changed contents): delete the cells that went or
+/// changed, add the new ones. In one transaction the kernel checks the
+/// added intervals against the map as it will be, so a new cell may
+/// overlap a deleted one.
+fn update_group(
+    out: &mut String,
+    t: &str,
+    id: &str,
+    old: (&Group, &[String]),
+    new: (&Group, &[String]),
+) {
+    fn diff<A: Copy + Ord>(
+        out: &mut String,
+        t: &str,
+        map: &str,
+        old: (&[Cell<A>], &[String]),
+        new: (&[Cell<A>], &[String]),
+        addr: impl Fn(A) -> String,
+    ) {
+        // Compare by policy name: the index tables of two compiles may differ.
+        let named =
+            |cells: &[Cell<A>], names: &[String]| -> BTreeSet<(A, A, u8, u8, u16, u16, String)> {
+                cells
+                    .iter()
+                    .map(|c| {
+                        (
+                            c.addr.0,
+                            c.addr.1,
+                            c.proto.0,
+                            c.proto.1,
+                            c.port.0,
+                            c.port.1,
+                            names[c.policy].clone(),
+                        )
+                    })
+                    .collect()
+            };
+        let (a, b) = (named(old.0, old.1), named(new.0, new.1));
+        let cell = |e: &(A, A, u8, u8, u16, u16, String)| Cell {
+            addr: (e.0, e.1),
+            proto: (e.2, e.3),
+            port: (e.4, e.5),
+            policy: 0,
+        };
+        let gone: Vec<String> = a
+            .difference(&b)
+            .map(|e| cell_key(&cell(e), &addr))
+            .collect();
+        let added: Vec<String> = b
+            .difference(&a)
+            .map(|e| format!("{} : {}", cell_key(&cell(e), &addr), quote(&e.6)))
+            .collect();
+        delete_elements(out, t, map, &gone);
+        elements(out, t, map, &added);
+    }
+    diff(
+        out,
+        t,
+        &format!("{id}_v4"),
+        (&old.0.v4, old.1),
+        (&new.0.v4, new.1),
+        |a| v4(a).to_string(),
+    );
+    diff(
+        out,
+        t,
+        &format!("{id}_v6"),
+        (&old.0.v6, old.1),
+        (&new.0.v6, new.1),
+        |a| v6(a).to_string(),
+    );
 }
 
 /// Commands that create group `id` (chain, two maps, their elements).
@@ -324,7 +402,7 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
     for c in DROP_COUNTERS
         .iter()
         .map(|c| c.to_string())
-        .chain(next.policies.iter().cloned())
+        .chain(next.counters.keys().cloned())
     {
         let _ = writeln!(out, "add counter inet {t} {c}");
     }
@@ -391,18 +469,18 @@ pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> String {
     let t = &s.table;
     let mut out = String::new();
     for c in next
-        .policies
-        .iter()
+        .counters
+        .keys()
         .filter(|c| !prev.counters.contains_key(*c))
     {
         let _ = writeln!(out, "add counter inet {t} {c}");
     }
-    for (id, g) in next
-        .groups
-        .iter()
-        .filter(|(id, _)| !prev.groups.contains_key(*id))
-    {
-        add_group(&mut out, t, id, g, &next.policies);
+    for (id, g) in &next.groups {
+        match prev.groups.get(id) {
+            None => add_group(&mut out, t, id, g, &next.policies),
+            Some(old) if std::sync::Arc::ptr_eq(old, g) => {}
+            Some(old) => update_group(&mut out, t, id, (old, &prev.policies), (g, &next.policies)),
+        }
     }
     let (a, b) = (BaseElements::of(prev, s), BaseElements::of(next, s));
     for (name, _) in BASE_SETS.iter().chain(BASE_MAPS) {

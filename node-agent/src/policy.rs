@@ -38,6 +38,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnetwork::IpNetwork;
 use k8s_openapi::api::networking::v1::{NetworkPolicyPeer, NetworkPolicyPort, NetworkPolicySpec};
@@ -45,6 +46,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::cells::{self, Cell, Entry};
+pub use crate::compiler::Compiler;
 use crate::model::{AttachmentKey, Labels, Model, NamedPort, PodKey};
 
 /// Traffic direction relative to the selected pod.
@@ -78,8 +80,14 @@ pub struct PodRules {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Compiled {
     pub pods: Vec<PodRules>,
-    pub groups: BTreeMap<String, Group>,
-    /// Counter name of each policy, by index; see [`counter_name`].
+    /// Rule groups by name. A group's name stands for what shapes its
+    /// contents (direction, selecting policies, the pod's named ports where
+    /// they matter), not for the contents: when a peer changes, the group
+    /// keeps its name and the datapath updates only the changed elements.
+    pub groups: BTreeMap<String, Arc<Group>>,
+    /// Counter name of each policy the compiler has seen, by the index
+    /// cells carry (indexes stay put while policies come and go; only
+    /// [`Compiled::counters`] lists the live ones); see [`counter_name`].
     pub policies: Vec<String>,
     /// Counter name → the policy it counts for.
     pub counters: BTreeMap<String, PodKey>,
@@ -127,37 +135,6 @@ impl Group {
             IpAddr::V6(a) => hit(&self.v6, u128::from(a), proto, port),
         }
     }
-
-    /// The group's name: a digest of direction and cells with policy
-    /// counter names (not indexes, which shift as policies come and go).
-    fn id(&self, policies: &[String]) -> String {
-        let mut h = Fnv::new();
-        h.str(match self.dir {
-            Dir::Ingress => "in",
-            Dir::Egress => "eg",
-        });
-        for c in &self.v4 {
-            h.str(&format!(
-                "{:?}{:?}{:?}{}",
-                c.addr, c.proto, c.port, policies[c.policy]
-            ));
-        }
-        h.str("|");
-        for c in &self.v6 {
-            h.str(&format!(
-                "{:?}{:?}{:?}{}",
-                c.addr, c.proto, c.port, policies[c.policy]
-            ));
-        }
-        format!(
-            "{}{:016x}",
-            match self.dir {
-                Dir::Ingress => "i",
-                Dir::Egress => "e",
-            },
-            h.0
-        )
-    }
 }
 
 /// The nftables counter that counts traffic a policy admitted.
@@ -169,12 +146,12 @@ pub fn counter_name(namespace: &str, name: &str) -> String {
     format!("p{:016x}", h.0)
 }
 
-struct Fnv(u64);
+pub(crate) struct Fnv(pub u64);
 impl Fnv {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Fnv(0xcbf2_9ce4_8422_2325)
     }
-    fn str(&mut self, s: &str) {
+    pub(crate) fn str(&mut self, s: &str) {
         for &b in s.as_bytes() {
             self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
         }
@@ -220,7 +197,7 @@ struct Indexed<'m> {
 
 /// The pods and addresses known to this compile, indexed so that a
 /// selector with matchLabels looks only at pods carrying its first label.
-struct Book<'m> {
+pub(crate) struct Book<'m> {
     model: &'m Model,
     pods: Vec<Indexed<'m>>,
     /// (key, value) → pods carrying that label.
@@ -238,7 +215,7 @@ type PeerCache = HashMap<(usize, usize), std::rc::Rc<Vec<usize>>>;
 static NO_LABELS: std::sync::OnceLock<Labels> = std::sync::OnceLock::new();
 
 impl<'m> Book<'m> {
-    fn new(model: &'m Model) -> Self {
+    pub(crate) fn new(model: &'m Model) -> Self {
         let no_labels = NO_LABELS.get_or_init(Labels::new);
         // Pod → addresses: the source's status IPs plus this node's attachments.
         let mut ips: BTreeMap<&'m PodKey, Vec<IpAddr>> = BTreeMap::new();
@@ -289,7 +266,7 @@ impl<'m> Book<'m> {
         book
     }
 
-    fn labels(&self, k: &PodKey) -> &Labels {
+    pub(crate) fn labels(&self, k: &PodKey) -> &Labels {
         self.model
             .pods
             .get(k)
@@ -617,133 +594,136 @@ fn rule_entries(
     }
 }
 
-/// Compiles the model's policies for every pod attached on this node.
+/// Compiles the model's policies for every pod attached on this node,
+/// from scratch (the agent keeps a [`Compiler`] instead, which recompiles
+/// only what a change can affect).
 pub fn compile(model: &Model) -> Compiled {
-    let book = Book::new(model);
-    let keys: Vec<&PodKey> = model.policies.keys().collect();
-    let policies: Vec<String> = keys.iter().map(|(ns, n)| counter_name(ns, n)).collect();
-    let counters = keys
-        .iter()
-        .zip(&policies)
-        .map(|(k, c)| (c.clone(), (*k).clone()))
-        .collect();
-    let mut out = Compiled {
-        policies,
-        counters,
-        ..Compiled::default()
-    };
-    // Pods with the same selecting policies and named ports compile alike.
-    type Signature = (Vec<usize>, Vec<NamedPort>);
-    type GroupIds = (Option<String>, Option<String>);
-    let mut memo: HashMap<Signature, GroupIds> = HashMap::new();
-    let no_ports: Vec<NamedPort> = Vec::new();
-    let specs: Vec<&NetworkPolicySpec> = model.policies.values().collect();
-    // Policies by namespace, so a pod only looks at its own namespace's.
-    let mut by_ns: HashMap<&str, Vec<usize>> = HashMap::new();
-    for (i, (ns, _)) in keys.iter().enumerate() {
-        by_ns.entry(ns.as_str()).or_default().push(i);
-    }
-    for a in model.attachments.values() {
-        let no_labels = Labels::new();
-        let (labels, ports) = match &a.pod {
-            Some(k) => (
-                book.labels(k),
-                model.pods.get(k).map(|p| &p.ports).unwrap_or(&no_ports),
-            ),
-            None => (&no_labels, &no_ports),
-        };
-        let selecting: Vec<usize> = match &a.pod {
-            None => Vec::new(),
-            Some((ns, _)) => by_ns
-                .get(ns.as_str())
-                .into_iter()
+    Compiler::default().compile(model, None)
+}
+
+/// One selecting policy as a group compile sees it.
+pub(crate) struct Selecting<'a> {
+    /// Index into [`Compiled::policies`].
+    pub index: usize,
+    pub namespace: &'a str,
+    pub spec: &'a NetworkPolicySpec,
+}
+
+/// The rules of one direction of a policy: (peers, ports) per rule; None
+/// when the policy does not apply to that direction.
+type DirRules<'a> = Vec<(
+    Option<&'a [NetworkPolicyPeer]>,
+    Option<&'a [NetworkPolicyPort]>,
+)>;
+
+pub(crate) fn dir_rules(spec: &NetworkPolicySpec, dir: Dir) -> Option<DirRules<'_>> {
+    let (ing, eg) = policy_types(spec);
+    match dir {
+        Dir::Ingress if ing => Some(
+            spec.ingress
+                .iter()
                 .flatten()
-                .copied()
-                .filter(|&i| {
-                    specs[i]
+                .map(|r| (r.from.as_deref(), r.ports.as_deref()))
+                .collect(),
+        ),
+        Dir::Egress if eg => Some(
+            spec.egress
+                .iter()
+                .flatten()
+                .map(|r| (r.to.as_deref(), r.ports.as_deref()))
+                .collect(),
+        ),
+        _ => None,
+    }
+}
+
+fn has_named(ports: Option<&[NetworkPolicyPort]>) -> bool {
+    ports.is_some_and(|ps| {
+        ps.iter()
+            .any(|p| matches!(p.port, Some(IntOrString::String(_))))
+    })
+}
+
+/// Does an ingress rule of this policy use a named port (which resolves
+/// on the selected pod, so the pod's own ports shape its group)?
+pub(crate) fn named_ingress(spec: &NetworkPolicySpec) -> bool {
+    dir_rules(spec, Dir::Ingress)
+        .into_iter()
+        .flatten()
+        .any(|(_, ports)| has_named(ports))
+}
+
+/// Could a pod in `pod_ns` with `labels` (its namespace labelled
+/// `ns_labels`) be one of the peers of this policy's `dir` rules? Used to
+/// decide which cached groups a pod change makes stale; errs on the side
+/// of yes (egress named ports resolve on every pod).
+pub(crate) fn may_be_peer(
+    spec: &NetworkPolicySpec,
+    policy_ns: &str,
+    dir: Dir,
+    pod_ns: &str,
+    labels: &Labels,
+    ns_labels: &Labels,
+) -> bool {
+    let Some(rules) = dir_rules(spec, dir) else {
+        return false;
+    };
+    rules.iter().any(|(peers, ports)| {
+        let named_egress = dir == Dir::Egress && has_named(*ports);
+        match peers.filter(|p| !p.is_empty()) {
+            None => named_egress,
+            Some(peers) => peers.iter().any(|peer| {
+                if peer.ip_block.is_some() {
+                    return named_egress;
+                }
+                if peer.pod_selector.is_none() && peer.namespace_selector.is_none() {
+                    return false;
+                }
+                let ns_ok = match &peer.namespace_selector {
+                    None => pod_ns == policy_ns,
+                    Some(sel) => selects(sel, ns_labels),
+                };
+                ns_ok
+                    && peer
                         .pod_selector
                         .as_ref()
                         .is_none_or(|sel| selects(sel, labels))
-                })
-                .collect(),
-        };
-        let memo_key = (selecting.clone(), ports.clone());
-        let (ingress, egress) = match memo.get(&memo_key) {
-            Some(v) => v.clone(),
-            None => {
-                let mut ids = (None, None);
-                for dir in [Dir::Ingress, Dir::Egress] {
-                    let mut isolated = false;
-                    let mut c = Collect {
-                        v4: Vec::new(),
-                        v6: Vec::new(),
-                    };
-                    for &pi in &selecting {
-                        let pns = &keys[pi].0;
-                        let spec = specs[pi];
-                        let (ing, eg) = policy_types(spec);
-                        match dir {
-                            Dir::Ingress if ing => {
-                                isolated = true;
-                                for r in spec.ingress.iter().flatten() {
-                                    rule_entries(
-                                        &book,
-                                        &mut c,
-                                        pi,
-                                        pns,
-                                        dir,
-                                        r.from.as_deref(),
-                                        r.ports.as_deref(),
-                                        ports,
-                                    );
-                                }
-                            }
-                            Dir::Egress if eg => {
-                                isolated = true;
-                                for r in spec.egress.iter().flatten() {
-                                    rule_entries(
-                                        &book,
-                                        &mut c,
-                                        pi,
-                                        pns,
-                                        dir,
-                                        r.to.as_deref(),
-                                        r.ports.as_deref(),
-                                        ports,
-                                    );
-                                }
-                            }
-                            _ => {}
-                        }
-                    }
-                    if isolated {
-                        let g = Group {
-                            dir,
-                            v4: cells::disjoint(&c.v4),
-                            v6: cells::disjoint(&c.v6),
-                        };
-                        let id = g.id(&out.policies);
-                        out.groups.entry(id.clone()).or_insert(g);
-                        match dir {
-                            Dir::Ingress => ids.0 = Some(id),
-                            Dir::Egress => ids.1 = Some(id),
-                        }
-                    }
-                }
-                memo.insert(memo_key, ids.clone());
-                ids
-            }
-        };
-        out.pods.push(PodRules {
-            attachment: (a.network.clone(), a.container_id.clone(), a.ifname.clone()),
-            pod: a.pod.clone(),
-            host_ifname: a.host_ifname.clone(),
-            ips: a.ips.clone(),
-            ingress,
-            egress,
-        });
+            }),
+        }
+    })
+}
+
+/// Compiles one rule group: the union of the `dir` rules of `selecting`
+/// for a pod whose named container ports are `own_ports`.
+pub(crate) fn group_cells(
+    book: &Book<'_>,
+    dir: Dir,
+    selecting: &[Selecting<'_>],
+    own_ports: &[NamedPort],
+) -> Group {
+    let mut c = Collect {
+        v4: Vec::new(),
+        v6: Vec::new(),
+    };
+    // Entries carry the position in `selecting` (policies in key order),
+    // so a cell covered by several policies is attributed the same way
+    // however the indexes were assigned; then positions become indexes.
+    for (pos, s) in selecting.iter().enumerate() {
+        for (peers, ports) in dir_rules(s.spec, dir).into_iter().flatten() {
+            rule_entries(book, &mut c, pos, s.namespace, dir, peers, ports, own_ports);
+        }
     }
-    out
+    fn index<A>(mut cells: Vec<Cell<A>>, selecting: &[Selecting<'_>]) -> Vec<Cell<A>> {
+        for cell in &mut cells {
+            cell.policy = selecting[cell.policy].index;
+        }
+        cells
+    }
+    Group {
+        dir,
+        v4: index(cells::disjoint(&c.v4), selecting),
+        v6: index(cells::disjoint(&c.v6), selecting),
+    }
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 //! fault. Half-applying a directory could open holes (a deny policy in a
 //! broken file would silently vanish).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use notify::Watcher;
 use serde_json::Value;
 use tokio::sync::mpsc;
 
-use super::{Event, Kind, Object};
+use super::{Event, Kind, Object, ObjectRef};
 use crate::{Error, Result};
 
 /// Parses multi-document YAML (or JSON) into objects. Unknown kinds are an
@@ -198,10 +199,42 @@ pub fn relist_events(objects: Vec<Object>, revision: String) -> Vec<Event> {
     events
 }
 
-/// Watches `dir` and sends its contents as a relist at start and after
-/// every change. Changes that arrive within `settle` of each other are read
-/// once (an editor's save is several inotify events). Returns when the
-/// receiver is gone.
+/// The events that turn a model holding `prev` into one holding
+/// `objects` (a later object with the same key wins, as in a relist):
+/// `Apply` for every new or changed object, `Delete` for every object
+/// that went, then the revision marker. `prev` becomes the new state.
+///
+/// Why not a relist per change: the model would re-apply and re-check
+/// every object, and the agent could not program until the relist's end;
+/// a diff lets one changed pod be one event.
+pub fn diff_events(
+    prev: &mut BTreeMap<ObjectRef, Object>,
+    objects: Vec<Object>,
+    revision: String,
+) -> Vec<Event> {
+    let mut next: BTreeMap<ObjectRef, Object> = BTreeMap::new();
+    for obj in objects {
+        next.insert(obj.key(), obj);
+    }
+    let mut events: Vec<Event> = prev
+        .keys()
+        .filter(|k| !next.contains_key(*k))
+        .map(|k| Event::Delete(k.clone()))
+        .collect();
+    for (k, obj) in &next {
+        if prev.get(k) != Some(obj) {
+            events.push(Event::Apply(obj.clone()));
+        }
+    }
+    events.push(Event::Revision(revision));
+    *prev = next;
+    events
+}
+
+/// Watches `dir` and sends its contents as a relist at start, then each
+/// change as single `Apply`/`Delete` events ([`diff_events`]). Changes
+/// that arrive within `settle` of each other are read once (an editor's
+/// save is several inotify events). Returns when the receiver is gone.
 pub async fn run(dir: PathBuf, tx: mpsc::Sender<Event>, settle: Duration) -> Result<()> {
     let (wake_tx, mut wake) = mpsc::unbounded_channel::<()>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
@@ -222,12 +255,20 @@ pub async fn run(dir: PathBuf, tx: mpsc::Sender<Event>, settle: Duration) -> Res
         })?;
     let mut last = String::new();
     let mut cache = ParseCache::default();
+    let mut current: Option<BTreeMap<ObjectRef, Object>> = None;
     loop {
         match load_dir_cached(&dir, &mut cache) {
             Ok((objects, digest)) if digest != last => {
                 tracing::info!(dir = %dir.display(), objects = objects.len(), %digest, "manifests loaded");
                 last = digest.clone();
-                for ev in relist_events(objects, digest) {
+                let events = match &mut current {
+                    None => {
+                        current = Some(objects.iter().map(|o| (o.key(), o.clone())).collect());
+                        relist_events(objects, digest)
+                    }
+                    Some(prev) => diff_events(prev, objects, digest),
+                };
+                for ev in events {
                     if tx.send(ev).await.is_err() {
                         return Ok(());
                     }

@@ -33,7 +33,7 @@ impl Kind {
 }
 
 /// One object as a source delivers it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     Pod(Box<Pod>),
     Namespace(Box<Namespace>),

@@ -12,6 +12,8 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use nodeplane_agent::compiler::Compiler;
+use nodeplane_agent::model::Changes;
 use nodeplane_agent::nft::{self, Existing};
 use nodeplane_agent::policy;
 use nodeplane_proto::agent::request::What;
@@ -333,14 +335,41 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
     }
     let apply = t.elapsed();
     model.attachments = inproc::attachments(&records);
-    let (compile, prev) = inproc::timed(5, || policy::compile(&model));
-    // The same change as (b): one pod's tier label flipped.
+    let (compile, _) = inproc::timed(5, || policy::compile(&model));
+    // The same change as (b): one pod's tier label flipped, compiled as the
+    // agent does (an incremental compiler that saw the model before).
     let mut changed = model.clone();
     let key = (wl.pods[k].namespace.clone(), wl.pods[k].name.clone());
+    let before = changed.pods.get(&key).cloned();
     if let Some(p) = changed.pods.get_mut(&key) {
         p.labels.insert("tier".into(), flip.into());
     }
-    let next = policy::compile(&changed);
+    let one_pod = |old| Changes {
+        pods: [(key.clone(), old)].into(),
+        ..Changes::default()
+    };
+    let mut compiler = Compiler::default();
+    let mut prev = compiler.compile(&model, None);
+    let mut next = prev.clone();
+    let mut incremental = Vec::new();
+    let mut regrouped = (0, 0);
+    for i in 0..6 {
+        // Flip and flip back: each compile sees exactly one changed pod.
+        let (m, old) = if i % 2 == 0 {
+            (&changed, before.clone())
+        } else {
+            (&model, changed.pods.get(&key).cloned())
+        };
+        let t = Instant::now();
+        let c = compiler.compile(m, Some(one_pod(old)));
+        incremental.push(t.elapsed());
+        regrouped = (compiler.last.compiled, compiler.last.reused);
+        if i == 0 {
+            next = c;
+        } else if i == 1 {
+            prev = c;
+        }
+    }
     let (render_delta, delta) = inproc::timed(5, || nft::delta(&settings, &prev, &next));
     let back = nft::delta(&settings, &next, &prev);
     let (render_full, full) =
@@ -352,14 +381,21 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
         nft_delta.push(inproc::nft_apply(&scratch, &delta)?);
         inproc::nft_apply(&scratch, &back)?;
     }
-    let (conntrack, _) = inproc::timed(5, || {
-        for family in ["ipv4", "ipv6"] {
-            let _ = node
-                .command("conntrack")
-                .args(["-L", "-f", family])
-                .output();
+    // The agent's conntrack cut (a ctnetlink dump per family, deletes of
+    // what the rules deny), run in the node namespace on a thread of its own.
+    let ns_file = node.open();
+    let cut_rules = next.clone();
+    let conntrack = std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid fd changes only this thread's netns.
+        if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
         }
-    });
+        let (t, r) = inproc::timed(5, || nodeplane_agent::conntrack::cut_denied(&cut_rules));
+        r.map(|_| t).map_err(|e| e.to_string())
+    })
+    .join()
+    .map_err(|_| "the conntrack timing thread panicked".to_string())??;
     println!("  where one incremental change's time goes (bench process, agent idle; medians):");
     let row = |label: &str, d: Duration, note: String| {
         let line = format!("        {label:<50} {:>10}   {note}", ms(d));
@@ -375,29 +411,31 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
     );
     row("rebuild the model (relist events)", apply, String::new());
     row(
-        "compile all local pods (policy::compile)",
+        "for scale: compile everything (policy::compile)",
         compile,
         format!("({} pods, {} groups)", prev.pods.len(), prev.groups.len()),
     );
-    // Groups are named by a digest of their contents: a changed group is
-    // a new group, re-added whole, and the old one deleted.
-    let replaced: Vec<&policy::Group> = next
-        .groups
-        .iter()
-        .filter(|(id, _)| !prev.groups.contains_key(*id))
-        .map(|(_, g)| g)
-        .collect();
-    let readded: usize = replaced.iter().map(|g| g.v4.len() + g.v6.len()).sum();
+    row(
+        "recompile after the change (Compiler, incremental)",
+        median(&incremental).unwrap_or_default(),
+        format!(
+            "({} groups recompiled, {} reused)",
+            regrouped.0, regrouped.1
+        ),
+    );
+    let changed_elements = delta
+        .lines()
+        .filter(|l| l.contains(" element "))
+        .map(|l| l.matches(',').count() + 1)
+        .sum::<usize>();
     let total: usize = next.groups.values().map(|g| g.v4.len() + g.v6.len()).sum();
     row(
         "render the delta (nft::delta)",
         render_delta,
         format!(
-            "({} lines, {:.0} KiB: {} of {} groups replaced, {readded} of {total} map elements re-added)",
+            "({} lines, {:.1} KiB: about {changed_elements} of {total} elements added or deleted)",
             delta.lines().count(),
             delta.len() as f64 / 1024.0,
-            replaced.len(),
-            next.groups.len()
         ),
     );
     row(
@@ -406,7 +444,7 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
         String::new(),
     );
     row(
-        "conntrack -L, ipv4 + ipv6 (two spawns)",
+        "conntrack cut (ctnetlink dump v4 + v6, deletes)",
         conntrack,
         String::new(),
     );
