@@ -293,8 +293,9 @@ impl Agent {
         };
         let elapsed = start.elapsed().as_secs_f64();
         let mut cut = 0;
-        if result.is_ok() && self.applied.as_ref() != Some(&next) {
-            match crate::conntrack::cut_denied(&next) {
+        let exposed = exposed_pods(self.applied.as_ref(), &next);
+        if result.is_ok() && !exposed.is_empty() {
+            match crate::conntrack::cut_denied(&next, &exposed) {
                 Ok(n) => cut = n,
                 Err(e) => tracing::warn!(error = %e, "denied connections not cut"),
             }
@@ -391,4 +392,41 @@ impl Agent {
 fn full_sync(settings: &Settings, next: &Compiled) -> crate::Result<()> {
     let existing = nft::read_back(&settings.table)?;
     nft::apply(&nft::full(settings, &existing, next))
+}
+
+/// Addresses of the local pods whose allowed traffic a change may have
+/// narrowed: their group changed, its contents changed, or they are new
+/// and isolated. Only their connections can need cutting; when there are
+/// none, the conntrack table is not even read.
+fn exposed_pods(prev: Option<&Compiled>, next: &Compiled) -> std::collections::HashSet<IpAddr> {
+    let Some(prev) = prev else {
+        return next
+            .pods
+            .iter()
+            .flat_map(|p| p.ips.iter().copied())
+            .collect();
+    };
+    let before: BTreeMap<&AttachmentKey, &crate::policy::PodRules> =
+        prev.pods.iter().map(|p| (&p.attachment, p)).collect();
+    let narrowed = |old: Option<&String>, new: Option<&String>| match (old, new) {
+        (_, None) => false, // not isolated any more: everything passes
+        (None, Some(_)) => true,
+        (Some(a), Some(b)) if a != b => true,
+        (Some(_), Some(id)) => match (prev.groups.get(id), next.groups.get(id)) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(a, b) && a != b,
+            _ => true,
+        },
+    };
+    next.pods
+        .iter()
+        .filter(|p| match before.get(&p.attachment) {
+            None => p.ingress.is_some() || p.egress.is_some(),
+            Some(old) => {
+                old.ips != p.ips
+                    || narrowed(old.ingress.as_ref(), p.ingress.as_ref())
+                    || narrowed(old.egress.as_ref(), p.egress.as_ref())
+            }
+        })
+        .flat_map(|p| p.ips.iter().copied())
+        .collect()
 }

@@ -93,8 +93,16 @@ pub fn disjoint<A: Addr>(entries: &[Entry<A>]) -> Vec<Cell<A>> {
             None => A::MAX,
         };
         let pattern = pattern(active.keys().map(|&i| &entries[i]));
+        // Single addresses (pod peers) stay single even next to an equal
+        // neighbour: they then live in the datapath's hash maps, where a
+        // pod coming or going is one element, instead of reshaping a range.
         match runs.last_mut() {
-            Some((range, last)) if *last == pattern && range.1.next() == Some(*point) => {
+            Some((range, last))
+                if *last == pattern
+                    && range.1.next() == Some(*point)
+                    && range.0 != range.1
+                    && *point != hi =>
+            {
                 range.1 = hi;
             }
             _ => runs.push(((*point, hi), pattern)),
@@ -247,8 +255,20 @@ mod tests {
     }
 
     #[test]
-    fn adjacent_equal_cells_merge() {
-        let entries: Vec<_> = (0..100).map(|i| e((i, i), (6, 6), (80, 80), 0)).collect();
-        assert_eq!(disjoint(&entries), vec![e((0, 99), (6, 6), (80, 80), 0)]);
+    fn adjacent_equal_ranges_merge_single_addresses_do_not() {
+        let entries = vec![
+            e((0, 9), (6, 6), (80, 80), 0),
+            e((10, 19), (6, 6), (80, 80), 0),
+            e((20, 20), (6, 6), (80, 80), 0),
+            e((21, 21), (6, 6), (80, 80), 0),
+        ];
+        assert_eq!(
+            disjoint(&entries),
+            vec![
+                e((0, 19), (6, 6), (80, 80), 0),
+                e((20, 20), (6, 6), (80, 80), 0),
+                e((21, 21), (6, 6), (80, 80), 0),
+            ]
+        );
     }
 }

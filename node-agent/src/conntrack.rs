@@ -10,6 +10,7 @@
 //! tuple the dump returned. Spawning the `conntrack` tool instead cost
 //! about 10 ms per call, on every policy change.
 
+use std::collections::HashSet;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -70,18 +71,18 @@ struct Entry {
     key: Vec<u8>,
 }
 
-/// Deletes the entries of local pods that `rules` no longer allows;
-/// returns how many entries were cut. TCP entries already in TIME_WAIT or
-/// CLOSE carry no traffic and are left to expire.
-pub fn cut_denied(rules: &Compiled) -> Result<usize> {
-    let local: std::collections::HashSet<IpAddr> = rules
-        .pods
-        .iter()
-        .flat_map(|p| p.ips.iter().copied())
-        .collect();
+/// Deletes the entries from or to the local pod addresses in `exposed`
+/// that `rules` no longer allows; returns how many entries were cut. TCP
+/// entries already in TIME_WAIT or CLOSE carry no traffic and are left to
+/// expire. A family without exposed addresses is not dumped.
+pub fn cut_denied(rules: &Compiled, exposed: &HashSet<IpAddr>) -> Result<usize> {
+    let local = exposed;
     let mut ct = Ctnl::new().map_err(|e| Error::Conntrack(format!("open ctnetlink: {e}")))?;
     let mut denied = Vec::new();
     for family in [AF_INET, AF_INET6] {
+        if !local.iter().any(|ip| ip.is_ipv4() == (family == AF_INET)) {
+            continue;
+        }
         let entries = ct
             .dump(family)
             .map_err(|e| Error::Conntrack(format!("dump the conntrack table: {e}")))?;

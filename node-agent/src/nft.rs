@@ -228,36 +228,199 @@ fn range<T: std::fmt::Display + PartialEq>(lo: T, hi: T) -> String {
     }
 }
 
-/// The key of a cell's map element: `addr . proto . port` (ranges where wide).
-fn cell_key<A: Copy>(c: &Cell<A>, addr: &impl Fn(A) -> String) -> String {
-    let a = if addr(c.addr.0) == addr(c.addr.1) {
-        addr(c.addr.0)
-    } else {
-        format!("{}-{}", addr(c.addr.0), addr(c.addr.1))
-    };
-    format!(
-        "{a} . {} . {}",
-        range(c.proto.0, c.proto.1),
-        range(c.port.0, c.port.1)
-    )
+/// The maps of one group and family, by the shape of the cells they hold.
+/// Most cells are one pod address with one protocol and port (or every
+/// port, or everything): those go into hash maps, where adding or deleting
+/// an element costs the same however large the map. Only address ranges
+/// and wide port ranges go into the interval map, whose element deletion in
+/// the kernel (pipapo) grows with the square of the map's size: with pod
+/// peers in it, one pod's label change cost tens of milliseconds of
+/// kernel time over the groups it touched. Cells are disjoint, so a packet
+/// matches in at most one of the maps, and the chain tries each in turn:
+/// at most four lookups per family, however many rules there are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Shape {
+    /// One address, protocol and port: `addr . proto . port`.
+    Port,
+    /// One address and protocol, every port: `addr . proto`.
+    Proto,
+    /// One address, every protocol and port: `addr`.
+    Addr,
+    /// Everything else: interval map `addr . proto . port`.
+    Range,
 }
 
-fn cell_elements<A: Copy>(
-    cells: &[Cell<A>],
-    policies: &[String],
-    addr: impl Fn(A) -> String,
-) -> Vec<String> {
-    cells
+/// Port ranges up to this wide on one address are expanded into single
+/// ports (hash map elements) instead of an interval element.
+const EXPAND_PORTS: u32 = 16;
+
+const SHAPES: [Shape; 4] = [Shape::Port, Shape::Proto, Shape::Addr, Shape::Range];
+
+impl Shape {
+    fn of<A: PartialEq>(c: &Cell<A>) -> Shape {
+        let one_addr = c.addr.0 == c.addr.1;
+        let one_proto = c.proto.0 == c.proto.1;
+        let all_ports = c.port == (0, u16::MAX);
+        let narrow = u32::from(c.port.1) - u32::from(c.port.0) < EXPAND_PORTS;
+        match (one_addr, one_proto) {
+            (true, true) if all_ports => Shape::Proto,
+            (true, true) if narrow => Shape::Port,
+            (true, false) if c.proto == (0, u8::MAX) && all_ports => Shape::Addr,
+            _ => Shape::Range,
+        }
+    }
+
+    /// The map's name for group `id` and family suffix "4"/"6".
+    fn map(self, id: &str, fam: &str) -> String {
+        let s = match self {
+            Shape::Port => "x",
+            Shape::Proto => "y",
+            Shape::Addr => "z",
+            Shape::Range => "v",
+        };
+        format!("{id}_{s}{fam}")
+    }
+
+    fn spec(self, addr_type: &str) -> String {
+        match self {
+            Shape::Port => {
+                format!("type {addr_type} . inet_proto . inet_service : counter;")
+            }
+            Shape::Proto => format!("type {addr_type} . inet_proto : counter;"),
+            Shape::Addr => format!("type {addr_type} : counter;"),
+            Shape::Range => {
+                format!("type {addr_type} . inet_proto . inet_service : counter; flags interval;")
+            }
+        }
+    }
+
+    /// The packet fields the map is looked up with (after the address).
+    fn key_expr(self) -> &'static str {
+        match self {
+            Shape::Port | Shape::Range => " . meta l4proto . th dport",
+            Shape::Proto => " . meta l4proto",
+            Shape::Addr => "",
+        }
+    }
+}
+
+/// Every map name a group has (for read-back clean-up).
+fn group_maps(id: &str) -> Vec<String> {
+    ["4", "6"]
         .iter()
-        .map(|c| format!("{} : {}", cell_key(c, &addr), quote(&policies[c.policy])))
+        .flat_map(|fam| SHAPES.iter().map(move |s| s.map(id, fam)))
         .collect()
 }
 
+/// A cell's map elements: (shape, key, value).
+fn cell_entries<A: Copy + PartialEq>(
+    c: &Cell<A>,
+    policy: &str,
+    addr: &impl Fn(A) -> String,
+    out: &mut Vec<(Shape, String, String)>,
+) {
+    let value = quote(policy);
+    let shape = Shape::of(c);
+    let a = if shape == Shape::Range && addr(c.addr.0) != addr(c.addr.1) {
+        format!("{}-{}", addr(c.addr.0), addr(c.addr.1))
+    } else {
+        addr(c.addr.0)
+    };
+    match shape {
+        Shape::Port => {
+            for port in c.port.0..=c.port.1 {
+                out.push((
+                    shape,
+                    format!("{a} . {} . {port}", c.proto.0),
+                    value.clone(),
+                ));
+            }
+        }
+        Shape::Proto => out.push((shape, format!("{a} . {}", c.proto.0), value)),
+        Shape::Addr => out.push((shape, a, value)),
+        Shape::Range => out.push((
+            shape,
+            format!(
+                "{a} . {} . {}",
+                range(c.proto.0, c.proto.1),
+                range(c.port.0, c.port.1)
+            ),
+            value,
+        )),
+    }
+}
+
+/// One family's cells of a group, compared by policy name (the index
+/// tables of two compiles may differ).
+type Named<'a, A> = BTreeSet<(A, A, u8, u8, u16, u16, &'a str)>;
+
+fn named<'a, A: Copy + Ord>(cells: &[Cell<A>], names: &'a [String]) -> Named<'a, A> {
+    cells
+        .iter()
+        .map(|c| {
+            (
+                c.addr.0,
+                c.addr.1,
+                c.proto.0,
+                c.proto.1,
+                c.port.0,
+                c.port.1,
+                names[c.policy].as_str(),
+            )
+        })
+        .collect()
+}
+
+fn unnamed<A: Copy>(e: &(A, A, u8, u8, u16, u16, &str)) -> Cell<A> {
+    Cell {
+        addr: (e.0, e.1),
+        proto: (e.2, e.3),
+        port: (e.4, e.5),
+        policy: 0,
+    }
+}
+
+/// Renders one family's element changes: deletes of `gone`, then adds of
+/// `added`, map by map (in one transaction the kernel checks each added
+/// element against the map as it will be, so an add may reuse a key or
+/// overlap an interval deleted just before).
+fn family_changes<A: Copy + Ord>(
+    out: &mut String,
+    t: &str,
+    id: &str,
+    fam: &str,
+    gone: &[(A, A, u8, u8, u16, u16, &str)],
+    added: &[(A, A, u8, u8, u16, u16, &str)],
+    addr: impl Fn(A) -> String,
+) {
+    let entries = |cells: &[(A, A, u8, u8, u16, u16, &str)]| {
+        let mut v = Vec::new();
+        for e in cells {
+            cell_entries(&unnamed(e), e.6, &addr, &mut v);
+        }
+        v
+    };
+    let (gone, added) = (entries(gone), entries(added));
+    for shape in SHAPES {
+        let map = shape.map(id, fam);
+        let keys: Vec<String> = gone
+            .iter()
+            .filter(|e| e.0 == shape)
+            .map(|e| e.1.clone())
+            .collect();
+        delete_elements(out, t, &map, &keys);
+        let elems: Vec<String> = added
+            .iter()
+            .filter(|e| e.0 == shape)
+            .map(|e| format!("{} : {}", e.1, e.2))
+            .collect();
+        elements(out, t, &map, &elems);
+    }
+}
+
 /// Commands that turn group `id`'s map elements from `old` into `new`
-/// (same group name, changed contents): delete the cells that went or
-/// changed, add the new ones. In one transaction the kernel checks the
-/// added intervals against the map as it will be, so a new cell may
-/// overlap a deleted one.
+/// (same group name, changed contents): only the cells that went, came
+/// or changed are touched.
 fn update_group(
     out: &mut String,
     t: &str,
@@ -265,104 +428,50 @@ fn update_group(
     old: (&Group, &[String]),
     new: (&Group, &[String]),
 ) {
-    fn diff<A: Copy + Ord>(
-        out: &mut String,
-        t: &str,
-        map: &str,
-        old: (&[Cell<A>], &[String]),
-        new: (&[Cell<A>], &[String]),
-        addr: impl Fn(A) -> String,
-    ) {
-        // Compare by policy name: the index tables of two compiles may differ.
-        let named =
-            |cells: &[Cell<A>], names: &[String]| -> BTreeSet<(A, A, u8, u8, u16, u16, String)> {
-                cells
-                    .iter()
-                    .map(|c| {
-                        (
-                            c.addr.0,
-                            c.addr.1,
-                            c.proto.0,
-                            c.proto.1,
-                            c.port.0,
-                            c.port.1,
-                            names[c.policy].clone(),
-                        )
-                    })
-                    .collect()
-            };
-        let (a, b) = (named(old.0, old.1), named(new.0, new.1));
-        let cell = |e: &(A, A, u8, u8, u16, u16, String)| Cell {
-            addr: (e.0, e.1),
-            proto: (e.2, e.3),
-            port: (e.4, e.5),
-            policy: 0,
-        };
-        let gone: Vec<String> = a
-            .difference(&b)
-            .map(|e| cell_key(&cell(e), &addr))
-            .collect();
-        let added: Vec<String> = b
-            .difference(&a)
-            .map(|e| format!("{} : {}", cell_key(&cell(e), &addr), quote(&e.6)))
-            .collect();
-        delete_elements(out, t, map, &gone);
-        elements(out, t, map, &added);
-    }
-    diff(
-        out,
-        t,
-        &format!("{id}_v4"),
-        (&old.0.v4, old.1),
-        (&new.0.v4, new.1),
-        |a| v4(a).to_string(),
-    );
-    diff(
-        out,
-        t,
-        &format!("{id}_v6"),
-        (&old.0.v6, old.1),
-        (&new.0.v6, new.1),
-        |a| v6(a).to_string(),
-    );
+    let (a, b) = (named(&old.0.v4, old.1), named(&new.0.v4, new.1));
+    let gone: Vec<_> = a.difference(&b).copied().collect();
+    let added: Vec<_> = b.difference(&a).copied().collect();
+    family_changes(out, t, id, "4", &gone, &added, |x| v4(x).to_string());
+    let (a, b) = (named(&old.0.v6, old.1), named(&new.0.v6, new.1));
+    let gone: Vec<_> = a.difference(&b).copied().collect();
+    let added: Vec<_> = b.difference(&a).copied().collect();
+    family_changes(out, t, id, "6", &gone, &added, |x| v6(x).to_string());
 }
 
-/// Commands that create group `id` (chain, two maps, their elements).
+/// Commands that create group `id` (chain, its maps, their elements).
 fn add_group(out: &mut String, t: &str, id: &str, g: &Group, policies: &[String]) {
     let (peer4, peer6, denied) = match g.dir {
         Dir::Ingress => ("ip saddr", "ip6 saddr", "denied_ingress"),
         Dir::Egress => ("ip daddr", "ip6 daddr", "denied_egress"),
     };
-    let _ = writeln!(
-        out,
-        "add map inet {t} {id}_v4 {{ type ipv4_addr . inet_proto . inet_service : counter; flags interval; }}"
-    );
-    let _ = writeln!(
-        out,
-        "add map inet {t} {id}_v6 {{ type ipv6_addr . inet_proto . inet_service : counter; flags interval; }}"
-    );
-    elements(
-        out,
-        t,
-        &format!("{id}_v4"),
-        &cell_elements(&g.v4, policies, |a| v4(a).to_string()),
-    );
-    elements(
-        out,
-        t,
-        &format!("{id}_v6"),
-        &cell_elements(&g.v6, policies, |a| v6(a).to_string()),
-    );
+    for (fam, addr_type) in [("4", "ipv4_addr"), ("6", "ipv6_addr")] {
+        for shape in SHAPES {
+            let _ = writeln!(
+                out,
+                "add map inet {t} {} {{ {} }}",
+                shape.map(id, fam),
+                shape.spec(addr_type)
+            );
+        }
+    }
+    let none: [(u32, u32, u8, u8, u16, u16, &str); 0] = [];
+    let all4: Vec<_> = named(&g.v4, policies).into_iter().collect();
+    family_changes(out, t, id, "4", &none, &all4, |x| v4(x).to_string());
+    let none6: [(u128, u128, u8, u8, u16, u16, &str); 0] = [];
+    let all6: Vec<_> = named(&g.v6, policies).into_iter().collect();
+    family_changes(out, t, id, "6", &none6, &all6, |x| v6(x).to_string());
     let _ = writeln!(out, "add chain inet {t} {id}");
     let _ = writeln!(out, "flush chain inet {t} {id}");
-    let _ = writeln!(
-        out,
-        "add rule inet {t} {id} counter name {peer4} . meta l4proto . th dport map @{id}_v4 return"
-    );
-    let _ = writeln!(
-        out,
-        "add rule inet {t} {id} counter name {peer6} . meta l4proto . th dport map @{id}_v6 return"
-    );
+    for (fam, peer) in [("4", peer4), ("6", peer6)] {
+        for shape in SHAPES {
+            let _ = writeln!(
+                out,
+                "add rule inet {t} {id} counter name {peer}{} map @{} return",
+                shape.key_expr(),
+                shape.map(id, fam)
+            );
+        }
+    }
     let _ = writeln!(out, "add rule inet {t} {id} counter name \"{denied}\" drop");
 }
 
@@ -419,9 +528,10 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
         let _ = writeln!(out, "flush chain inet {t} {chain}");
     }
     for (id, g) in &next.groups {
-        if existing.maps.contains(&format!("{id}_v4")) {
-            let _ = writeln!(out, "flush map inet {t} {id}_v4");
-            let _ = writeln!(out, "flush map inet {t} {id}_v6");
+        for map in group_maps(id) {
+            if existing.maps.contains(&map) {
+                let _ = writeln!(out, "flush map inet {t} {map}");
+            }
         }
         add_group(&mut out, t, id, g, &next.policies);
     }
@@ -443,11 +553,7 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
         .iter()
         .chain(BASE_MAPS)
         .map(|(n, _)| n.to_string())
-        .chain(
-            next.groups
-                .keys()
-                .flat_map(|id| [format!("{id}_v4"), format!("{id}_v6")]),
-        )
+        .chain(next.groups.keys().flat_map(|id| group_maps(id)))
         .collect();
     for set in existing.sets.difference(&keep_sets) {
         let _ = writeln!(out, "delete set inet {t} {set}");
@@ -500,8 +606,9 @@ pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> String {
         .filter(|id| !next.groups.contains_key(*id))
     {
         let _ = writeln!(out, "delete chain inet {t} {id}");
-        let _ = writeln!(out, "delete map inet {t} {id}_v4");
-        let _ = writeln!(out, "delete map inet {t} {id}_v6");
+        for map in group_maps(id) {
+            let _ = writeln!(out, "delete map inet {t} {map}");
+        }
     }
     for c in prev
         .counters

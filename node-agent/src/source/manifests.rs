@@ -10,8 +10,9 @@
 //! fault. Half-applying a directory could open holes (a deny policy in a
 //! broken file would silently vanish).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::Watcher;
@@ -120,34 +121,93 @@ fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>> {
 /// Reads and parses every manifest in `dir`; also returns the directory's
 /// digest (see [`digest_dir`]) of exactly what was read.
 pub fn load_dir(dir: &Path) -> Result<(Vec<Object>, String)> {
-    load_dir_cached(dir, &mut ParseCache::default())
-}
-
-/// Parsed files by name, with the text they were parsed from: a change to
-/// one file of a large directory re-parses only that file.
-#[derive(Debug, Default)]
-pub struct ParseCache(std::collections::HashMap<PathBuf, (String, Vec<Object>)>);
-
-/// [`load_dir`] reusing the parse of files whose text has not changed.
-pub fn load_dir_cached(dir: &Path, cache: &mut ParseCache) -> Result<(Vec<Object>, String)> {
-    let mut objects = Vec::new();
     let mut digest = Fnv::new();
-    let files = manifest_files(dir)?;
-    cache.0.retain(|p, _| files.contains(p));
-    for path in files {
+    let mut objects = Vec::new();
+    for path in manifest_files(dir)? {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
         digest.file(&path, &text);
-        match cache.0.get(&path) {
-            Some((old, parsed)) if *old == text => objects.extend(parsed.iter().cloned()),
-            _ => {
-                let parsed = parse_in(&path, &text)?;
-                objects.extend(parsed.iter().cloned());
-                cache.0.insert(path, (text, parsed));
-            }
-        }
+        objects.extend(parse_in(&path, &text)?);
     }
     Ok((objects, digest.hex()))
+}
+
+/// What the source knows of its directory between reads: each file's
+/// text and parse. A change to one file of a large directory re-parses
+/// only that file and compares only its objects.
+#[derive(Debug, Default)]
+pub struct DirState {
+    files: BTreeMap<PathBuf, (String, Arc<Vec<Object>>)>,
+    digest: Option<String>,
+}
+
+impl DirState {
+    /// Re-reads `dir`. Returns None when nothing changed; else the events
+    /// that bring a model from the previous read to this one: a relist
+    /// the first time, then `Apply` for new or changed objects and `Delete`
+    /// for objects that went (an object in two files: the later file
+    /// wins, as in a relist), then the revision marker. A directory that
+    /// does not parse is an error and leaves the state as it was.
+    ///
+    /// Why not a relist per change: the model would re-apply every object,
+    /// and the agent could not program until the relist's end; a diff
+    /// makes one changed pod one event.
+    pub fn update(&mut self, dir: &Path) -> Result<Option<Vec<Event>>> {
+        let mut digest = Fnv::new();
+        let mut next: BTreeMap<PathBuf, (String, Arc<Vec<Object>>)> = BTreeMap::new();
+        for path in manifest_files(dir)? {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+            digest.file(&path, &text);
+            let parsed = match self.files.get(&path) {
+                Some((old, parsed)) if *old == text => parsed.clone(),
+                _ => Arc::new(parse_in(&path, &text)?),
+            };
+            next.insert(path, (text, parsed));
+        }
+        let digest = digest.hex();
+        if self.digest.as_ref() == Some(&digest) {
+            return Ok(None);
+        }
+        let events = if self.digest.is_none() {
+            let objects = next.values().flat_map(|(_, o)| o.iter().cloned()).collect();
+            relist_events(objects, digest.clone())
+        } else {
+            fn index(
+                files: &BTreeMap<PathBuf, (String, Arc<Vec<Object>>)>,
+            ) -> HashMap<ObjectRef, &Object> {
+                let mut m = HashMap::new();
+                for (_, objects) in files.values() {
+                    for o in objects.iter() {
+                        m.insert(o.key(), o);
+                    }
+                }
+                m
+            }
+            let (old, new) = (index(&self.files), index(&next));
+            let mut events: Vec<Event> = old
+                .keys()
+                .filter(|k| !new.contains_key(*k))
+                .map(|k| Event::Delete(k.clone()))
+                .collect();
+            for (k, &n) in &new {
+                // Objects of an unchanged file are the very same objects:
+                // only those of changed files are compared field by field.
+                let changed = match old.get(k) {
+                    None => true,
+                    Some(&o) => !std::ptr::eq(o, n) && o != n,
+                };
+                if changed {
+                    events.push(Event::Apply(n.clone()));
+                }
+            }
+            events.push(Event::Revision(digest.clone()));
+            events
+        };
+        self.files = next;
+        self.digest = Some(digest);
+        Ok(Some(events))
+    }
 }
 
 /// A digest of the manifest files' names and contents. The agent reports
@@ -199,40 +259,8 @@ pub fn relist_events(objects: Vec<Object>, revision: String) -> Vec<Event> {
     events
 }
 
-/// The events that turn a model holding `prev` into one holding
-/// `objects` (a later object with the same key wins, as in a relist):
-/// `Apply` for every new or changed object, `Delete` for every object
-/// that went, then the revision marker. `prev` becomes the new state.
-///
-/// Why not a relist per change: the model would re-apply and re-check
-/// every object, and the agent could not program until the relist's end;
-/// a diff lets one changed pod be one event.
-pub fn diff_events(
-    prev: &mut BTreeMap<ObjectRef, Object>,
-    objects: Vec<Object>,
-    revision: String,
-) -> Vec<Event> {
-    let mut next: BTreeMap<ObjectRef, Object> = BTreeMap::new();
-    for obj in objects {
-        next.insert(obj.key(), obj);
-    }
-    let mut events: Vec<Event> = prev
-        .keys()
-        .filter(|k| !next.contains_key(*k))
-        .map(|k| Event::Delete(k.clone()))
-        .collect();
-    for (k, obj) in &next {
-        if prev.get(k) != Some(obj) {
-            events.push(Event::Apply(obj.clone()));
-        }
-    }
-    events.push(Event::Revision(revision));
-    *prev = next;
-    events
-}
-
 /// Watches `dir` and sends its contents as a relist at start, then each
-/// change as single `Apply`/`Delete` events ([`diff_events`]). Changes
+/// change as single `Apply`/`Delete` events ([`DirState::update`]). Changes
 /// that arrive within `settle` of each other are read once (an editor's
 /// save is several inotify events). Returns when the receiver is gone.
 pub async fn run(dir: PathBuf, tx: mpsc::Sender<Event>, settle: Duration) -> Result<()> {
@@ -253,28 +281,18 @@ pub async fn run(dir: PathBuf, tx: mpsc::Sender<Event>, settle: Duration) -> Res
                 dir.display()
             ))
         })?;
-    let mut last = String::new();
-    let mut cache = ParseCache::default();
-    let mut current: Option<BTreeMap<ObjectRef, Object>> = None;
+    let mut state = DirState::default();
     loop {
-        match load_dir_cached(&dir, &mut cache) {
-            Ok((objects, digest)) if digest != last => {
-                tracing::info!(dir = %dir.display(), objects = objects.len(), %digest, "manifests loaded");
-                last = digest.clone();
-                let events = match &mut current {
-                    None => {
-                        current = Some(objects.iter().map(|o| (o.key(), o.clone())).collect());
-                        relist_events(objects, digest)
-                    }
-                    Some(prev) => diff_events(prev, objects, digest),
-                };
+        match state.update(&dir) {
+            Ok(Some(events)) => {
+                tracing::info!(dir = %dir.display(), events = events.len(), "manifests loaded");
                 for ev in events {
                     if tx.send(ev).await.is_err() {
                         return Ok(());
                     }
                 }
             }
-            Ok(_) => {}
+            Ok(None) => {}
             Err(e) => {
                 tracing::error!(error = %e, "manifests not applied; the last good set stays in force");
             }
@@ -342,5 +360,48 @@ items:
         assert!(matches!(&objs[0], Object::Pod(p) if p.metadata.namespace.as_deref() == Some("y")));
         let e = parse_objects("a: [").expect_err("bad yaml");
         assert!(e.to_string().contains("not valid YAML"), "{e}");
+    }
+
+    #[test]
+    fn a_changed_file_yields_only_its_changes() {
+        let dir = std::env::temp_dir().join(format!("np-dirstate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        let pod = |name: &str, app: &str| {
+            format!("kind: Pod\nmetadata: {{name: {name}, namespace: x, labels: {{app: \"v{app}\"}}}}\n")
+        };
+        let write = |f: &str, docs: &[String]| {
+            std::fs::write(dir.join(f), docs.join("---\n")).expect("write")
+        };
+        write("a.yaml", &[pod("a", "1"), pod("b", "1")]);
+        write("c.yaml", &[pod("c", "1")]);
+        let mut st = DirState::default();
+        let first = st.update(&dir).expect("read").expect("events");
+        assert!(
+            matches!(first[0], Event::Reset(_)),
+            "the first read is a relist"
+        );
+        assert!(st.update(&dir).expect("read").is_none(), "nothing changed");
+        write("a.yaml", &[pod("a", "2")]);
+        let ev = st.update(&dir).expect("read").expect("events");
+        let names: Vec<String> = ev
+            .iter()
+            .map(|e| match e {
+                Event::Apply(o) => format!("apply {}", o.key().name),
+                Event::Delete(k) => format!("delete {}", k.name),
+                Event::Revision(_) => "revision".into(),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(names, ["delete b", "apply a", "revision"]);
+        // A file that does not parse changes nothing, and is retried.
+        std::fs::write(dir.join("c.yaml"), "kind: [").expect("write");
+        assert!(st.update(&dir).is_err());
+        write("c.yaml", &[pod("c", "1")]);
+        assert!(
+            st.update(&dir).expect("read").is_none(),
+            "back to what was applied"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -302,7 +302,7 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
         .filter_map(|p| Some(Workload::record(p, p.ip?)))
         .collect();
     let settings = inproc::settings(LOCAL_CIDR)?;
-    use nodeplane_agent::source::manifests::{load_dir, load_dir_cached, ParseCache};
+    use nodeplane_agent::source::manifests::{load_dir, DirState};
     let (read, loaded) = inproc::timed(3, || load_dir(dir));
     let (objects, rev) = loaded.map_err(|e| e.to_string())?;
     // What the agent's source does per change: re-read every file, re-parse
@@ -318,23 +318,34 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
     tier.insert("tier".into(), flip.into());
     let ns_i = wl.namespace_index(&wl.pods[k].namespace);
     let versions = [wl.pod_file(ns_i)?, flipped.pod_file(ns_i)?];
-    let mut cache = ParseCache::default();
-    load_dir_cached(dir, &mut cache).map_err(|e| e.to_string())?;
-    let mut cached = Vec::new();
-    for i in 1..=4 {
-        let (name, text) = &versions[i % 2];
-        std::fs::write(dir.join(name), text).map_err(|e| format!("write {name}: {e}"))?;
-        let t = Instant::now();
-        load_dir_cached(dir, &mut cache).map_err(|e| e.to_string())?;
-        cached.push(t.elapsed());
-    }
-    let t = Instant::now();
     let mut model = nodeplane_agent::model::Model::new(crate::agent::NODE_NAME);
     for ev in nodeplane_agent::source::manifests::relist_events(objects, rev) {
         model.apply(ev);
     }
-    let apply = t.elapsed();
     model.attachments = inproc::attachments(&records);
+    // The source's read of one changed file, and the model applying the
+    // events it yields (as the agent's loop does), flipping back and forth.
+    let mut state = DirState::default();
+    state.update(dir).map_err(|e| e.to_string())?;
+    let mut scratch_model = model.clone();
+    let (mut cached, mut applied, mut n_events) = (Vec::new(), Vec::new(), 0);
+    for i in 1..=4 {
+        let (name, text) = &versions[i % 2];
+        std::fs::write(dir.join(name), text).map_err(|e| format!("write {name}: {e}"))?;
+        let t = Instant::now();
+        let events = state
+            .update(dir)
+            .map_err(|e| e.to_string())?
+            .unwrap_or_default();
+        cached.push(t.elapsed());
+        n_events = events.len();
+        let t = Instant::now();
+        for ev in events {
+            scratch_model.apply(ev);
+        }
+        applied.push(t.elapsed());
+    }
+    let apply = median(&applied).unwrap_or_default();
     let (compile, _) = inproc::timed(5, || policy::compile(&model));
     // The same change as (b): one pod's tier label flipped, compiled as the
     // agent does (an incremental compiler that saw the model before).
@@ -374,6 +385,17 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
     let back = nft::delta(&settings, &next, &prev);
     let (render_full, full) =
         inproc::timed(3, || nft::full(&settings, &Existing::default(), &prev));
+    if let Some(dir) = std::env::var_os("POLICY_BENCH_DUMP") {
+        // For looking at the transactions by hand (nft -c -f, perf).
+        let dir = std::path::PathBuf::from(dir);
+        for (name, text) in [
+            ("full.nft", &full),
+            ("delta.nft", &delta),
+            ("back.nft", &back),
+        ] {
+            std::fs::write(dir.join(name), text).map_err(|e| format!("write {name}: {e}"))?;
+        }
+    }
     let scratch = Ns::new("nppx");
     let nft_full = inproc::nft_apply(&scratch, &full)?;
     let mut nft_delta = Vec::new();
@@ -385,13 +407,20 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
     // what the rules deny), run in the node namespace on a thread of its own.
     let ns_file = node.open();
     let cut_rules = next.clone();
+    let exposed: std::collections::HashSet<std::net::IpAddr> = next
+        .pods
+        .iter()
+        .flat_map(|p| p.ips.iter().copied())
+        .collect();
     let conntrack = std::thread::spawn(move || {
         use std::os::fd::AsRawFd;
         // SAFETY: setns on a valid fd changes only this thread's netns.
         if unsafe { libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
             return Err(format!("setns: {}", std::io::Error::last_os_error()));
         }
-        let (t, r) = inproc::timed(5, || nodeplane_agent::conntrack::cut_denied(&cut_rules));
+        let (t, r) = inproc::timed(5, || {
+            nodeplane_agent::conntrack::cut_denied(&cut_rules, &exposed)
+        });
         r.map(|_| t).map_err(|e| e.to_string())
     })
     .join()
@@ -405,11 +434,15 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
         "read the directory, re-parse the changed file",
         median(&cached).unwrap_or_default(),
         format!(
-            "(load_dir_cached, as the agent's source; every file parsed: {})",
+            "(DirState::update, as the agent's source; every file parsed: {})",
             ms(read)
         ),
     );
-    row("rebuild the model (relist events)", apply, String::new());
+    row(
+        "apply the change's events to the model",
+        apply,
+        format!("({n_events} events)"),
+    );
     row(
         "for scale: compile everything (policy::compile)",
         compile,
