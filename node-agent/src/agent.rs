@@ -283,7 +283,7 @@ impl Agent {
         let next = self.compiler.compile(&self.model, Some(changes));
         let settings = self.settings();
         let result = match &self.applied {
-            Some(prev) => nft::apply(&nft::delta(&settings, prev, &next)).or_else(|e| {
+            Some(prev) => nft::apply_script(&nft::delta(&settings, prev, &next)).or_else(|e| {
                 // The kernel is not what we last applied (someone edited
                 // or deleted the table): converge from a read-back.
                 tracing::warn!(error = %e, "incremental update failed; rewriting the table");

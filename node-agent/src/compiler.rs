@@ -232,25 +232,32 @@ impl Compiler {
             }
         }
         let mut stale_dir: HashSet<(Dir, usize)> = HashSet::new();
-        let no_labels = Labels::new();
         for (key, before) in &pods {
+            let old = PeerState::of(before.as_ref(), self.attached.get(key));
+            let new = PeerState::of(model.pods.get(key), attached.get(key));
+            if old.is_none() && new.is_none() {
+                continue; // no address before or after: never a peer
+            }
+            // Same addresses and ports: only a change in whether a selector
+            // matches can change a policy's entries.
+            let same = match (&old, &new) {
+                (Some(o), Some(n)) => o.addrs == n.addrs && o.ports == n.ports,
+                _ => false,
+            };
             let ns_labels = model.namespace_labels(&key.0);
-            let states = [
-                before.as_ref().map_or(&no_labels, |p| &p.labels),
-                model.pods.get(key).map_or(&no_labels, |p| &p.labels),
-            ];
             for (pk, spec) in &model.policies {
                 let index = self.interned[pk];
                 for dir in [Dir::Ingress, Dir::Egress] {
                     if stale_dir.contains(&(dir, index)) {
                         continue;
                     }
-                    let hit = states.iter().enumerate().any(|(n, labels)| {
-                        // The same labels before and after: check once.
-                        (n == 0 || *labels != states[0])
-                            && may_be_peer(spec, &pk.0, dir, &key.0, labels, &ns_labels)
-                    });
-                    if hit {
+                    let matches = |s: &Option<PeerState<'_>>| {
+                        s.as_ref().is_some_and(|s| {
+                            may_be_peer(spec, &pk.0, dir, &key.0, s.labels, &ns_labels)
+                        })
+                    };
+                    let (was, is) = (matches(&old), matches(&new));
+                    if was != is || (is && !same) {
                         stale_dir.insert((dir, index));
                     }
                 }
@@ -261,6 +268,38 @@ impl Compiler {
                 .iter()
                 .any(|p| stale.contains(p) || stale_dir.contains(&(sig.dir, *p)))
         });
+    }
+}
+
+/// A pod as a peer: what the group compile reads of it.
+struct PeerState<'a> {
+    labels: &'a Labels,
+    addrs: Vec<IpAddr>,
+    ports: &'a [NamedPort],
+}
+
+static NO_LABELS: std::sync::OnceLock<Labels> = std::sync::OnceLock::new();
+
+impl<'a> PeerState<'a> {
+    /// None when the pod has no address (so it is no peer at all); the
+    /// addresses are those [`Book`] gives it: the source's (unless host
+    /// network) and this node's attachments'.
+    fn of(info: Option<&'a PodInfo>, attached: Option<&Vec<IpAddr>>) -> Option<Self> {
+        let mut addrs: Vec<IpAddr> = info
+            .filter(|p| !p.host_network)
+            .map(|p| p.ips.clone())
+            .unwrap_or_default();
+        addrs.extend(attached.into_iter().flatten().copied());
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            return None;
+        }
+        Some(PeerState {
+            labels: info.map_or_else(|| NO_LABELS.get_or_init(Labels::new), |p| &p.labels),
+            addrs,
+            ports: info.map(|p| p.ports.as_slice()).unwrap_or_default(),
+        })
     }
 }
 

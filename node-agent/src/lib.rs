@@ -19,6 +19,7 @@ pub mod error;
 pub mod http;
 pub mod model;
 pub mod nft;
+pub mod nftnl;
 pub mod policy;
 pub mod run;
 pub mod source;

@@ -40,6 +40,9 @@ use crate::cells::Cell;
 use crate::policy::{Compiled, Dir, Group};
 use crate::{Error, Result};
 
+mod script;
+pub use script::{Elem, Field, Script, Step, Value};
+
 /// What happens to a pod whose address the agent has not programmed yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -95,48 +98,60 @@ const BASE_CHAINS: &[&str] = &["prerouting", "forward", "input", "pod_fwd", "pod
 
 /// Every element of the base sets and maps, derived from a compile.
 #[derive(Debug, Default, PartialEq, Eq)]
-struct BaseElements(BTreeMap<&'static str, BTreeSet<String>>);
+struct BaseElements(BTreeMap<&'static str, BTreeSet<Elem>>);
+
+fn ip_field(ip: &std::net::IpAddr) -> Field {
+    match ip {
+        std::net::IpAddr::V4(a) => Field::V4(*a),
+        std::net::IpAddr::V6(a) => Field::V6(*a),
+    }
+}
 
 impl BaseElements {
     fn of(c: &Compiled, s: &Settings) -> Self {
-        let mut m: BTreeMap<&'static str, BTreeSet<String>> = BTreeMap::new();
+        let mut m: BTreeMap<&'static str, BTreeSet<Elem>> = BTreeMap::new();
         for n in s.pod_cidrs.iter() {
             let set = if n.is_ipv4() {
                 "podnets_v4"
             } else {
                 "podnets_v6"
             };
-            m.entry(set).or_default().insert(n.to_string());
+            m.entry(set)
+                .or_default()
+                .insert(Elem::set(vec![Field::Text(n.to_string())]));
         }
         for p in &c.pods {
+            let iface = Field::Iface(p.host_ifname.clone());
             m.entry("pod_ifaces")
                 .or_default()
-                .insert(quote(&p.host_ifname));
+                .insert(Elem::set(vec![iface.clone()]));
             for ip in &p.ips {
                 let v = if ip.is_ipv4() { "v4" } else { "v6" };
                 let pick = |a: &'static str, b: &'static str| if v == "v4" { a } else { b };
                 m.entry(pick("pods_v4", "pods_v6"))
                     .or_default()
-                    .insert(ip.to_string());
+                    .insert(Elem::set(vec![ip_field(ip)]));
                 m.entry(pick("spoof_v4", "spoof_v6"))
                     .or_default()
-                    .insert(format!("{} . {ip}", quote(&p.host_ifname)));
-                if let Some(g) = &p.ingress {
-                    m.entry(pick("ingress_v4", "ingress_v6"))
-                        .or_default()
-                        .insert(format!("{ip} : jump {g}"));
-                }
-                if let Some(g) = &p.egress {
-                    m.entry(pick("egress_v4", "egress_v6"))
-                        .or_default()
-                        .insert(format!("{ip} : jump {g}"));
+                    .insert(Elem::set(vec![iface.clone(), ip_field(ip)]));
+                for (group, map) in [
+                    (&p.ingress, pick("ingress_v4", "ingress_v6")),
+                    (&p.egress, pick("egress_v4", "egress_v6")),
+                ] {
+                    if let Some(g) = group {
+                        m.entry(map).or_default().insert(Elem {
+                            key: vec![ip_field(ip)],
+                            end: None,
+                            value: Value::Jump(g.clone()),
+                        });
+                    }
                 }
             }
         }
         BaseElements(m)
     }
 
-    fn get(&self, set: &str) -> impl Iterator<Item = &String> {
+    fn get(&self, set: &str) -> impl Iterator<Item = &Elem> {
         self.0.get(set).into_iter().flatten()
     }
 }
@@ -218,14 +233,6 @@ fn v4(a: u32) -> Ipv4Addr {
 }
 fn v6(a: u128) -> Ipv6Addr {
     Ipv6Addr::from(a)
-}
-
-fn range<T: std::fmt::Display + PartialEq>(lo: T, hi: T) -> String {
-    if lo == hi {
-        lo.to_string()
-    } else {
-        format!("{lo}-{hi}")
-    }
 }
 
 /// The maps of one group and family, by the shape of the cells they hold.
@@ -312,40 +319,40 @@ fn group_maps(id: &str) -> Vec<String> {
         .collect()
 }
 
-/// A cell's map elements: (shape, key, value).
+/// A cell's map elements, with the map shape each goes to.
 fn cell_entries<A: Copy + PartialEq>(
     c: &Cell<A>,
     policy: &str,
-    addr: &impl Fn(A) -> String,
-    out: &mut Vec<(Shape, String, String)>,
+    addr: &impl Fn(A) -> Field,
+    out: &mut Vec<(Shape, Elem)>,
 ) {
-    let value = quote(policy);
+    let value = Value::Counter(policy.to_string());
     let shape = Shape::of(c);
-    let a = if shape == Shape::Range && addr(c.addr.0) != addr(c.addr.1) {
-        format!("{}-{}", addr(c.addr.0), addr(c.addr.1))
-    } else {
-        addr(c.addr.0)
+    let elem = |key: Vec<Field>, end: Option<Vec<Field>>| Elem {
+        key,
+        end,
+        value: value.clone(),
     };
+    let a = addr(c.addr.0);
     match shape {
         Shape::Port => {
             for port in c.port.0..=c.port.1 {
-                out.push((
-                    shape,
-                    format!("{a} . {} . {port}", c.proto.0),
-                    value.clone(),
-                ));
+                let key = vec![a.clone(), Field::Proto(c.proto.0), Field::Port(port)];
+                out.push((shape, elem(key, None)));
             }
         }
-        Shape::Proto => out.push((shape, format!("{a} . {}", c.proto.0), value)),
-        Shape::Addr => out.push((shape, a, value)),
+        Shape::Proto => out.push((shape, elem(vec![a, Field::Proto(c.proto.0)], None))),
+        Shape::Addr => out.push((shape, elem(vec![a], None))),
         Shape::Range => out.push((
             shape,
-            format!(
-                "{a} . {} . {}",
-                range(c.proto.0, c.proto.1),
-                range(c.port.0, c.port.1)
+            elem(
+                vec![a, Field::Proto(c.proto.0), Field::Port(c.port.0)],
+                Some(vec![
+                    addr(c.addr.1),
+                    Field::Proto(c.proto.1),
+                    Field::Port(c.port.1),
+                ]),
             ),
-            value,
         )),
     }
 }
@@ -385,13 +392,12 @@ fn unnamed<A: Copy>(e: &(A, A, u8, u8, u16, u16, &str)) -> Cell<A> {
 /// element against the map as it will be, so an add may reuse a key or
 /// overlap an interval deleted just before).
 fn family_changes<A: Copy + Ord>(
-    out: &mut String,
-    t: &str,
+    out: &mut Script,
     id: &str,
     fam: &str,
     gone: &[(A, A, u8, u8, u16, u16, &str)],
     added: &[(A, A, u8, u8, u16, u16, &str)],
-    addr: impl Fn(A) -> String,
+    addr: impl Fn(A) -> Field,
 ) {
     let entries = |cells: &[(A, A, u8, u8, u16, u16, &str)]| {
         let mut v = Vec::new();
@@ -403,43 +409,34 @@ fn family_changes<A: Copy + Ord>(
     let (gone, added) = (entries(gone), entries(added));
     for shape in SHAPES {
         let map = shape.map(id, fam);
-        let keys: Vec<String> = gone
-            .iter()
-            .filter(|e| e.0 == shape)
-            .map(|e| e.1.clone())
-            .collect();
-        delete_elements(out, t, &map, &keys);
-        let elems: Vec<String> = added
-            .iter()
-            .filter(|e| e.0 == shape)
-            .map(|e| format!("{} : {}", e.1, e.2))
-            .collect();
-        elements(out, t, &map, &elems);
+        let pick = |list: &[(Shape, Elem)]| -> Vec<Elem> {
+            list.iter()
+                .filter(|e| e.0 == shape)
+                .map(|e| e.1.clone())
+                .collect()
+        };
+        out.delete(&map, pick(&gone));
+        out.add(&map, pick(&added));
     }
 }
 
 /// Commands that turn group `id`'s map elements from `old` into `new`
 /// (same group name, changed contents): only the cells that went, came
 /// or changed are touched.
-fn update_group(
-    out: &mut String,
-    t: &str,
-    id: &str,
-    old: (&Group, &[String]),
-    new: (&Group, &[String]),
-) {
+fn update_group(out: &mut Script, id: &str, old: (&Group, &[String]), new: (&Group, &[String])) {
     let (a, b) = (named(&old.0.v4, old.1), named(&new.0.v4, new.1));
     let gone: Vec<_> = a.difference(&b).copied().collect();
     let added: Vec<_> = b.difference(&a).copied().collect();
-    family_changes(out, t, id, "4", &gone, &added, |x| v4(x).to_string());
+    family_changes(out, id, "4", &gone, &added, |x| Field::V4(v4(x)));
     let (a, b) = (named(&old.0.v6, old.1), named(&new.0.v6, new.1));
     let gone: Vec<_> = a.difference(&b).copied().collect();
     let added: Vec<_> = b.difference(&a).copied().collect();
-    family_changes(out, t, id, "6", &gone, &added, |x| v6(x).to_string());
+    family_changes(out, id, "6", &gone, &added, |x| Field::V6(v6(x)));
 }
 
 /// Commands that create group `id` (chain, its maps, their elements).
-fn add_group(out: &mut String, t: &str, id: &str, g: &Group, policies: &[String]) {
+fn add_group(out: &mut Script, id: &str, g: &Group, policies: &[String]) {
+    let t = out.table.clone();
     let (peer4, peer6, denied) = match g.dir {
         Dir::Ingress => ("ip saddr", "ip6 saddr", "denied_ingress"),
         Dir::Egress => ("ip daddr", "ip6 daddr", "denied_egress"),
@@ -456,10 +453,10 @@ fn add_group(out: &mut String, t: &str, id: &str, g: &Group, policies: &[String]
     }
     let none: [(u32, u32, u8, u8, u16, u16, &str); 0] = [];
     let all4: Vec<_> = named(&g.v4, policies).into_iter().collect();
-    family_changes(out, t, id, "4", &none, &all4, |x| v4(x).to_string());
+    family_changes(out, id, "4", &none, &all4, |x| Field::V4(v4(x)));
     let none6: [(u128, u128, u8, u8, u16, u16, &str); 0] = [];
     let all6: Vec<_> = named(&g.v6, policies).into_iter().collect();
-    family_changes(out, t, id, "6", &none6, &all6, |x| v6(x).to_string());
+    family_changes(out, id, "6", &none6, &all6, |x| Field::V6(v6(x)));
     let _ = writeln!(out, "add chain inet {t} {id}");
     let _ = writeln!(out, "flush chain inet {t} {id}");
     for (fam, peer) in [("4", peer4), ("6", peer6)] {
@@ -475,31 +472,10 @@ fn add_group(out: &mut String, t: &str, id: &str, g: &Group, policies: &[String]
     let _ = writeln!(out, "add rule inet {t} {id} counter name \"{denied}\" drop");
 }
 
-fn elements(out: &mut String, t: &str, set: &str, elems: &[String]) {
-    for chunk in elems.chunks(2000) {
-        let _ = writeln!(out, "add element inet {t} {set} {{ {} }}", chunk.join(", "));
-    }
-}
-
-fn delete_elements(out: &mut String, t: &str, set: &str, elems: &[String]) {
-    for chunk in elems.chunks(2000) {
-        let _ = writeln!(
-            out,
-            "delete element inet {t} {set} {{ {} }}",
-            chunk.join(", ")
-        );
-    }
-}
-
-/// Keys of verdict-map elements ("addr : jump g" → "addr").
-fn element_key(e: &str) -> &str {
-    e.split(" : ").next().unwrap_or(e)
-}
-
 /// The transaction that makes a table holding `existing` equal to `next`.
 pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
     let t = &s.table;
-    let mut out = String::new();
+    let mut out = Script::new(t);
     let _ = writeln!(out, "add table inet {t}");
     let base = BaseElements::of(next, s);
     for (what, list) in [("set", BASE_SETS), ("map", BASE_MAPS)] {
@@ -533,14 +509,13 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
                 let _ = writeln!(out, "flush map inet {t} {map}");
             }
         }
-        add_group(&mut out, t, id, g, &next.policies);
+        add_group(&mut out, id, g, &next.policies);
     }
     for (chain, rule) in rules.iter().filter(|(_, r)| !r.starts_with("type ")) {
         let _ = writeln!(out, "add rule inet {t} {chain} {rule}");
     }
     for (name, _) in BASE_SETS.iter().chain(BASE_MAPS) {
-        let e: Vec<String> = base.get(name).cloned().collect();
-        elements(&mut out, t, name, &e);
+        out.add(name, base.get(name).cloned().collect());
     }
     // Whatever else the table holds is stale: groups first (they use the
     // counters), then their maps, then counters.
@@ -566,14 +541,14 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
             let _ = writeln!(out, "delete counter inet {t} {c}");
         }
     }
-    out
+    out.text()
 }
 
 /// The transaction that turns the kernel's `prev` (as last applied) into
 /// `next`, touching only what differs.
-pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> String {
+pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> Script {
     let t = &s.table;
-    let mut out = String::new();
+    let mut out = Script::new(t);
     for c in next
         .counters
         .keys()
@@ -583,22 +558,17 @@ pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> String {
     }
     for (id, g) in &next.groups {
         match prev.groups.get(id) {
-            None => add_group(&mut out, t, id, g, &next.policies),
+            None => add_group(&mut out, id, g, &next.policies),
             Some(old) if std::sync::Arc::ptr_eq(old, g) => {}
-            Some(old) => update_group(&mut out, t, id, (old, &prev.policies), (g, &next.policies)),
+            Some(old) => update_group(&mut out, id, (old, &prev.policies), (g, &next.policies)),
         }
     }
     let (a, b) = (BaseElements::of(prev, s), BaseElements::of(next, s));
     for (name, _) in BASE_SETS.iter().chain(BASE_MAPS) {
-        let old: BTreeSet<&String> = a.get(name).collect();
-        let new: BTreeSet<&String> = b.get(name).collect();
-        let gone: Vec<String> = old
-            .difference(&new)
-            .map(|e| element_key(e).to_string())
-            .collect();
-        let added: Vec<String> = new.difference(&old).map(|e| e.to_string()).collect();
-        delete_elements(&mut out, t, name, &gone);
-        elements(&mut out, t, name, &added);
+        let old: BTreeSet<&Elem> = a.get(name).collect();
+        let new: BTreeSet<&Elem> = b.get(name).collect();
+        out.delete(name, old.difference(&new).map(|e| (*e).clone()).collect());
+        out.add(name, new.difference(&old).map(|e| (*e).clone()).collect());
     }
     for id in prev
         .groups
@@ -618,6 +588,23 @@ pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> String {
         let _ = writeln!(out, "delete counter inet {t} {c}");
     }
     out
+}
+
+/// Applies `script` as one atomic transaction: over netlink when it only
+/// adds and deletes elements, else (or if netlink refuses it) with `nft -f`.
+pub fn apply_script(script: &Script) -> Result<()> {
+    if script.is_empty() {
+        return Ok(());
+    }
+    if script.elements_only() {
+        match crate::nftnl::apply(script) {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                tracing::warn!(error = %e, "netlink element update refused; applying it with nft -f");
+            }
+        }
+    }
+    apply(&script.text())
 }
 
 /// Runs `nft -f -` with `script`: one atomic transaction.

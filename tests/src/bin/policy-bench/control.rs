@@ -389,19 +389,23 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
         // For looking at the transactions by hand (nft -c -f, perf).
         let dir = std::path::PathBuf::from(dir);
         for (name, text) in [
-            ("full.nft", &full),
-            ("delta.nft", &delta),
-            ("back.nft", &back),
+            ("full.nft", full.clone()),
+            ("delta.nft", delta.text()),
+            ("back.nft", back.text()),
         ] {
             std::fs::write(dir.join(name), text).map_err(|e| format!("write {name}: {e}"))?;
         }
     }
     let scratch = Ns::new("nppx");
     let nft_full = inproc::nft_apply(&scratch, &full)?;
-    let mut nft_delta = Vec::new();
+    let (mut nft_delta, mut text_delta) = (Vec::new(), Vec::new());
     for _ in 0..5 {
-        nft_delta.push(inproc::nft_apply(&scratch, &delta)?);
-        inproc::nft_apply(&scratch, &back)?;
+        nft_delta.push(inproc::script_apply(&scratch, &delta)?);
+        inproc::script_apply(&scratch, &back)?;
+    }
+    for _ in 0..3 {
+        text_delta.push(inproc::nft_apply(&scratch, &delta.text())?);
+        inproc::nft_apply(&scratch, &back.text())?;
     }
     // The agent's conntrack cut (a ctnetlink dump per family, deletes of
     // what the rules deny), run in the node namespace on a thread of its own.
@@ -456,25 +460,30 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
             regrouped.0, regrouped.1
         ),
     );
-    let changed_elements = delta
-        .lines()
-        .filter(|l| l.contains(" element "))
-        .map(|l| l.matches(',').count() + 1)
-        .sum::<usize>();
+    let changed_elements = delta.element_count();
+    let delta_text = delta.text();
     let total: usize = next.groups.values().map(|g| g.v4.len() + g.v6.len()).sum();
     row(
         "render the delta (nft::delta)",
         render_delta,
         format!(
-            "({} lines, {:.1} KiB: about {changed_elements} of {total} elements added or deleted)",
-            delta.lines().count(),
-            delta.len() as f64 / 1024.0,
+            "(as nft -f text {} lines, {:.1} KiB; {changed_elements} elements added or deleted; cells in all groups: {total})",
+            delta_text.lines().count(),
+            delta_text.len() as f64 / 1024.0,
         ),
     );
     row(
-        "nft -f of the delta (scratch netns)",
+        "apply the delta (scratch netns, as the agent does)",
         median(&nft_delta).unwrap_or_default(),
-        String::new(),
+        format!(
+            "({}; the same delta through nft -f: {})",
+            if delta.elements_only() {
+                "netlink batch"
+            } else {
+                "nft -f: it changes structure"
+            },
+            ms(median(&text_delta).unwrap_or_default())
+        ),
     );
     row(
         "conntrack cut (ctnetlink dump v4 + v6, deletes)",

@@ -12,7 +12,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use nodeplane_agent::model::{Attachment, Model};
-use nodeplane_agent::nft::{FailMode, Settings};
+use nodeplane_agent::nft::{self, FailMode, Script, Settings};
 use nodeplane_cni::ipam::Record;
 use nodeplane_tests::Netns;
 
@@ -117,4 +117,23 @@ pub fn timed<T>(n: usize, mut f: impl FnMut() -> T) -> (Duration, T) {
         samples.push(t.elapsed());
     }
     (crate::stats::median(&samples).unwrap_or_default(), last)
+}
+
+/// Applies `script` inside `ns` as the agent does ([`nft::apply_script`]:
+/// netlink when it only changes elements, else `nft -f`); returns the time.
+pub fn script_apply(ns: &Netns, script: &Script) -> Result<Duration, String> {
+    let file = ns.open();
+    let script = script.clone();
+    std::thread::spawn(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setns on a valid fd changes only this thread's netns.
+        if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+            return Err(format!("setns: {}", std::io::Error::last_os_error()));
+        }
+        let t = Instant::now();
+        nft::apply_script(&script).map_err(|e| e.to_string())?;
+        Ok(t.elapsed())
+    })
+    .join()
+    .map_err(|_| "the nft thread panicked".to_string())?
 }
