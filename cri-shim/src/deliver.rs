@@ -116,6 +116,8 @@ impl Hooks {
 
     fn push(&self, mut event: PodLifecycle, done: Option<oneshot::Sender<()>>) {
         event.sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+        // Queued while the agent is unreachable: it will arrive late.
+        event.replayed = !self.agent_up();
         let dropped = {
             let mut q = lock(&self.queue);
             let dropped = if q.len() >= self.capacity {

@@ -310,6 +310,36 @@ impl Containerd {
         self.spawn();
     }
 
+    /// Waits until containerd (e.g. after [`Containerd::restart`]) accepts
+    /// connections and its CRI plugin answers Status with the runtime and
+    /// network ready; errors while it initialises ("server is not
+    /// initialized yet", a socket not yet listening) are retried.
+    pub async fn wait_serving(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(ch) = connect_channel(self.socket()).await {
+                let mut c = RuntimeServiceClient::new(ch);
+                match c.status(StatusRequest { verbose: false }).await {
+                    Ok(r) => {
+                        let conds = r
+                            .into_inner()
+                            .status
+                            .map(|s| s.conditions)
+                            .unwrap_or_default();
+                        if conds.iter().filter(|c| c.status).count() >= 2 {
+                            return;
+                        }
+                        last = format!("{conds:?}");
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.fail(&format!("containerd not serving after restart: {last}"));
+    }
+
     /// Imports [`APP_IMAGE`] (busybox whose entrypoint sleeps forever;
     /// `/bin/busybox <applet>` runs anything else).
     pub fn import_app_image(&self) {
