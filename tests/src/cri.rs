@@ -396,3 +396,39 @@ pub fn with_meta(
     );
     config
 }
+
+/// StopContainer (1 s grace) then RemoveContainer, through `cri`.
+/// containerd 1.6 sometimes loses a race with the container's own runc
+/// shim exiting and answers StopContainer with "failed to kill container:
+/// ttrpc: closed" (the task is gone by then); the kubelet retries
+/// StopContainer, and so does this, once.
+pub async fn stop_and_remove_container(
+    cri: &mut k8s_cri::v1::runtime_service_client::RuntimeServiceClient<Channel>,
+    id: &str,
+) {
+    use k8s_cri::v1::{RemoveContainerRequest, StopContainerRequest};
+    let call = Duration::from_secs(60);
+    let stop = StopContainerRequest {
+        container_id: id.into(),
+        timeout: 1,
+    };
+    let first = tokio::time::timeout(call, cri.stop_container(stop.clone()))
+        .await
+        .expect("StopContainer timed out");
+    if let Err(e) = first {
+        eprintln!("StopContainer {id}: {e}; retrying once");
+        tokio::time::timeout(call, cri.stop_container(stop))
+            .await
+            .expect("StopContainer timed out")
+            .unwrap_or_else(|e| panic!("StopContainer {id} (retry): {e}"));
+    }
+    tokio::time::timeout(
+        call,
+        cri.remove_container(RemoveContainerRequest {
+            container_id: id.into(),
+        }),
+    )
+    .await
+    .expect("RemoveContainer timed out")
+    .unwrap_or_else(|e| panic!("RemoveContainer {id}: {e}"));
+}

@@ -23,7 +23,9 @@ use nodeplane_proto::agent::request::What;
 use nodeplane_proto::agent::PodLifecycle;
 use nodeplane_proto::prost::Message;
 use nodeplane_tests::containerd::{connect_channel, CniNetwork, Containerd, PAUSE_IMAGE};
-use nodeplane_tests::cri::{app_container, brief, raw, with_meta, FakeAgent, Shim};
+use nodeplane_tests::cri::{
+    app_container, brief, raw, stop_and_remove_container, with_meta, FakeAgent, Shim,
+};
 use nodeplane_tests::TempDir;
 use tonic::transport::Channel;
 
@@ -124,28 +126,7 @@ async fn exec(cri: &mut Cri, id: &str, cmd: &[&str]) -> (i32, String) {
 }
 
 async fn remove_container(cri: &mut Cri, id: &str) {
-    // busybox sleep as PID 1 ignores SIGTERM: 1 s, then SIGKILL.
-    let stop = StopContainerRequest {
-        container_id: id.into(),
-        timeout: 1,
-    };
-    if let Err(e) = tokio::time::timeout(CALL, cri.stop_container(stop.clone()))
-        .await
-        .expect("StopContainer timed out")
-    {
-        // containerd 1.6 sometimes loses the race with its own runc shim
-        // exiting ("failed to kill container: ttrpc: closed"); the kubelet
-        // retries StopContainer, and so do we, once.
-        eprintln!("StopContainer {id}: {e}; retrying once");
-        within("StopContainer (retry)", cri.stop_container(stop)).await;
-    }
-    within(
-        "RemoveContainer",
-        cri.remove_container(RemoveContainerRequest {
-            container_id: id.into(),
-        }),
-    )
-    .await;
+    stop_and_remove_container(cri, id).await;
 }
 
 fn kinds_for(evs: &[PodLifecycle], uid: &str, sandbox: &str) -> Vec<Kind> {
