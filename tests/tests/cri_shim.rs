@@ -14,9 +14,8 @@ use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::{
     ContainerState, ContainerStatusRequest, CreateContainerRequest, ExecSyncRequest,
     GetEventsRequest, ImageSpec, ImageStatusRequest, ListPodSandboxRequest, PodSandboxConfig,
-    PodSandboxState, PodSandboxStatusRequest, RemoveContainerRequest, RemovePodSandboxRequest,
-    RunPodSandboxRequest, StartContainerRequest, StopContainerRequest, StopPodSandboxRequest,
-    VersionRequest,
+    PodSandboxState, PodSandboxStatusRequest, RemovePodSandboxRequest, RunPodSandboxRequest,
+    StartContainerRequest, StopPodSandboxRequest, VersionRequest,
 };
 use nodeplane_proto::agent::pod_lifecycle::Kind;
 use nodeplane_proto::agent::request::What;
