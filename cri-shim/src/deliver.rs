@@ -249,3 +249,87 @@ async fn read_reply(s: &mut tokio::net::UnixStream) -> std::io::Result<Reply> {
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodeplane_proto::agent::pod_lifecycle::Kind;
+
+    fn ev(name: &str) -> PodLifecycle {
+        PodLifecycle {
+            kind: Kind::SandboxStarting as i32,
+            pod_name: name.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A minimal agent: records pod names in order, answers success.
+    async fn agent(path: &Path, seen: Arc<Mutex<Vec<(String, bool)>>>) {
+        let l = tokio::net::UnixListener::bind(path).expect("bind");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut len = [0u8; 1];
+                let Ok(_) = s.read_exact(&mut len).await else {
+                    continue;
+                };
+                let mut buf = vec![0; usize::from(len[0])];
+                let Ok(_) = s.read_exact(&mut buf).await else {
+                    continue;
+                };
+                if let Ok(Request {
+                    what: Some(What::Lifecycle(e)),
+                }) = Request::decode(buf.as_slice())
+                {
+                    lock(&seen).push((e.pod_name, e.replayed));
+                }
+                let reply = Reply::default().encode_length_delimited_to_vec();
+                let _ = s.write_all(&reply).await;
+            }
+        });
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_drops_the_oldest_and_the_rest_replay_in_order() {
+        let dir = std::env::temp_dir().join(format!("np-deliver-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("agent.sock");
+        let hooks = Hooks::start(&path, Duration::from_millis(500), 2);
+        // The agent is down: a waiting caller gives up at its time box.
+        assert!(
+            !hooks
+                .send_and_wait(ev("a"), Duration::from_millis(50))
+                .await
+        );
+        hooks.send(ev("b"));
+        hooks.send(ev("c"));
+        assert_eq!(hooks.stats.dropped.load(Ordering::Relaxed), 1);
+        assert_eq!(hooks.queue_len(), 2);
+        assert!(!hooks.agent_up());
+        // It comes back: b and c, in order, flagged as replayed.
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        agent(&path, seen.clone()).await;
+        for _ in 0..200 {
+            if lock(&seen).len() == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            *lock(&seen),
+            vec![("b".to_string(), true), ("c".to_string(), true)]
+        );
+        // Up again: the next caller waits and is delivered in time.
+        for _ in 0..100 {
+            if hooks.agent_up() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(hooks.send_and_wait(ev("d"), Duration::from_secs(2)).await);
+        assert_eq!(lock(&seen).last(), Some(&("d".to_string(), false)));
+        assert_eq!(hooks.stats.replayed.load(Ordering::Relaxed), 2);
+        assert!(hooks.stats.late.load(Ordering::Relaxed) >= 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -88,8 +88,10 @@ impl Relay {
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
         let path = req.uri().path().to_string();
-        let hooked =
-            Hooked::of(&path).filter(|h| self.hooks.is_some() || *h == Hooked::CreateContainer);
+        // Without an agent only an injecting CreateContainer needs reading.
+        let hooked = Hooked::of(&path).filter(|h| {
+            self.hooks.is_some() || (*h == Hooked::CreateContainer && self.cfg.inject.is_some())
+        });
         let answer = match hooked {
             None => self.forward(req.map(Body::Stream)).await,
             Some(h) => self.hooked(h, req, start).await,

@@ -61,8 +61,10 @@ impl Shim {
             format!("--listen=unix://{}", socket.display()),
             format!("--runtime-endpoint=unix://{}", runtime.display()),
             format!("--metrics-listen=127.0.0.1:{metrics_port}"),
-            "--log-level=debug,h2=info,hyper=info".to_string(),
         ];
+        if !extra.iter().any(|a| a.starts_with("--log-level")) {
+            args.push("--log-level=debug,h2=info,hyper=info".to_string());
+        }
         if !extra.iter().any(|a| a.starts_with("--runtime-dir")) {
             args.push(format!(
                 "--runtime-dir={}",

@@ -2,7 +2,7 @@
 //! kubelet-like callers), ContainerStatus and Version alternating, direct
 //! then shim, repeated; the median of the rounds is reported.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,12 +13,12 @@ use nodeplane_tests::containerd::connect_channel;
 
 use crate::Opts;
 
-async fn rate(socket: &PathBuf, clients: usize, secs: u64) -> anyhow::Result<f64> {
+async fn rate(socket: &Path, clients: usize, secs: u64) -> anyhow::Result<f64> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..clients {
-        let mut c = RuntimeServiceClient::new(connect_channel(socket.clone()).await?);
+        let mut c = RuntimeServiceClient::new(connect_channel(socket.to_path_buf()).await?);
         c.version(VersionRequest::default()).await?;
         let (stop, done) = (stop.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
