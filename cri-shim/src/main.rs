@@ -7,6 +7,7 @@ use nodeplane_cri_shim::Args;
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_logging(&args.log_level, args.log_json);
+    let threads = args.worker_threads;
     let cfg = match args.into_config() {
         Ok(c) => c,
         Err(e) => {

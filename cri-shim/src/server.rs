@@ -69,7 +69,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
     let active = Arc::new(AtomicUsize::new(0));
     tokio::select! {
-        _ = accept(listener, relay, hooks, active.clone()) => {}
+        _ = accept(listener, relay, active.clone()) => {}
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
@@ -84,12 +84,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-async fn accept(
-    listener: UnixListener,
-    relay: Arc<Relay>,
-    _hooks: Option<Arc<Hooks>>,
-    active: Arc<AtomicUsize>,
-) {
+async fn accept(listener: UnixListener, relay: Arc<Relay>, active: Arc<AtomicUsize>) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,

@@ -29,6 +29,7 @@ usage (as root): cargo run --release -p nodeplane-tests --bin cri-bench -- [opti
   --clients N      throughput: concurrent clients, one connection each (default 16)
   --secs N         throughput: seconds per run (default 3)
   --rounds N       throughput: direct/shim run pairs, median reported (default 3)
+  --shim-threads N the shim's --worker-threads (default 0: one per CPU)
   -h, --help       this text
 
 The shim is taken from the bench's own target directory (build it with
@@ -44,6 +45,7 @@ pub struct Opts {
     pub clients: usize,
     pub secs: u64,
     pub rounds: usize,
+    pub shim_threads: usize,
 }
 
 fn opts() -> anyhow::Result<Opts> {
@@ -69,6 +71,7 @@ fn opts() -> anyhow::Result<Opts> {
             "--clients" => o.clients = num("--clients")?,
             "--secs" => o.secs = num("--secs")? as u64,
             "--rounds" => o.rounds = num("--rounds")?,
+            "--shim-threads" => o.shim_threads = num("--shim-threads")?,
             "-h" | "--help" => {
                 print!("{HELP}");
                 std::process::exit(0);
@@ -84,7 +87,11 @@ fn main() -> anyhow::Result<()> {
     // containerd is tied to this thread (see Containerd::start).
     let ctd = Containerd::start(CniNetwork::nodeplane(&["10.248.0.0/22"]));
     ctd.import_app_image();
-    let shim = Shim::start(&ctd.socket(), &["--no-inject", "--log-level=warn"]);
+    let threads = format!("--worker-threads={}", o.shim_threads);
+    let shim = Shim::start(
+        &ctd.socket(),
+        &["--no-inject", "--log-level=warn", &threads],
+    );
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
