@@ -55,6 +55,7 @@ fn opts() -> anyhow::Result<Opts> {
         clients: 16,
         secs: 3,
         rounds: 3,
+        shim_threads: 0,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
