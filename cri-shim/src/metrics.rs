@@ -141,6 +141,13 @@ impl Metrics {
     }
 }
 
+/// A CRI v1 method with one request and one answer (all but
+/// GetContainerEvents); unknown methods are not assumed unary.
+pub fn is_unary(path: &str) -> bool {
+    method_name(path)
+        .is_some_and(|m| m != "GetContainerEvents" && METHODS.binary_search(&m).is_ok())
+}
+
 /// "Version" from "/runtime.v1.RuntimeService/Version" (CRI v1 only).
 pub fn method_name(path: &str) -> Option<&str> {
     let rest = path
@@ -190,6 +197,15 @@ mod tests {
     #[test]
     fn methods_are_sorted_for_binary_search() {
         assert!(METHODS.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
+    fn only_known_unary_methods_are_buffered() {
+        assert!(is_unary("/runtime.v1.RuntimeService/Version"));
+        assert!(is_unary("/runtime.v1.ImageService/PullImage"));
+        assert!(!is_unary("/runtime.v1.RuntimeService/GetContainerEvents"));
+        assert!(!is_unary("/runtime.v1.RuntimeService/FutureStream"));
+        assert!(!is_unary("/runtime.v1alpha2.RuntimeService/Version"));
     }
 
     #[test]
