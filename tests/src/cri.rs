@@ -140,6 +140,18 @@ impl Shim {
         }
     }
 
+    /// The process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// Its exit status once it has exited (reaped), else `None`.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        let st = self.child.as_mut()?.try_wait().ok().flatten()?;
+        self.child = None;
+        Some(st)
+    }
+
     /// Starts it again with the same flags on the same socket.
     pub fn restart(&mut self) {
         self.kill9();
