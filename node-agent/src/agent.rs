@@ -189,7 +189,8 @@ impl Agent {
                 });
                 before != self.model.attachments.len()
             }
-            None => {
+            // api.rs routes these to crate::lifecycle; never queued here.
+            Some(What::Lifecycle(_)) | None => {
                 let _ = call.reply.send(Reply {
                     programmed: false,
                     error: "empty request".into(),

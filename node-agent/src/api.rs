@@ -5,13 +5,14 @@
 use std::path::Path;
 use std::time::Duration;
 
-use nodeplane_proto::agent::{Reply, Request};
+use nodeplane_proto::agent::{request::What, Reply, Request};
 use nodeplane_proto::prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::agent::ApiCall;
+use crate::lifecycle::Lifecycle;
 use crate::{Error, Result};
 
 /// Largest request accepted (a GC listing thousands of attachments fits).
@@ -37,7 +38,11 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 /// Accepts connections until the channel to the agent closes.
-pub async fn serve(listener: UnixListener, calls: mpsc::Sender<ApiCall>) {
+pub async fn serve(
+    listener: UnixListener,
+    calls: mpsc::Sender<ApiCall>,
+    lifecycle: std::sync::Arc<Lifecycle>,
+) {
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
@@ -51,18 +56,26 @@ pub async fn serve(listener: UnixListener, calls: mpsc::Sender<ApiCall>) {
             return;
         }
         let calls = calls.clone();
+        let lifecycle = lifecycle.clone();
         tokio::spawn(async move {
-            if let Err(e) = handle(stream, calls).await {
+            if let Err(e) = handle(stream, calls, &lifecycle).await {
                 tracing::warn!(error = %e, "local API request");
             }
         });
     }
 }
 
-async fn handle(mut stream: UnixStream, calls: mpsc::Sender<ApiCall>) -> Result<()> {
+async fn handle(
+    mut stream: UnixStream,
+    calls: mpsc::Sender<ApiCall>,
+    lifecycle: &Lifecycle,
+) -> Result<()> {
     let request = read_message::<Request>(&mut stream).await?;
     let (tx, rx) = oneshot::channel();
-    let reply = if calls.send(ApiCall { request, reply: tx }).await.is_err() {
+    // CRI shim events are recorded and answered here, off the agent loop.
+    let reply = if let Some(What::Lifecycle(ev)) = &request.what {
+        lifecycle.record(ev)
+    } else if calls.send(ApiCall { request, reply: tx }).await.is_err() {
         Reply {
             programmed: false,
             error: "agent is shutting down".into(),

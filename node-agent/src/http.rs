@@ -15,16 +15,26 @@ use crate::{Error, Result};
 struct Ctx {
     status: SharedStatus,
     table: String,
+    lifecycle: std::sync::Arc<crate::lifecycle::Lifecycle>,
 }
 
 /// Serves until the process ends.
-pub async fn serve(listen: SocketAddr, status: SharedStatus, table: String) -> Result<()> {
+pub async fn serve(
+    listen: SocketAddr,
+    status: SharedStatus,
+    table: String,
+    lifecycle: std::sync::Arc<crate::lifecycle::Lifecycle>,
+) -> Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/status", get(status_json))
-        .with_state(Ctx { status, table });
+        .with_state(Ctx {
+            status,
+            table,
+            lifecycle,
+        });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| Error::io(format!("listen on {listen}"), e))?;
@@ -71,6 +81,7 @@ async fn status_json(State(ctx): State<Ctx>) -> String {
         "groups": s.groups,
         "elements": s.elements,
         "lastError": s.last_error,
+        "criShim": ctx.lifecycle.status_json(),
     })
     .to_string()
 }
@@ -189,5 +200,6 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
         "Packets dropped, by reason.",
         &drops,
     );
+    o.push_str(&ctx.lifecycle.metrics());
     o
 }

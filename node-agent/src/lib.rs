@@ -5,7 +5,8 @@
 //! [`nft`] keeps nodeplane's nftables table equal to them, one atomic
 //! transaction per change ([`agent`] runs that loop; [`conntrack`] cuts
 //! connections a change denies). The CNI plugin reaches the agent through
-//! the local API in [`api`]; [`http`] serves health and metrics. The data
+//! the local API in [`api`]; [`http`] serves health and metrics;
+//! [`lifecycle`] keeps the pods the CRI shim reports. The data
 //! path never waits for the agent: the plugin adds and deletes pods
 //! without it.
 
@@ -17,6 +18,7 @@ pub mod config;
 pub mod conntrack;
 pub mod error;
 pub mod http;
+pub mod lifecycle;
 pub mod model;
 pub mod nft;
 pub mod nftnl;

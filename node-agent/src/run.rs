@@ -66,11 +66,12 @@ pub async fn run(cfg: Config) -> Result<()> {
         }
     }
     let listener = crate::api::bind(&cfg.socket)?;
-    tokio::spawn(crate::api::serve(listener, call_tx));
+    let lifecycle = Arc::new(crate::lifecycle::Lifecycle::default());
+    tokio::spawn(crate::api::serve(listener, call_tx, lifecycle.clone()));
     let http_status = status.clone();
     let (listen, table) = (cfg.listen, cfg.table.clone());
     tokio::spawn(async move {
-        if let Err(e) = crate::http::serve(listen, http_status, table).await {
+        if let Err(e) = crate::http::serve(listen, http_status, table, lifecycle).await {
             tracing::error!(error = %e, "health/metrics server stopped");
         }
     });

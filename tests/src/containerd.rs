@@ -35,6 +35,9 @@ use crate::{Netns, TempDir};
 
 /// The sandbox image every pod of the private containerd runs.
 pub const PAUSE_IMAGE: &str = "nodeplane.test/pause:1";
+/// An application image (static busybox, sleeping) for CreateContainer;
+/// import it with [`Containerd::import_app_image`].
+pub const APP_IMAGE: &str = "nodeplane.test/app:1";
 /// The containerd namespace the CRI plugin keeps its pods in.
 pub const CRI_NAMESPACE: &str = "k8s.io";
 /// The node's own addresses in its namespace (private ranges that never
@@ -296,6 +299,55 @@ impl Containerd {
         }
     }
 
+    /// Kills containerd (SIGKILL) and starts it again on the same root,
+    /// state and socket, as a crash and a supervisor restart would; pods
+    /// and containers keep running in their shims.
+    pub fn restart(&mut self) {
+        self.kill();
+        // containerd refuses to start while its old socket file is there
+        // only on some versions; remove it so the wait below sees the new one.
+        let _ = fs::remove_file(self.socket());
+        self.spawn();
+    }
+
+    /// Waits until containerd (e.g. after [`Containerd::restart`]) accepts
+    /// connections and its CRI plugin answers Status with the runtime and
+    /// network ready; errors while it initialises ("server is not
+    /// initialized yet", a socket not yet listening) are retried.
+    pub async fn wait_serving(&self) {
+        let deadline = Instant::now() + START_TIMEOUT;
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            if let Ok(ch) = connect_channel(self.socket()).await {
+                let mut c = RuntimeServiceClient::new(ch);
+                match c.status(StatusRequest { verbose: false }).await {
+                    Ok(r) => {
+                        let conds = r
+                            .into_inner()
+                            .status
+                            .map(|s| s.conditions)
+                            .unwrap_or_default();
+                        if conds.iter().filter(|c| c.status).count() >= 2 {
+                            return;
+                        }
+                        last = format!("{conds:?}");
+                    }
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.fail(&format!("containerd not serving after restart: {last}"));
+    }
+
+    /// Imports [`APP_IMAGE`] (busybox whose entrypoint sleeps forever;
+    /// `/bin/busybox <applet>` runs anything else).
+    pub fn import_app_image(&self) {
+        let tar = self.dir().join("app.tar");
+        write_busybox_image(&tar, APP_IMAGE, &["/bin/busybox", "sleep", "2147483647"]);
+        self.import_image(&tar);
+    }
+
     /// Kills containerd outright (SIGKILL), as a crash would, leaving its
     /// shims and pods running; Drop then cleans up without its help.
     pub fn kill(&mut self) {
@@ -482,11 +534,16 @@ state = "{d}/state"
     fn import_pause_image(&self) {
         let tar = self.dir().join("pause.tar");
         write_pause_image(&tar);
+        self.import_image(&tar);
+    }
+
+    /// Imports an OCI image-layout tarball into the CRI namespace.
+    pub fn import_image(&self, tar: &Path) {
         let out = Command::new("ctr")
             .arg("-a")
             .arg(self.socket())
             .args(["-n", CRI_NAMESPACE, "images", "import"])
-            .arg(&tar)
+            .arg(tar)
             .output()
             .expect("spawn ctr");
         if !out.status.success() {
@@ -701,8 +758,9 @@ impl Drop for Containerd {
 
 const LIBCNI_RESULTS: &str = "/var/lib/cni/results";
 
-/// A tonic channel over containerd's unix socket.
-async fn connect_channel(socket: PathBuf) -> Result<Channel, tonic::transport::Error> {
+/// A tonic channel over a unix socket (containerd's, or anything speaking
+/// gRPC there).
+pub async fn connect_channel(socket: PathBuf) -> Result<Channel, tonic::transport::Error> {
     // The URI is required by the API but unused: the connector ignores it.
     Endpoint::from_static("http://localhost")
         .timeout(CALL_TIMEOUT)
@@ -719,6 +777,12 @@ async fn connect_channel(socket: PathBuf) -> Result<Channel, tonic::transport::E
 /// Writes an OCI image-layout tarball of [`PAUSE_IMAGE`]: one layer with a
 /// static busybox whose entrypoint sleeps forever.
 pub fn write_pause_image(path: &Path) {
+    write_busybox_image(path, PAUSE_IMAGE, &["/bin/busybox", "sleep", "2147483647"]);
+}
+
+/// Writes an OCI image-layout tarball named `name` (`repo:tag`): one layer
+/// with a static busybox, `entrypoint` as its entrypoint.
+pub fn write_busybox_image(path: &Path, name: &str, entrypoint: &[&str]) {
     let busybox = fs::read("/bin/busybox").expect("read /bin/busybox (busybox-static)");
 
     let mut layer = tar::Builder::new(Vec::new());
@@ -744,7 +808,7 @@ pub fn write_pause_image(path: &Path) {
     let config = serde_json::json!({
         "architecture": arch,
         "os": "linux",
-        "config": { "Entrypoint": ["/bin/busybox", "sleep", "2147483647"] },
+        "config": { "Entrypoint": entrypoint },
         "rootfs": { "type": "layers", "diff_ids": [layer_digest] }
     })
     .to_string()
@@ -765,7 +829,7 @@ pub fn write_pause_image(path: &Path) {
     })
     .to_string()
     .into_bytes();
-    let tag = PAUSE_IMAGE.rsplit(':').next().unwrap_or("latest");
+    let tag = name.rsplit(':').next().unwrap_or("latest");
     let index = serde_json::json!({
         "schemaVersion": 2,
         "manifests": [{
@@ -773,7 +837,7 @@ pub fn write_pause_image(path: &Path) {
             "digest": sha256(&manifest),
             "size": manifest.len(),
             "annotations": {
-                "io.containerd.image.name": PAUSE_IMAGE,
+                "io.containerd.image.name": name,
                 "org.opencontainers.image.ref.name": tag
             }
         }]

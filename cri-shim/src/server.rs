@@ -1,0 +1,120 @@
+//! The listening side: HTTP/2 (gRPC) on the kubelet's unix socket, one
+//! task per connection, each call handled independently; graceful stop.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::UnixListener;
+
+use crate::deliver::Hooks;
+use crate::relay::Relay;
+use crate::{Config, Error, Result};
+
+/// How long in-flight calls get to finish after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(5);
+
+/// Binds the socket (replacing a stale one left by a killed shim).
+pub fn bind(path: &Path) -> Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return Err(Error::io(
+                format!("remove stale socket {}", path.display()),
+                e,
+            ))
+        }
+    }
+    UnixListener::bind(path)
+        .map_err(|e| Error::io(format!("bind {} (--listen)", path.display()), e))
+}
+
+/// Runs the shim until SIGTERM or SIGINT.
+pub async fn run(cfg: Config) -> Result<()> {
+    if let Some(inj) = &cfg.inject {
+        // The bind mount's source must exist or every CreateContainer fails.
+        std::fs::create_dir_all(&inj.host_dir).map_err(|e| {
+            Error::io(
+                format!("create {} (--runtime-dir)", inj.host_dir.display()),
+                e,
+            )
+        })?;
+    }
+    let hooks = cfg
+        .agent
+        .as_ref()
+        .map(|p| Hooks::start(p, cfg.agent_timeout, cfg.hook_queue));
+    let listener = bind(&cfg.listen)?;
+    let relay = Arc::new(Relay::new(cfg.clone(), hooks.clone()));
+    if let Some(addr) = cfg.metrics_listen {
+        let (m, h) = (relay.metrics.clone(), hooks.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, m, h).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+    tracing::info!(listen = %cfg.listen.display(), runtime = %cfg.runtime.display(),
+        agent = ?cfg.agent, inject = cfg.inject.is_some(), "nodeplane-cri-shim relaying");
+
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
+    let active = Arc::new(AtomicUsize::new(0));
+    tokio::select! {
+        _ = accept(listener, relay, active.clone()) => {}
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    // New calls find no socket (the kubelet retries against the next
+    // shim); calls in flight get a moment to finish.
+    let _ = std::fs::remove_file(&cfg.listen);
+    let deadline = tokio::time::Instant::now() + DRAIN;
+    while active.load(Ordering::Relaxed) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tracing::info!(unfinished = active.load(Ordering::Relaxed), "stopped");
+    Ok(())
+}
+
+async fn accept(listener: UnixListener, relay: Arc<Relay>, active: Arc<AtomicUsize>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((s, _)) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept on the CRI socket");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let relay = relay.clone();
+        let active = active.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let relay = relay.clone();
+                let active = active.clone();
+                async move {
+                    active.fetch_add(1, Ordering::Relaxed);
+                    let r = relay.handle(req).await;
+                    active.fetch_sub(1, Ordering::Relaxed);
+                    Ok::<_, std::convert::Infallible>(r)
+                }
+            });
+            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            b.timer(TokioTimer::new())
+                .max_concurrent_streams(None)
+                .initial_stream_window_size(4 << 20)
+                .initial_connection_window_size(16 << 20);
+            if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
+                tracing::debug!(error = %e, "kubelet connection ended");
+            }
+        });
+    }
+}

@@ -1,0 +1,167 @@
+//! cri-bench: the latency nodeplane-cri-shim adds to CRI calls, measured
+//! against containerd directly in the same run (interleaved call by call,
+//! so both see the same machine load), and throughput with concurrent
+//! clients, shim vs direct, with ratios.
+//!
+//! Run as root: `cargo run --release -p nodeplane-tests --bin cri-bench`
+//! (`-- --help` for options). It starts a private containerd (the tests'
+//! harness: own netns, root, state and socket), creates one sandbox with
+//! 100 containers for ListContainers, and removes everything at the end.
+
+mod latency;
+mod stats;
+mod throughput;
+
+use std::time::Duration;
+
+use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
+use k8s_cri::v1::{CreateContainerRequest, RunPodSandboxRequest};
+use nodeplane_tests::containerd::{connect_channel, CniNetwork, Containerd};
+use nodeplane_tests::cri::{app_container, Shim};
+
+const HELP: &str = "\
+cri-bench: CRI calls through nodeplane-cri-shim vs directly to containerd, same run
+
+usage (as root): cargo run --release -p nodeplane-tests --bin cri-bench -- [options]
+
+  --iterations N   latency: calls per method and path (default 3000)
+  --containers N   containers in the sandbox ListContainers lists (default 100)
+  --clients N      throughput: concurrent clients, one connection each (default 16)
+  --secs N         throughput: seconds per run (default 3)
+  --rounds N       throughput: direct/shim run pairs, median reported (default 3)
+  --shim-threads N the shim's --worker-threads (default 0: one per CPU)
+  -h, --help       this text
+
+The shim is taken from the bench's own target directory (build it with
+`cargo build --release -p nodeplane-cri-shim`) or $NODEPLANE_CRI_SHIM_BIN.
+Targets (p99 added <= 0.2 ms per unary call; throughput >= 90% of direct)
+are printed as PASS/MISS; the exit status is 0 whatever they say.
+";
+
+#[derive(Debug)]
+pub struct Opts {
+    pub iterations: usize,
+    pub containers: usize,
+    pub clients: usize,
+    pub secs: u64,
+    pub rounds: usize,
+    pub shim_threads: usize,
+}
+
+fn opts() -> anyhow::Result<Opts> {
+    let mut o = Opts {
+        iterations: 3000,
+        containers: 100,
+        clients: 16,
+        secs: 3,
+        rounds: 3,
+        shim_threads: 0,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut num = |name: &str| -> anyhow::Result<usize> {
+            let v = args
+                .next()
+                .ok_or_else(|| anyhow::anyhow!("{name} needs a value"))?;
+            v.parse()
+                .map_err(|_| anyhow::anyhow!("{name} {v:?}: not a number"))
+        };
+        match a.as_str() {
+            "--iterations" => o.iterations = num("--iterations")?,
+            "--containers" => o.containers = num("--containers")?,
+            "--clients" => o.clients = num("--clients")?,
+            "--secs" => o.secs = num("--secs")? as u64,
+            "--rounds" => o.rounds = num("--rounds")?,
+            "--shim-threads" => o.shim_threads = num("--shim-threads")?,
+            "-h" | "--help" => {
+                print!("{HELP}");
+                std::process::exit(0);
+            }
+            other => anyhow::bail!("unknown option {other:?}\n\n{HELP}"),
+        }
+    }
+    Ok(o)
+}
+
+fn main() -> anyhow::Result<()> {
+    let o = opts()?;
+    // containerd is tied to this thread (see Containerd::start).
+    let ctd = Containerd::start(CniNetwork::nodeplane(&["10.248.0.0/22"]));
+    ctd.import_app_image();
+    let threads = format!("--worker-threads={}", o.shim_threads);
+    let shim = Shim::start(
+        &ctd.socket(),
+        &["--no-inject", "--log-level=warn", &threads],
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let mut direct = ctd.connect().await;
+        let sandbox = ctd.sandbox_config("bench-0");
+        let run = RunPodSandboxRequest {
+            config: Some(sandbox.clone()),
+            runtime_handler: String::new(),
+        };
+        let sb = direct
+            .run_pod_sandbox(run)
+            .await?
+            .into_inner()
+            .pod_sandbox_id;
+        let mut first = String::new();
+        for i in 0..o.containers {
+            let req = CreateContainerRequest {
+                pod_sandbox_id: sb.clone(),
+                config: Some(app_container(&format!("c{i}"))),
+                sandbox_config: Some(sandbox.clone()),
+            };
+            let id = direct
+                .create_container(req)
+                .await?
+                .into_inner()
+                .container_id;
+            if first.is_empty() {
+                first = id;
+            }
+        }
+        let direct_ch = connect_channel(ctd.socket()).await?;
+        let shim_ch = shim.channel().await;
+        // Let both paths open their connections before timing.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        println!(
+            "cri-bench: containerd 1.6 + runc, {} containers in one sandbox; shim {}",
+            o.containers,
+            nodeplane_tests::cri::shim_bin().display()
+        );
+        println!();
+        let lat = latency::run(&o, direct_ch.clone(), shim_ch.clone(), &first).await?;
+        println!();
+        let thr = throughput::run(&o, ctd.socket(), shim.socket.clone()).await?;
+        println!();
+        println!("targets:");
+        println!(
+            "  p99 added <= 0.2 ms on every unary call: {} (worst {:.3} ms)",
+            pass(lat <= 0.2),
+            lat
+        );
+        println!(
+            "  throughput >= 90% of direct ({} clients): {} ({:.1}%)",
+            o.clients,
+            pass(thr >= 0.9),
+            thr * 100.0
+        );
+        drop(RuntimeServiceClient::new(shim_ch));
+        anyhow::Ok(())
+    })?;
+    drop(shim);
+    drop(ctd);
+    Ok(())
+}
+
+fn pass(ok: bool) -> &'static str {
+    if ok {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
