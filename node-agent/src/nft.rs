@@ -435,8 +435,18 @@ fn update_group(out: &mut Script, id: &str, old: (&Group, &[String]), new: (&Gro
 }
 
 /// Commands that create group `id` (chain, its maps, their elements).
-fn add_group(out: &mut Script, id: &str, g: &Group, policies: &[String]) {
-    let t = out.table.clone();
+/// Commands that create group `id`: its maps, chain and rules go to
+/// `structure`, the maps' elements to `elements` (the same script for a
+/// full rewrite; see [`delta`] for why they can be apart).
+fn add_group(
+    structure: &mut Script,
+    elements: &mut Script,
+    id: &str,
+    g: &Group,
+    policies: &[String],
+) {
+    let t = structure.table.clone();
+    let out = structure;
     let (peer4, peer6, denied) = match g.dir {
         Dir::Ingress => ("ip saddr", "ip6 saddr", "denied_ingress"),
         Dir::Egress => ("ip daddr", "ip6 daddr", "denied_egress"),
@@ -451,12 +461,6 @@ fn add_group(out: &mut Script, id: &str, g: &Group, policies: &[String]) {
             );
         }
     }
-    let none: [(u32, u32, u8, u8, u16, u16, &str); 0] = [];
-    let all4: Vec<_> = named(&g.v4, policies).into_iter().collect();
-    family_changes(out, id, "4", &none, &all4, |x| Field::V4(v4(x)));
-    let none6: [(u128, u128, u8, u8, u16, u16, &str); 0] = [];
-    let all6: Vec<_> = named(&g.v6, policies).into_iter().collect();
-    family_changes(out, id, "6", &none6, &all6, |x| Field::V6(v6(x)));
     let _ = writeln!(out, "add chain inet {t} {id}");
     let _ = writeln!(out, "flush chain inet {t} {id}");
     for (fam, peer) in [("4", peer4), ("6", peer6)] {
@@ -470,6 +474,12 @@ fn add_group(out: &mut Script, id: &str, g: &Group, policies: &[String]) {
         }
     }
     let _ = writeln!(out, "add rule inet {t} {id} counter name \"{denied}\" drop");
+    let none: [(u32, u32, u8, u8, u16, u16, &str); 0] = [];
+    let all4: Vec<_> = named(&g.v4, policies).into_iter().collect();
+    family_changes(elements, id, "4", &none, &all4, |x| Field::V4(v4(x)));
+    let none6: [(u128, u128, u8, u8, u16, u16, &str); 0] = [];
+    let all6: Vec<_> = named(&g.v6, policies).into_iter().collect();
+    family_changes(elements, id, "6", &none6, &all6, |x| Field::V6(v6(x)));
 }
 
 /// The transaction that makes a table holding `existing` equal to `next`.
@@ -503,14 +513,16 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
         .ok();
         let _ = writeln!(out, "flush chain inet {t} {chain}");
     }
+    let mut elems = Script::new(t);
     for (id, g) in &next.groups {
         for map in group_maps(id) {
             if existing.maps.contains(&map) {
                 let _ = writeln!(out, "flush map inet {t} {map}");
             }
         }
-        add_group(&mut out, id, g, &next.policies);
+        add_group(&mut out, &mut elems, id, g, &next.policies);
     }
+    out.steps.append(&mut elems.steps);
     for (chain, rule) in rules.iter().filter(|(_, r)| !r.starts_with("type ")) {
         let _ = writeln!(out, "add rule inet {t} {chain} {rule}");
     }
@@ -546,9 +558,18 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
 
 /// The transaction that turns the kernel's `prev` (as last applied) into
 /// `next`, touching only what differs.
+///
+/// Its steps come in three runs: structure that only adds objects nothing
+/// refers to yet (counters, new groups' maps, chains and rules), then every
+/// element change (which is where traffic switches over), then structure
+/// that only deletes objects nothing refers to any more (old groups,
+/// counters). [`apply_script`] may therefore apply the runs as three
+/// transactions: the first and last are invisible to traffic, and the
+/// middle one, usually the only large one, goes over netlink.
 pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> Script {
     let t = &s.table;
     let mut out = Script::new(t);
+    let mut elems = Script::new(t);
     for c in next
         .counters
         .keys()
@@ -558,18 +579,19 @@ pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> Script {
     }
     for (id, g) in &next.groups {
         match prev.groups.get(id) {
-            None => add_group(&mut out, id, g, &next.policies),
+            None => add_group(&mut out, &mut elems, id, g, &next.policies),
             Some(old) if std::sync::Arc::ptr_eq(old, g) => {}
-            Some(old) => update_group(&mut out, id, (old, &prev.policies), (g, &next.policies)),
+            Some(old) => update_group(&mut elems, id, (old, &prev.policies), (g, &next.policies)),
         }
     }
     let (a, b) = (BaseElements::of(prev, s), BaseElements::of(next, s));
     for (name, _) in BASE_SETS.iter().chain(BASE_MAPS) {
         let old: BTreeSet<&Elem> = a.get(name).collect();
         let new: BTreeSet<&Elem> = b.get(name).collect();
-        out.delete(name, old.difference(&new).map(|e| (*e).clone()).collect());
-        out.add(name, new.difference(&old).map(|e| (*e).clone()).collect());
+        elems.delete(name, old.difference(&new).map(|e| (*e).clone()).collect());
+        elems.add(name, new.difference(&old).map(|e| (*e).clone()).collect());
     }
+    out.steps.append(&mut elems.steps);
     for id in prev
         .groups
         .keys()
@@ -592,16 +614,25 @@ pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> Script {
 
 /// Applies `script` as one atomic transaction: over netlink when it only
 /// adds and deletes elements, else (or if netlink refuses it) with `nft -f`.
+/// A [`delta`] with structure around its element changes goes as three
+/// transactions (structure added, elements, structure removed).
 pub fn apply_script(script: &Script) -> Result<()> {
     if script.is_empty() {
         return Ok(());
     }
-    if script.elements_only() {
-        match crate::nftnl::apply(script) {
-            Ok(()) => return Ok(()),
-            Err(e) => {
-                tracing::warn!(error = %e, "netlink element update refused; applying it with nft -f");
+    if let Some((pre, mid, post)) = script.phases() {
+        if !mid.is_empty() && mid.elements_only() {
+            if !pre.is_empty() {
+                apply(&pre.text())?;
             }
+            if let Err(e) = crate::nftnl::apply(&mid) {
+                tracing::warn!(error = %e, "netlink element update refused; applying it with nft -f");
+                apply(&mid.text())?;
+            }
+            if !post.is_empty() {
+                apply(&post.text())?;
+            }
+            return Ok(());
         }
     }
     apply(&script.text())

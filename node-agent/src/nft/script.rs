@@ -161,6 +161,29 @@ impl Script {
         })
     }
 
+    /// Splits the steps into (text, elements, text) runs, if they come in
+    /// that order; None when text and elements interleave otherwise.
+    pub fn phases(&self) -> Option<(Script, Script, Script)> {
+        let mut parts = [
+            Script::new(&self.table),
+            Script::new(&self.table),
+            Script::new(&self.table),
+        ];
+        let mut phase = 0;
+        for step in &self.steps {
+            let is_text = matches!(step, Step::Text(_));
+            phase = match (phase, is_text) {
+                (0, true) => 0,
+                (0 | 1, false) => 1,
+                (1 | 2, true) => 2,
+                _ => return None,
+            };
+            parts[phase].steps.push(step.clone());
+        }
+        let [a, b, c] = parts;
+        Some((a, b, c))
+    }
+
     /// How many elements the transaction adds or deletes.
     pub fn element_count(&self) -> usize {
         self.steps
