@@ -14,6 +14,9 @@ use crate::{Error, Result};
 #[derive(Debug, Parser, Default)]
 #[command(name = "nodeplane-agent", version, about = "The nodeplane node agent")]
 pub struct Args {
+    /// `csi`: serve only the CSI driver (see the README's "CSI driver").
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Configuration file (YAML or JSON, camelCase keys as in the README).
     #[arg(long, env = "NODEPLANE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -62,6 +65,12 @@ pub struct Args {
     /// A tracing filter, e.g. `info` or `nodeplane_agent=debug`.
     #[arg(long, env = "NODEPLANE_LOG_LEVEL")]
     pub log_level: Option<String>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Serve only the CSI driver (node-local volumes) on a unix socket.
+    Csi(nodeplane_csi::CsiArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]

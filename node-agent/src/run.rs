@@ -92,3 +92,40 @@ pub async fn run(cfg: Config) -> Result<()> {
     let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
     Ok(())
 }
+
+/// `nodeplane-agent csi ...`: the standalone CSI driver (nodeplane-csi does
+/// the work; this only sets up logging and the runtime).
+pub fn csi_main(args: nodeplane_csi::CsiArgs) -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let cfg = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nodeplane-agent csi: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nodeplane-agent csi: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(nodeplane_csi::serve(cfg)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "CSI driver stopped");
+            eprintln!("nodeplane-agent csi: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cni;
 pub mod containerd;
+pub mod csi;
 pub mod fixture;
 pub mod netns;
 pub mod policy;
