@@ -95,6 +95,7 @@ pub struct CsiWorld {
     ns: Option<MountNs>,
     agent: Option<Child>,
     extra: Vec<String>,
+    crash_at: Option<String>,
 }
 
 fn must(o: std::io::Result<Output>, what: &str) -> String {
@@ -168,6 +169,7 @@ impl CsiWorld {
             ns: None,
             agent: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            crash_at: None,
         };
         w.boot();
         w
@@ -213,6 +215,10 @@ impl CsiWorld {
             .arg(&self.pool)
             .args(&self.extra)
             .env("RUST_LOG", "info")
+            .env(
+                "NODEPLANE_CSI_CRASH_AT",
+                self.crash_at.clone().unwrap_or_default(),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -246,6 +252,12 @@ impl CsiWorld {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// From the next (re)start on, the driver SIGKILLs itself at `step`
+    /// (see the driver's crash points); `None` disarms.
+    pub fn set_crash(&mut self, step: Option<&str>) {
+        self.crash_at = step.map(str::to_string);
     }
 
     pub fn restart(&mut self) {
