@@ -65,6 +65,17 @@ pub struct Args {
     /// A tracing filter, e.g. `info` or `nodeplane_agent=debug`.
     #[arg(long, env = "NODEPLANE_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Also serve the CSI driver with these pools (`DIR` or `NAME=DIR`), on
+    /// its default socket, with state in <state-dir>/csi (see `csi --help`).
+    #[arg(
+        long = "csi-pool",
+        env = "NODEPLANE_AGENT_CSI_POOLS",
+        value_delimiter = ','
+    )]
+    pub csi_pools: Vec<String>,
+    /// With --csi-pool: the kubelet plugin-registration directory.
+    #[arg(long, env = "NODEPLANE_AGENT_CSI_REGISTRATION_DIR")]
+    pub csi_registration_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -134,6 +145,9 @@ pub struct Config {
     pub iface_prefix: String,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Serve CSI beside the agent's other work (empty: off).
+    pub csi_pools: Vec<String>,
+    pub csi_registration_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -245,6 +259,8 @@ impl Config {
                 .log_level
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
+            csi_pools: args.csi_pools,
+            csi_registration_dir: args.csi_registration_dir,
         })
     }
 }

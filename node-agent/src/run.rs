@@ -74,6 +74,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             tracing::error!(error = %e, "health/metrics server stopped");
         }
     });
+    let (csi_stop, csi_task) = spawn_csi(&cfg)?;
     let socket = cfg.socket.clone();
     tracing::info!(node = %cfg.node_name, source = ?cfg.source, socket = %socket.display(), listen = %cfg.listen, "nodeplane-agent starting");
     let agent = tokio::spawn(Agent::new(cfg, status.clone()).run(ev_rx, call_rx, stop_rx));
@@ -89,8 +90,43 @@ pub async fn run(cfg: Config) -> Result<()> {
     status.lock().unwrap_or_else(|e| e.into_inner()).draining = true;
     let _ = std::fs::remove_file(&socket);
     let _ = stop_tx.send(());
+    let _ = csi_stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
+    if let Some(t) = csi_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
     Ok(())
+}
+
+/// With --csi-pool: the CSI driver served beside the agent (nodeplane-csi).
+#[allow(clippy::type_complexity)]
+fn spawn_csi(cfg: &Config) -> Result<(oneshot::Sender<()>, Option<tokio::task::JoinHandle<()>>)> {
+    let (tx, rx) = oneshot::channel::<()>();
+    if cfg.csi_pools.is_empty() {
+        return Ok((tx, None));
+    }
+    let csi = nodeplane_csi::CsiArgs {
+        endpoint: None,
+        node_id: Some(cfg.node_name.clone()),
+        state_dir: cfg.state_dir.join("csi"),
+        pools: cfg.csi_pools.clone(),
+        driver_name: nodeplane_csi::config::DEFAULT_DRIVER.into(),
+        registration_dir: cfg.csi_registration_dir.clone(),
+        default_size: "1Gi".into(),
+        max_volumes: 0,
+    }
+    .resolve()
+    .map_err(|e| Error::Config(format!("--csi-pool: {e}")))?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = nodeplane_csi::serve_until(csi, async move {
+            let _ = rx.await;
+        })
+        .await
+        {
+            tracing::error!(error = %e, "CSI driver stopped");
+        }
+    });
+    Ok((tx, Some(task)))
 }
 
 /// `nodeplane-agent csi ...`: the standalone CSI driver (nodeplane-csi does

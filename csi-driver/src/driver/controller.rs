@@ -328,7 +328,8 @@ impl Controller for Driver {
             .store()
             .volumes
             .values()
-            .filter(|v| v.state == State::Ready)
+            // Ephemeral inline volumes belong to a pod, not to the CO's list.
+            .filter(|v| v.state == State::Ready && !v.ephemeral)
             .cloned()
             .collect();
         let items = vols.iter().map(|v| (v.id.clone(), v.clone())).collect();

@@ -256,7 +256,13 @@ impl Driver {
                 kind.as_str()
             )));
         }
-        let fs = fs.unwrap_or_default();
+        // No mount capability named a filesystem (or none was given, as in
+        // GetCapacity): the backend's default, unless the volume is block only.
+        let fs = match fs {
+            Some(f) => f,
+            None if block => String::new(),
+            None => backend.default_fs().to_string(),
+        };
         if !backend.supports_fs(&fs) {
             return Err(Error::InvalidArgument(format!(
                 "backend {} cannot provide fsType {fs}",
