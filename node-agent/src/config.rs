@@ -14,6 +14,9 @@ use crate::{Error, Result};
 #[derive(Debug, Parser, Default)]
 #[command(name = "nodeplane-agent", version, about = "The nodeplane node agent")]
 pub struct Args {
+    /// `csi`: serve only the CSI driver (see the README's "CSI driver").
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Configuration file (YAML or JSON, camelCase keys as in the README).
     #[arg(long, env = "NODEPLANE_CONFIG")]
     pub config: Option<PathBuf>,
@@ -62,6 +65,23 @@ pub struct Args {
     /// A tracing filter, e.g. `info` or `nodeplane_agent=debug`.
     #[arg(long, env = "NODEPLANE_LOG_LEVEL")]
     pub log_level: Option<String>,
+    /// Also serve the CSI driver with these pools (`DIR` or `NAME=DIR`), on
+    /// its default socket, with state in <state-dir>/csi (see `csi --help`).
+    #[arg(
+        long = "csi-pool",
+        env = "NODEPLANE_AGENT_CSI_POOLS",
+        value_delimiter = ','
+    )]
+    pub csi_pools: Vec<String>,
+    /// With --csi-pool: the kubelet plugin-registration directory.
+    #[arg(long, env = "NODEPLANE_AGENT_CSI_REGISTRATION_DIR")]
+    pub csi_registration_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Serve only the CSI driver (node-local volumes) on a unix socket.
+    Csi(nodeplane_csi::CsiArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Deserialize)]
@@ -125,6 +145,9 @@ pub struct Config {
     pub iface_prefix: String,
     pub log_format: LogFormat,
     pub log_level: String,
+    /// Serve CSI beside the agent's other work (empty: off).
+    pub csi_pools: Vec<String>,
+    pub csi_registration_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -236,6 +259,8 @@ impl Config {
                 .log_level
                 .or(file.log_level)
                 .unwrap_or_else(|| "info".into()),
+            csi_pools: args.csi_pools,
+            csi_registration_dir: args.csi_registration_dir,
         })
     }
 }

@@ -1,10 +1,14 @@
 //! nodeplane-agent: see the library crate for what it does.
 
 use clap::Parser;
-use nodeplane_agent::config::{Args, Config};
+use nodeplane_agent::config::{Args, Command, Config};
 
 fn main() -> std::process::ExitCode {
-    let cfg = match Config::resolve(Args::parse()) {
+    let mut args = Args::parse();
+    if let Some(Command::Csi(csi)) = args.command.take() {
+        return nodeplane_agent::run::csi_main(csi);
+    }
+    let cfg = match Config::resolve(args) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("nodeplane-agent: {e}");

@@ -75,6 +75,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             tracing::error!(error = %e, "health/metrics server stopped");
         }
     });
+    let (csi_stop, csi_task) = spawn_csi(&cfg)?;
     let socket = cfg.socket.clone();
     tracing::info!(node = %cfg.node_name, source = ?cfg.source, socket = %socket.display(), listen = %cfg.listen, "nodeplane-agent starting");
     let agent = tokio::spawn(Agent::new(cfg, status.clone()).run(ev_rx, call_rx, stop_rx));
@@ -90,6 +91,78 @@ pub async fn run(cfg: Config) -> Result<()> {
     status.lock().unwrap_or_else(|e| e.into_inner()).draining = true;
     let _ = std::fs::remove_file(&socket);
     let _ = stop_tx.send(());
+    let _ = csi_stop.send(());
     let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
+    if let Some(t) = csi_task {
+        let _ = tokio::time::timeout(Duration::from_secs(10), t).await;
+    }
     Ok(())
+}
+
+/// With --csi-pool: the CSI driver served beside the agent (nodeplane-csi).
+#[allow(clippy::type_complexity)]
+fn spawn_csi(cfg: &Config) -> Result<(oneshot::Sender<()>, Option<tokio::task::JoinHandle<()>>)> {
+    let (tx, rx) = oneshot::channel::<()>();
+    if cfg.csi_pools.is_empty() {
+        return Ok((tx, None));
+    }
+    let csi = nodeplane_csi::CsiArgs {
+        endpoint: None,
+        node_id: Some(cfg.node_name.clone()),
+        state_dir: cfg.state_dir.join("csi"),
+        pools: cfg.csi_pools.clone(),
+        driver_name: nodeplane_csi::config::DEFAULT_DRIVER.into(),
+        registration_dir: cfg.csi_registration_dir.clone(),
+        default_size: "1Gi".into(),
+        max_volumes: 0,
+    }
+    .resolve()
+    .map_err(|e| Error::Config(format!("--csi-pool: {e}")))?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = nodeplane_csi::serve_until(csi, async move {
+            let _ = rx.await;
+        })
+        .await
+        {
+            tracing::error!(error = %e, "CSI driver stopped");
+        }
+    });
+    Ok((tx, Some(task)))
+}
+
+/// `nodeplane-agent csi ...`: the standalone CSI driver (nodeplane-csi does
+/// the work; this only sets up logging and the runtime).
+pub fn csi_main(args: nodeplane_csi::CsiArgs) -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    let cfg = match args.resolve() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("nodeplane-agent csi: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nodeplane-agent csi: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(nodeplane_csi::serve(cfg)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "CSI driver stopped");
+            eprintln!("nodeplane-agent csi: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cni;
 pub mod containerd;
 pub mod cri;
+pub mod csi;
 pub mod fixture;
 pub mod netns;
 pub mod policy;

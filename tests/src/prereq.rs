@@ -31,3 +31,24 @@ pub fn require_tool(tool: &str, debian_package: &str) -> std::path::PathBuf {
     }
     panic!("`{tool}` is not installed: install it with `apt-get install {debian_package}`");
 }
+
+/// The tools the CSI driver and its tests run (loop devices, mkfs, resize,
+/// btrfs, namespaces), each with the Debian package that provides it.
+pub fn require_csi_tools() {
+    require_root();
+    for (tool, package) in [
+        ("losetup", "util-linux"),
+        ("unshare", "util-linux"),
+        ("nsenter", "util-linux"),
+        ("fsfreeze", "util-linux"),
+        ("mkfs.ext4", "e2fsprogs"),
+        ("e2fsck", "e2fsprogs"),
+        ("resize2fs", "e2fsprogs"),
+        ("mkfs.xfs", "xfsprogs"),
+        ("xfs_growfs", "xfsprogs"),
+        ("mkfs.btrfs", "btrfs-progs"),
+        ("btrfs", "btrfs-progs"),
+    ] {
+        require_tool(tool, package);
+    }
+}

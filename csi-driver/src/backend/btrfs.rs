@@ -1,0 +1,227 @@
+//! The `btrfs` backend: `<pool>/subvolumes/<id>`, a subvolume per volume,
+//! limited by a qgroup (a write past the limit fails with EDQUOT); no loop
+//! device. Snapshots (`<pool>/btrfs-snapshots/<id>`, read-only) and clones
+//! are btrfs snapshots: instant and copy-on-write.
+
+use std::path::{Path, PathBuf};
+
+use super::{Attached, Backend, MIB};
+use crate::model::Condition;
+use crate::store::{BackendKind, SnapshotRecord, VolumeRecord};
+use crate::sys::{cmd, files};
+use crate::{Error, Result};
+
+#[derive(Debug)]
+pub struct Btrfs {
+    pool: PathBuf,
+    subvolumes: PathBuf,
+    snapshots: PathBuf,
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+impl Btrfs {
+    /// Opens a btrfs pool and turns quotas on (idempotent; needed for the
+    /// size limits).
+    pub fn open(pool: &Path) -> Result<Btrfs> {
+        let subvolumes = pool.join("subvolumes");
+        let snapshots = pool.join("btrfs-snapshots");
+        for d in [&subvolumes, &snapshots] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| Error::io(format!("create {}", d.display()), e))?;
+        }
+        cmd::run("btrfs", &["quota", "enable", &s(pool)])?;
+        Ok(Btrfs {
+            pool: pool.to_path_buf(),
+            subvolumes,
+            snapshots,
+        })
+    }
+
+    pub fn path(&self, id: &str) -> PathBuf {
+        self.subvolumes.join(id)
+    }
+
+    fn snap_path(&self, id: &str) -> PathBuf {
+        self.snapshots.join(id)
+    }
+
+    /// Deletes the subvolume at `path` and its qgroup; absent is fine.
+    fn delete_subvolume(&self, path: &Path) -> Result<()> {
+        if !path.exists() {
+            return Ok(());
+        }
+        let rootid = cmd::run("btrfs", &["inspect-internal", "rootid", &s(path)])
+            .ok()
+            .map(|o| o.trim().to_string());
+        cmd::run("btrfs", &["subvolume", "delete", &s(path)])?;
+        if let Some(id) = rootid {
+            // Stale qgroups only cost a little metadata; best effort.
+            let _ = cmd::run(
+                "btrfs",
+                &["qgroup", "destroy", &format!("0/{id}"), &s(&self.pool)],
+            );
+        }
+        files::sync_dir(path.parent().unwrap_or(&self.pool))
+    }
+
+    fn limit(path: &Path, bytes: u64) -> Result<()> {
+        cmd::run("btrfs", &["qgroup", "limit", &bytes.to_string(), &s(path)]).map(|_| ())
+    }
+
+    /// Bytes referenced by the subvolume at `path` (its qgroup's count).
+    pub fn referenced(path: &Path) -> Option<u64> {
+        let out = cmd::run("btrfs", &["qgroup", "show", "--raw", "-r", "-f", &s(path)]).ok()?;
+        out.lines()
+            .find(|l| l.starts_with("0/"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+    }
+}
+
+impl Backend for Btrfs {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Btrfs
+    }
+    fn default_fs(&self) -> &'static str {
+        "btrfs"
+    }
+    fn supports_fs(&self, fs: &str) -> bool {
+        fs == "btrfs"
+    }
+    fn supports_block(&self) -> bool {
+        false
+    }
+    fn min_size(&self, _fs: &str) -> u64 {
+        MIB
+    }
+
+    fn create(&self, v: &VolumeRecord) -> Result<()> {
+        let p = self.path(&v.id);
+        self.delete_subvolume(&p)?;
+        cmd::run("btrfs", &["subvolume", "create", &s(&p)])?;
+        Self::limit(&p, v.capacity)?;
+        files::sync_dir(&self.subvolumes)
+    }
+
+    fn restore(&self, v: &VolumeRecord, snap: &SnapshotRecord) -> Result<()> {
+        let p = self.path(&v.id);
+        self.delete_subvolume(&p)?;
+        cmd::run(
+            "btrfs",
+            &[
+                "subvolume",
+                "snapshot",
+                &s(&self.snap_path(&snap.id)),
+                &s(&p),
+            ],
+        )?;
+        Self::limit(&p, v.capacity)?;
+        files::sync_dir(&self.subvolumes)
+    }
+
+    fn clone_from(
+        &self,
+        v: &VolumeRecord,
+        src: &VolumeRecord,
+        _mount: Option<&Path>,
+    ) -> Result<()> {
+        let p = self.path(&v.id);
+        self.delete_subvolume(&p)?;
+        cmd::run(
+            "btrfs",
+            &["subvolume", "snapshot", &s(&self.path(&src.id)), &s(&p)],
+        )?;
+        Self::limit(&p, v.capacity)?;
+        files::sync_dir(&self.subvolumes)
+    }
+
+    fn delete(&self, id: &str) -> Result<()> {
+        self.delete_subvolume(&self.path(id))
+    }
+
+    fn expand(&self, v: &VolumeRecord, bytes: u64) -> Result<()> {
+        Self::limit(&self.path(&v.id), bytes)
+    }
+
+    fn snapshot(&self, v: &VolumeRecord, snap: &SnapshotRecord, _m: Option<&Path>) -> Result<()> {
+        let dst = self.snap_path(&snap.id);
+        self.delete_subvolume(&dst)?;
+        cmd::run(
+            "btrfs",
+            &[
+                "subvolume",
+                "snapshot",
+                "-r",
+                &s(&self.path(&v.id)),
+                &s(&dst),
+            ],
+        )?;
+        files::sync_dir(&self.snapshots)
+    }
+
+    fn delete_snapshot(&self, id: &str) -> Result<()> {
+        self.delete_subvolume(&self.snap_path(id))
+    }
+
+    fn attach(&self, v: &VolumeRecord) -> Result<Attached> {
+        let p = self.path(&v.id);
+        if !p.is_dir() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {}: subvolume {} is missing",
+                v.id,
+                p.display()
+            )));
+        }
+        Ok(Attached::Dir(p))
+    }
+
+    fn detach(&self, _id: &str) -> Result<()> {
+        Ok(())
+    }
+
+    fn used(&self, v: &VolumeRecord) -> u64 {
+        Self::referenced(&self.path(&v.id)).unwrap_or(0)
+    }
+
+    fn usage(&self) -> std::collections::HashMap<String, u64> {
+        // One `qgroup show` for the whole pool: its Path column names the
+        // subvolume ("subvolumes/<id>").
+        let mut out = std::collections::HashMap::new();
+        if let Ok(text) = cmd::run("btrfs", &["qgroup", "show", "--raw", "-r", &s(&self.pool)]) {
+            for l in text.lines().filter(|l| l.starts_with("0/")) {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                if let (Some(r), Some(p)) = (f.get(1), f.last()) {
+                    if let (Ok(r), Some(id)) = (r.parse::<u64>(), p.strip_prefix("subvolumes/")) {
+                        out.insert(id.to_string(), r);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn condition(&self, v: &VolumeRecord) -> Condition {
+        let p = self.path(&v.id);
+        if p.is_dir() {
+            Condition::ok()
+        } else {
+            Condition::abnormal(format!("subvolume {} is missing", p.display()))
+        }
+    }
+
+    fn on_disk(&self) -> (Vec<String>, Vec<String>) {
+        let ids = |d: &Path| -> Vec<String> {
+            std::fs::read_dir(d)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        (ids(&self.subvolumes), ids(&self.snapshots))
+    }
+}
