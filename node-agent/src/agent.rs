@@ -64,6 +64,8 @@ pub struct Agent {
     applied: Option<Compiled>,
     status: SharedStatus,
     waiting: Vec<oneshot::Sender<Reply>>,
+    /// Pods as the CRI shim reported them (labels known before CNI ADD).
+    shim: Option<Arc<crate::lifecycle::Lifecycle>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -84,7 +86,38 @@ impl Agent {
             applied: None,
             status,
             waiting: Vec::new(),
+            shim: None,
         }
+    }
+
+    /// Lets the agent take a new pod's labels from the CRI shim's report
+    /// when the sources have not delivered the pod yet.
+    pub fn with_shim(mut self, shim: Arc<crate::lifecycle::Lifecycle>) -> Self {
+        self.shim = Some(shim);
+        self
+    }
+
+    /// The shim's view of a pod the model does not know yet, as a
+    /// provisional model pod.
+    fn from_shim(&mut self, key: &(String, String), ips: &[IpAddr]) -> bool {
+        let Some(shim) = &self.shim else {
+            return false;
+        };
+        let Some(p) = shim
+            .pods()
+            .into_iter()
+            .find(|p| p.namespace == key.0 && p.name == key.1)
+        else {
+            return false;
+        };
+        let info = crate::model::PodInfo {
+            labels: p.labels.into_iter().collect(),
+            node_name: Some(self.cfg.node_name.clone()),
+            ips: ips.to_vec(),
+            host_network: false,
+            ports: Vec::new(),
+        };
+        self.model.provisional_pod(key.clone(), info)
     }
 
     /// Runs until `stop` fires or both input channels close.
@@ -169,8 +202,14 @@ impl Agent {
                     host_ifname: a.host_ifname.clone(),
                     ips,
                 };
+                let mut changed = false;
+                if let Some(pod) = &att.pod {
+                    if !self.model.pods.contains_key(pod) {
+                        changed |= self.from_shim(&pod.clone(), &att.ips);
+                    }
+                }
                 let key = (a.network, a.container_id, a.ifname);
-                self.model.attachments.insert(key, att.clone()) != Some(att)
+                (self.model.attachments.insert(key, att.clone()) != Some(att)) | changed
             }
             Some(What::Detached(d)) => self
                 .model

@@ -110,6 +110,20 @@ impl Model {
         }
     }
 
+    /// Adds a pod the sources have not delivered yet, as the CRI shim
+    /// reported it at RunPodSandbox (labels before the CNI ADD), so its
+    /// policy is in place for its first packet. A source's own version
+    /// replaces it when it comes; a relist without it removes it. False if
+    /// the sources already know the pod.
+    pub fn provisional_pod(&mut self, key: PodKey, info: PodInfo) -> bool {
+        if self.pods.contains_key(&key) {
+            return false;
+        }
+        self.changes.pods.entry(key.clone()).or_insert(None);
+        self.pods.insert(key, info);
+        true
+    }
+
     /// Hands over what changed since the last call.
     pub fn take_changes(&mut self) -> Changes {
         std::mem::take(&mut self.changes)

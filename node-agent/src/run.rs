@@ -68,6 +68,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let listener = crate::api::bind(&cfg.socket)?;
     let lifecycle = Arc::new(crate::lifecycle::Lifecycle::default());
     tokio::spawn(crate::api::serve(listener, call_tx, lifecycle.clone()));
+    let shim = lifecycle.clone();
     let http_status = status.clone();
     let (listen, table) = (cfg.listen, cfg.table.clone());
     tokio::spawn(async move {
@@ -78,7 +79,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (csi_stop, csi_task) = spawn_csi(&cfg)?;
     let socket = cfg.socket.clone();
     tracing::info!(node = %cfg.node_name, source = ?cfg.source, socket = %socket.display(), listen = %cfg.listen, "nodeplane-agent starting");
-    let agent = tokio::spawn(Agent::new(cfg, status.clone()).run(ev_rx, call_rx, stop_rx));
+    let agent = tokio::spawn(
+        Agent::new(cfg, status.clone())
+            .with_shim(shim)
+            .run(ev_rx, call_rx, stop_rx),
+    );
 
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;

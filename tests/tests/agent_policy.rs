@@ -553,3 +553,88 @@ fn fail_mode_open_lets_an_unprogrammed_pod_through() {
         "fail mode open: an unprogrammed pod can send"
     );
 }
+
+/// Sends one request to the agent's local API and returns its reply.
+fn agent_request(
+    agent: &Agent,
+    req: nodeplane_proto::agent::Request,
+) -> nodeplane_proto::agent::Reply {
+    use nodeplane_proto::prost::Message;
+    let mut s = std::os::unix::net::UnixStream::connect(&agent.socket).expect("agent socket");
+    s.write_all(&req.encode_length_delimited_to_vec())
+        .expect("send");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).expect("reply");
+    nodeplane_proto::agent::Reply::decode_length_delimited(buf.as_slice()).expect("decode reply")
+}
+
+/// The CRI shim reports a pod's labels at RunPodSandbox, before the CNI
+/// ADD. A pod the sources do not know yet gets its policy from those
+/// labels at once: here the allow rule for `pod: b` only matches if the
+/// agent took `pod: b` from the shim's report.
+#[test]
+fn labels_from_the_cri_shim_select_a_pod_the_sources_do_not_know_yet() {
+    use nodeplane_proto::agent::{pod_lifecycle::Kind, request::What, PodLifecycle, Request};
+    let (node, agent) = setup();
+    let both = DENY_B.to_string() + ALLOW_A_TO_B_HTTP;
+    // The namespace and client a are known; b is not (its Pod object has
+    // not reached the agent yet), and neither is c.
+    agent.apply(&[
+        (
+            "cluster.yaml",
+            ns_yaml("x", "ns: x") + &pod_yaml("x", "a", "pod: a"),
+        ),
+        ("p.yaml", both),
+    ]);
+    let reply = agent_request(
+        &agent,
+        Request {
+            what: Some(What::Lifecycle(PodLifecycle {
+                kind: Kind::SandboxStarting as i32,
+                pod_namespace: "x".into(),
+                pod_name: "b".into(),
+                pod_uid: "uid-b".into(),
+                labels: [("pod".to_string(), "b".to_string())].into(),
+                ..Default::default()
+            })),
+        },
+    );
+    assert!(
+        reply.error.is_empty(),
+        "lifecycle event refused: {}",
+        reply.error
+    );
+    let a = add(&node, "x", "a", Netns::new("npa"));
+    let c = add(&node, "x", "c", Netns::new("npc"));
+    let b = add(&node, "x", "b", Netns::new("npb"));
+    // Named port `http` is unknown without the Pod object: allow-a can
+    // only admit b's port 80 once the source delivers b's ports, so the
+    // shim's labels show in deny-b: b is isolated, c is not.
+    assert!(
+        !tcp(&c.ns, &b.ip, 81),
+        "b carries pod: b from the shim, so deny-b isolates it: c → b:81 must be dropped"
+    );
+    assert!(
+        tcp(&b.ns, &c.ip, 80),
+        "c is selected by nothing: b → c must pass"
+    );
+    // When the source delivers b, its own labels and ports take over.
+    agent.apply(&[
+        (
+            "cluster.yaml",
+            ns_yaml("x", "ns: x") + &pod_yaml("x", "a", "pod: a") + &pod_yaml("x", "b", "pod: b"),
+        ),
+        ("p.yaml", DENY_B.to_string() + ALLOW_A_TO_B_HTTP),
+    ]);
+    assert!(
+        tcp(&a.ns, &b.ip, 80),
+        "b delivered by the source: a → b:http must pass"
+    );
+    assert!(
+        !tcp(&c.ns, &b.ip, 80),
+        "c is no client: c → b:80 must be dropped"
+    );
+    drop((a, b, c));
+    drop(agent);
+    drop(node);
+}

@@ -478,9 +478,11 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
         format!(
             "({}; the same delta through nft -f: {})",
             if delta.elements_only() {
-                "netlink batch"
+                "one netlink batch"
+            } else if delta.phases().is_some() {
+                "new structure by nft -f, elements by netlink, old structure by nft -f"
             } else {
-                "nft -f: it changes structure"
+                "nft -f"
             },
             ms(median(&text_delta).unwrap_or_default())
         ),
