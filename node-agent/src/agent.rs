@@ -99,7 +99,7 @@ impl Agent {
 
     /// The shim's view of a pod the model does not know yet, as a
     /// provisional model pod.
-    fn from_shim(&mut self, key: &(String, String), ips: &[IpAddr]) -> bool {
+    fn adopt_shim_pod(&mut self, key: &(String, String), ips: &[IpAddr]) -> bool {
         let Some(shim) = &self.shim else {
             return false;
         };
@@ -205,7 +205,7 @@ impl Agent {
                 let mut changed = false;
                 if let Some(pod) = &att.pod {
                     if !self.model.pods.contains_key(pod) {
-                        changed |= self.from_shim(&pod.clone(), &att.ips);
+                        changed |= self.adopt_shim_pod(&pod.clone(), &att.ips);
                     }
                 }
                 let key = (a.network, a.container_id, a.ifname);
