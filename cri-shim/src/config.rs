@@ -48,6 +48,12 @@ pub struct Args {
     #[arg(long, env = "NODEPLANE_CRI_HOOK_QUEUE", default_value_t = 4096)]
     pub hook_queue: usize,
 
+    /// Seconds between re-sends of the running pods to the agent (so a
+    /// restarted agent learns them again); 0: only when the agent answers
+    /// again after failed deliveries.
+    #[arg(long, env = "NODEPLANE_CRI_AGENT_RESYNC_SECS", default_value_t = 60)]
+    pub agent_resync_secs: u64,
+
     /// HTTP/2 connections to the runtime, used round-robin.
     #[arg(long, env = "NODEPLANE_CRI_RUNTIME_CONNECTIONS", default_value_t = 2)]
     pub runtime_connections: usize,
@@ -104,6 +110,7 @@ pub struct Config {
     pub hook_timeout: Duration,
     pub agent_timeout: Duration,
     pub hook_queue: usize,
+    pub agent_resync: Duration,
     pub runtime_connections: usize,
     pub inject: Option<Injection>,
     pub metrics_listen: Option<SocketAddr>,
@@ -193,6 +200,7 @@ impl Args {
             hook_timeout: Duration::from_millis(self.hook_timeout_ms),
             agent_timeout: Duration::from_millis(self.agent_timeout_ms),
             hook_queue: self.hook_queue,
+            agent_resync: Duration::from_secs(self.agent_resync_secs),
             runtime_connections: self.runtime_connections,
             inject,
             metrics_listen: self.metrics_listen,

@@ -9,12 +9,18 @@
 //! that could not be delivered stays queued and is replayed, in order, when
 //! the agent answers again; if the queue is full the oldest is dropped. All
 //! three outcomes are counted and logged.
+//!
+//! An event whose content is not known yet (READY needs the sandbox's
+//! status) takes its place in the queue when the call returns
+//! ([`Hooks::reserve`]) and is filled in later ([`Hooks::fill`]): delivery
+//! waits for it, so a StopPodSandbox sent right after RunPodSandbox
+//! returned still reaches the agent after that sandbox's READY.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nodeplane_proto::agent::{request::What, PodLifecycle, Reply, Request};
 use prost::Message;
@@ -47,6 +53,8 @@ pub struct HookStats {
 struct Pending {
     event: PodLifecycle,
     done: Option<oneshot::Sender<()>>,
+    /// Reserved and not filled yet: delivery waits for it until then.
+    held_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -60,6 +68,9 @@ pub struct Hooks {
     /// wait at all, so a dead agent adds no latency to pod starts.
     agent_up: AtomicBool,
     sequence: AtomicU64,
+    /// Signalled when the agent answers after failed attempts (it may be a
+    /// new process that knows nothing: see [`crate::resync`]).
+    pub recovered: Notify,
     pub stats: HookStats,
 }
 
@@ -74,6 +85,7 @@ impl Hooks {
             wake: Notify::new(),
             agent_up: AtomicBool::new(true),
             sequence: AtomicU64::new(0),
+            recovered: Notify::new(),
             stats: HookStats::default(),
         });
         tokio::spawn(hooks.clone().run());
@@ -110,14 +122,52 @@ impl Hooks {
         }
     }
 
+    /// Takes `event`'s place in the order now; it is delivered once
+    /// [`Hooks::fill`]ed, or as it is after `hold` (the filler failed).
+    /// Returns the handle for `fill`.
+    pub fn reserve(&self, event: PodLifecycle, hold: Duration) -> u64 {
+        self.enqueue(event, None, Some(Instant::now() + hold))
+    }
+
+    /// Completes a reserved event (`None`: withdraw it). Its sequence and
+    /// replay flag stay; a reservation already dropped is ignored.
+    pub fn fill(&self, sequence: u64, event: Option<PodLifecycle>) {
+        {
+            let mut q = lock(&self.queue);
+            match event {
+                Some(mut ev) => {
+                    if let Some(p) = q.iter_mut().find(|p| p.event.sequence == sequence) {
+                        ev.sequence = sequence;
+                        ev.replayed |= p.event.replayed;
+                        p.event = ev;
+                        p.held_until = None;
+                    }
+                }
+                None => q.retain(|p| p.event.sequence != sequence),
+            }
+            self.stats.queued.store(q.len() as u64, Ordering::Relaxed);
+        }
+        self.wake.notify_one();
+    }
+
     pub fn queue_len(&self) -> usize {
         lock(&self.queue).len()
     }
 
-    fn push(&self, mut event: PodLifecycle, done: Option<oneshot::Sender<()>>) {
+    fn push(&self, event: PodLifecycle, done: Option<oneshot::Sender<()>>) {
+        self.enqueue(event, done, None);
+    }
+
+    fn enqueue(
+        &self,
+        mut event: PodLifecycle,
+        done: Option<oneshot::Sender<()>>,
+        held_until: Option<Instant>,
+    ) -> u64 {
         event.sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
+        let sequence = event.sequence;
         // Queued while the agent is unreachable: it will arrive late.
-        event.replayed = !self.agent_up();
+        event.replayed |= !self.agent_up();
         let dropped = {
             let mut q = lock(&self.queue);
             let dropped = if q.len() >= self.capacity {
@@ -125,7 +175,11 @@ impl Hooks {
             } else {
                 None
             };
-            q.push_back(Pending { event, done });
+            q.push_back(Pending {
+                event,
+                done,
+                held_until,
+            });
             self.stats.queued.store(q.len() as u64, Ordering::Relaxed);
             dropped
         };
@@ -135,17 +189,33 @@ impl Hooks {
                 "hook queue full: oldest undelivered event dropped");
         }
         self.wake.notify_one();
+        sequence
     }
 
     async fn run(self: Arc<Self>) {
         let mut backoff = BACKOFF_MIN;
         let mut failures: u64 = 0;
         loop {
-            let head = lock(&self.queue).front().map(|p| p.event.clone());
-            let Some(mut event) = head else {
+            let head = lock(&self.queue)
+                .front()
+                .map(|p| (p.event.clone(), p.held_until));
+            let Some((mut event, held_until)) = head else {
                 self.wake.notified().await;
                 continue;
             };
+            if let Some(until) = held_until {
+                let now = Instant::now();
+                if now < until {
+                    // Filled (or withdrawn) soon: fill() wakes us.
+                    let _ = tokio::time::timeout(until - now, self.wake.notified()).await;
+                    continue;
+                }
+                tracing::warn!(kind = ?event.kind(), sandbox = %event.sandbox_id,
+                    "reserved event not completed in time; delivering what is known");
+                if let Some(p) = lock(&self.queue).front_mut() {
+                    p.held_until = None;
+                }
+            }
             event.replayed = failures > 0 || event.replayed;
             match self.deliver_once(&event).await {
                 Ok(reply) => {
@@ -179,6 +249,7 @@ impl Hooks {
                     if failures > 0 {
                         tracing::info!(agent = %self.path.display(), failed_attempts = failures,
                             "agent reachable again; replaying queued events");
+                        self.recovered.notify_one();
                     }
                     failures = 0;
                     backoff = BACKOFF_MIN;
@@ -330,6 +401,46 @@ mod tests {
         assert_eq!(lock(&seen).last(), Some(&("d".to_string(), false)));
         assert_eq!(hooks.stats.replayed.load(Ordering::Relaxed), 2);
         assert!(hooks.stats.late.load(Ordering::Relaxed) >= 1);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn a_reserved_event_holds_later_ones_until_filled_or_withdrawn() {
+        let dir = std::env::temp_dir().join(format!("np-reserve-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("agent.sock");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        agent(&path, seen.clone()).await;
+        let hooks = Hooks::start(&path, Duration::from_millis(500), 16);
+        // READY's place is taken; STOPPED comes after it in the queue and
+        // must wait, however long the status takes.
+        let ready = hooks.reserve(ev("ready-placeholder"), Duration::from_secs(30));
+        hooks.send(ev("stopped"));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(lock(&seen).is_empty(), "{:?}", lock(&seen));
+        hooks.fill(ready, Some(ev("ready")));
+        // A withdrawn reservation (sandbox gone) is never delivered.
+        let gone = hooks.reserve(ev("gone"), Duration::from_secs(30));
+        hooks.send(ev("after"));
+        hooks.fill(gone, None);
+        for _ in 0..200 {
+            if lock(&seen).len() == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let names: Vec<String> = lock(&seen).iter().map(|(n, _)| n.clone()).collect();
+        assert_eq!(names, ["ready", "stopped", "after"]);
+        // One never filled is delivered as it is once its hold ends.
+        hooks.reserve(ev("unfilled"), Duration::from_millis(100));
+        for _ in 0..200 {
+            if lock(&seen).len() == 4 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(lock(&seen).last().map(|(n, _)| n.as_str()), Some("unfilled"));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -23,6 +23,7 @@ pub mod inject;
 pub mod metrics;
 pub mod pods;
 pub mod relay;
+pub mod resync;
 pub mod server;
 pub mod upstream;
 

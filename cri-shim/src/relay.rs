@@ -28,6 +28,18 @@ const MAX_MESSAGE: usize = 16 << 20;
 
 const RUNTIME: &str = "/runtime.v1.RuntimeService/";
 
+/// Longest the READY event holds the hook queue while its sandbox status
+/// is read (the status call's own deadline is 10 s).
+pub(crate) const STATUS_HOLD: Duration = Duration::from_secs(11);
+
+/// What READY needs from a verbose PodSandboxStatus.
+#[derive(Debug, Default)]
+pub(crate) struct SandboxStatus {
+    pub ready: bool,
+    pub netns: String,
+    pub ips: Vec<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hooked {
     RunPodSandbox,
@@ -62,7 +74,7 @@ pub struct Relay {
     cfg: Config,
     upstream: Arc<Upstream>,
     hooks: Option<Arc<Hooks>>,
-    pods: Pods,
+    pub(crate) pods: Pods,
     pub metrics: Arc<Metrics>,
 }
 
@@ -363,30 +375,33 @@ impl Relay {
         let Some(hooks) = self.hooks.clone() else {
             return;
         };
+        // READY's place in the queue is taken now, before the client has
+        // the answer: whatever it does next with this sandbox (Stop, a
+        // container) is reported after READY.
+        let sequence = hooks.reserve(pod.event(Kind::SandboxReady, &id), STATUS_HOLD);
         let upstream_path = self.upstream.path().to_path_buf();
         let status = self.sandbox_status(id.clone());
         tokio::spawn(async move {
             let mut ev = pod.event(Kind::SandboxReady, &id);
             match status.await {
-                Ok((netns, ips)) => {
-                    ev.netns_path = netns;
-                    ev.ips = ips;
+                Ok(s) => {
+                    ev.netns_path = s.netns;
+                    ev.ips = s.ips;
                 }
                 Err(e) => {
                     tracing::warn!(sandbox = %id, runtime = %upstream_path.display(), error = %e,
                     "PodSandboxStatus for the READY event failed; sending it without netns and IPs")
                 }
             }
-            hooks.send(ev);
+            hooks.fill(sequence, Some(ev));
         });
     }
 
-    /// (netns path, pod IPs) from a verbose PodSandboxStatus.
-    fn sandbox_status(
+    /// What READY needs from a verbose PodSandboxStatus.
+    pub(crate) fn sandbox_status(
         &self,
         id: String,
-    ) -> impl std::future::Future<Output = crate::Result<(String, Vec<String>)>> + Send + 'static
-    {
+    ) -> impl std::future::Future<Output = crate::Result<SandboxStatus>> + Send + 'static {
         let fut = self.unary(
             "PodSandboxStatus",
             cri::PodSandboxStatusRequest {
@@ -396,20 +411,23 @@ impl Relay {
         );
         async move {
             let r: cri::PodSandboxStatusResponse = fut.await?;
-            let network = r.status.and_then(|s| s.network).unwrap_or_default();
+            let status = r.status.unwrap_or_default();
+            let ready = status.state == cri::PodSandboxState::SandboxReady as i32;
+            let network = status.network.unwrap_or_default();
             let ips = std::iter::once(network.ip)
                 .chain(network.additional_ips.into_iter().map(|i| i.ip))
                 .filter(|ip| !ip.is_empty())
                 .collect();
-            Ok((
-                netns_from_info(r.info.get("info").map(String::as_str).unwrap_or("")),
+            Ok(SandboxStatus {
+                ready,
+                netns: netns_from_info(r.info.get("info").map(String::as_str).unwrap_or("")),
                 ips,
-            ))
+            })
         }
     }
 
     /// A unary RuntimeService call the shim makes itself.
-    fn unary<Q: Message, R: Message + Default>(
+    pub(crate) fn unary<Q: Message, R: Message + Default>(
         &self,
         method: &str,
         q: Q,

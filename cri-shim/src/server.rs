@@ -53,6 +53,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         .map(|p| Hooks::start(p, cfg.agent_timeout, cfg.hook_queue));
     let listener = bind(&cfg.listen)?;
     let relay = Arc::new(Relay::new(cfg.clone(), hooks.clone()));
+    if let Some(h) = &hooks {
+        tokio::spawn(crate::resync::run(
+            relay.clone(),
+            h.clone(),
+            cfg.agent_resync,
+        ));
+    }
     if let Some(addr) = cfg.metrics_listen {
         let (m, h) = (relay.metrics.clone(), hooks.clone());
         tokio::spawn(async move {

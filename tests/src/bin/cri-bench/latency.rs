@@ -73,6 +73,7 @@ pub async fn run(o: &Opts, direct: Channel, shim: Channel, container: &str) -> a
         "method", "p50 dir", "p50 shim", "p99 dir", "p99 shim", "p50 added", "p99 added"
     );
     let mut worst = f64::MIN;
+    let mut spread = Vec::new();
     for m in [
         Method::Version,
         Method::ListContainers,
@@ -97,6 +98,7 @@ pub async fn run(o: &Opts, direct: Channel, shim: Channel, container: &str) -> a
                 d.push(call(m, &direct, container).await?);
             }
         }
+        spread.push((m, blocks(&d, &s)));
         d.sort_unstable();
         s.sort_unstable();
         let (d50, s50, d99, s99) = (
@@ -113,5 +115,25 @@ pub async fn run(o: &Opts, direct: Channel, shim: Channel, container: &str) -> a
             s99 - d99
         );
     }
+    // The same samples cut into five consecutive blocks: how much the p99
+    // added moves with the machine's load over the run.
+    println!("p99 added in each fifth of the run (ms):");
+    for (m, b) in spread {
+        let b: Vec<String> = b.iter().map(|v| format!("{v:.3}")).collect();
+        println!("  {:<16} {}", format!("{m:?}"), b.join(" "));
+    }
     Ok(worst)
+}
+
+fn blocks(d: &[Duration], s: &[Duration]) -> Vec<f64> {
+    let n = (d.len() / 5).max(1);
+    d.chunks(n)
+        .zip(s.chunks(n))
+        .map(|(d, s)| {
+            let (mut d, mut s) = (d.to_vec(), s.to_vec());
+            d.sort_unstable();
+            s.sort_unstable();
+            ms(quantile(&s, 0.99)) - ms(quantile(&d, 0.99))
+        })
+        .collect()
 }

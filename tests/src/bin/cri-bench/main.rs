@@ -24,7 +24,7 @@ cri-bench: CRI calls through nodeplane-cri-shim vs directly to containerd, same 
 
 usage (as root): cargo run --release -p nodeplane-tests --bin cri-bench -- [options]
 
-  --iterations N   latency: calls per method and path (default 3000)
+  --iterations N   latency: calls per method and path (default 5000)
   --containers N   containers in the sandbox ListContainers lists (default 100)
   --clients N      throughput: concurrent clients, one connection each (default 16)
   --secs N         throughput: seconds per run (default 3)
@@ -50,7 +50,7 @@ pub struct Opts {
 
 fn opts() -> anyhow::Result<Opts> {
     let mut o = Opts {
-        iterations: 3000,
+        iterations: 5000,
         containers: 100,
         clients: 16,
         secs: 3,
@@ -133,11 +133,13 @@ fn main() -> anyhow::Result<()> {
             o.containers,
             nodeplane_tests::cri::shim_bin().display()
         );
+        println!("load average before: {}", loadavg());
         println!();
         let lat = latency::run(&o, direct_ch.clone(), shim_ch.clone(), &first).await?;
         println!();
         let thr = throughput::run(&o, ctd.socket(), shim.socket.clone()).await?;
         println!();
+        println!("load average after: {}", loadavg());
         println!("targets:");
         println!(
             "  p99 added <= 0.2 ms on every unary call: {} (worst {:.3} ms)",
@@ -156,6 +158,14 @@ fn main() -> anyhow::Result<()> {
     drop(shim);
     drop(ctd);
     Ok(())
+}
+
+/// /proc/loadavg's 1, 5 and 15 minute figures: the machine is shared, and
+/// a figure means little without the load it was taken under.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|e| format!("unknown ({e})"))
 }
 
 fn pass(ok: bool) -> &'static str {
