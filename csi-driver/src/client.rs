@@ -324,3 +324,61 @@ pub async fn run(args: CtlArgs) -> Result<String> {
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_modes_parse_and_bad_ones_are_named() {
+        assert_eq!(
+            mode("single-node-writer").expect("ok"),
+            Mode::SingleNodeWriter
+        );
+        assert_eq!(
+            mode("single-node-single-writer").expect("ok"),
+            Mode::SingleNodeSingleWriter
+        );
+        let e = mode("rwx").expect_err("an error").to_string();
+        assert!(e.contains("--access-mode `rwx`"), "{e}");
+    }
+
+    #[test]
+    fn capability_mount_or_block() {
+        let cap = CapArgs {
+            fs_type: "ext4".into(),
+            access_mode: "single-node-multi-writer".into(),
+            block: false,
+        }
+        .capability()
+        .expect("ok");
+        match cap.access_type {
+            Some(pb::volume_capability::AccessType::Mount(m)) => assert_eq!(m.fs_type, "ext4"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            cap.access_mode.expect("ok").mode,
+            Mode::SingleNodeMultiWriter as i32
+        );
+        let cap = CapArgs {
+            fs_type: String::new(),
+            access_mode: "single-node-writer".into(),
+            block: true,
+        }
+        .capability()
+        .expect("ok");
+        assert!(matches!(
+            cap.access_type,
+            Some(pb::volume_capability::AccessType::Block(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn endpoint_must_be_unix() {
+        let e = connect("tcp://127.0.0.1:1")
+            .await
+            .expect_err("an error")
+            .to_string();
+        assert!(e.contains("unix:///"), "{e}");
+    }
+}
