@@ -7,8 +7,14 @@
 # three pods into it with the example network configuration
 # deploy/cni/10-nodeplane.conflist, shows their addresses, pings and TCP
 # between them and the node over IPv4 and IPv6, then applies the example
-# NetworkPolicy and shows an allowed and a denied connection, then removes
-# everything. Pass --keep to leave the node and pods up to explore.
+# NetworkPolicy and shows an allowed and a denied connection. Then the CSI
+# driver: `nodeplane-agent csi` in standalone mode on a pool image it makes
+# in a temp dir (a loop-mounted xfs, in a private mount namespace, so neither
+# the host disk nor the host's mounts are used), provisions a 64 MiB volume
+# with nodeplane-csictl, stages and publishes it, writes to it, shows that
+# writing past 64 MiB fails with ENOSPC, prints NodeGetVolumeStats, and
+# unpublishes, unstages and deletes it. Then it removes everything (the CSI
+# part always, even on failure). Pass --keep to leave the node and pods up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,13 +27,15 @@ command -v iptables >/dev/null || missing+=(iptables)
 command -v nft >/dev/null || missing+=(nftables)
 command -v conntrack >/dev/null || missing+=(conntrack)
 command -v protoc >/dev/null || missing+=(protobuf-compiler)
+command -v mkfs.xfs >/dev/null || missing+=(xfsprogs)
+command -v nsenter >/dev/null || missing+=(util-linux)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-echo "==> building nodeplane-cni and nodeplane-agent (release; the first build takes a few minutes)"
-cargo build --release -q -p nodeplane-cni -p nodeplane-agent
+echo "==> building nodeplane-cni, nodeplane-agent and nodeplane-csictl (release; the first build takes a few minutes)"
+cargo build --release -q -p nodeplane-cni -p nodeplane-agent -p nodeplane-csi
 # .cargo/config.toml builds for the explicit host tuple (static binaries).
 BIN="$PWD/target/$(rustc -vV | sed -n 's/^host: //p')/release"
 TOOL="$BIN/nodeplane-cnitool"
@@ -65,7 +73,29 @@ wait_policies() {
   cat /run/nodeplane-demo/agent.log >&2
   return 1
 }
-if [ "$KEEP" != "--keep" ]; then trap cleanup EXIT; fi
+# The CSI demo's world: a temp dir with the pool image, a mount namespace
+# held by a sleeping process, the driver in it. Torn down on every exit.
+CSI_DIR="" CSI_NS="" CSI_DRIVER="" POOL_DEV=""
+in_ns() { nsenter -t "$CSI_NS" -m -- "$@"; }
+csi_cleanup() {
+  [ -n "$CSI_DIR" ] || return 0
+  if [ -n "$CSI_DRIVER" ]; then kill "$CSI_DRIVER" 2>/dev/null || true; wait "$CSI_DRIVER" 2>/dev/null || true; fi
+  if [ -n "$CSI_NS" ]; then
+    # Whatever a failed run left mounted; the namespace's end drops the rest.
+    in_ns sh -c "umount -R $CSI_DIR/pod $CSI_DIR/staging $CSI_DIR/state $CSI_DIR/pool" 2>/dev/null || true
+    kill "$CSI_NS" 2>/dev/null || true; wait "$CSI_NS" 2>/dev/null || true
+  fi
+  # Volume loop devices (backing files in the pool), then the pool's own.
+  for _ in $(seq 1 50); do
+    losetup -l -n -O NAME,BACK-FILE | awk -v d="$CSI_DIR/" 'index($2, d) == 1 {print $1}' | xargs -r -n1 losetup -d 2>/dev/null || true
+    [ -n "$POOL_DEV" ] && losetup -d "$POOL_DEV" 2>/dev/null || true
+    losetup -l -n -O BACK-FILE | grep -q "^$CSI_DIR/" || break
+    sleep 0.1
+  done
+  rm -rf "$CSI_DIR"
+  CSI_DIR=""
+}
+if [ "$KEEP" != "--keep" ]; then trap 'csi_cleanup; cleanup' EXIT; else trap csi_cleanup EXIT; fi
 cleanup
 
 echo "==> node namespace $NODE (node address 10.10.0.1, fd00:10:10::1)"
@@ -126,6 +156,55 @@ DESC="allowed: pod c -> pod a (not selected by any policy)"; check ip netns exec
 kill $srv 2>/dev/null || true
 echo "    per-policy counter: $(agent_get /metrics | grep '^nodeplane_policy_allowed_packets_total' | head -1)"
 echo "    dropped:            $(agent_get /metrics | grep '^nodeplane_dropped_packets_total{reason="denied_ingress"}')"
+
+echo "==> CSI driver, standalone: nodeplane-agent csi on a 1 GiB xfs pool image (loop device, private mount namespace)"
+CSI_DIR=$(mktemp -d /tmp/nodeplane-csi-demo.XXXXXX)
+mkdir -p "$CSI_DIR/pool" "$CSI_DIR/state" "$CSI_DIR/staging" "$CSI_DIR/pod"
+truncate -s 1G "$CSI_DIR/pool.img"
+POOL_DEV=$(losetup --find --show "$CSI_DIR/pool.img")
+mkfs.xfs -q "$POOL_DEV"
+unshare --mount --propagation private sleep infinity & CSI_NS=$!
+for _ in $(seq 1 100); do [ "$(readlink /proc/$CSI_NS/ns/mnt)" != "$(readlink /proc/self/ns/mnt)" ] && break; sleep 0.05; done
+in_ns mount "$POOL_DEV" "$CSI_DIR/pool"
+CSI_EP="unix://$CSI_DIR/csi.sock"
+in_ns "$BIN/nodeplane-agent" csi --endpoint "$CSI_EP" --node-id demo-node \
+  --state-dir "$CSI_DIR/state" --pool "$CSI_DIR/pool" > "$CSI_DIR/driver.log" 2>&1 & CSI_DRIVER=$!
+for _ in $(seq 1 100); do [ -S "$CSI_DIR/csi.sock" ] && break; sleep 0.1; done
+csictl() { "$BIN/nodeplane-csictl" --endpoint "$CSI_EP" "$@"; }
+csi_fail() { echo "    FAIL  $1; the driver's log:"; cat "$CSI_DIR/driver.log"; fail=$((fail+1)); }
+if ! [ -S "$CSI_DIR/csi.sock" ]; then
+  csi_fail "the CSI driver did not start"
+else
+  echo "    pool capacity: $(csictl capacity)"
+  if created=$(csictl create demo-vol --size 64Mi --fs-type ext4); then
+    VOL=$(cut -f1 <<<"$created")
+    echo "    CreateVolume demo-vol 64Mi ext4 -> $created"
+    T="$CSI_DIR/pod/vol"
+    if csictl stage "$VOL" "$CSI_DIR/staging" --fs-type ext4 >/dev/null &&
+       csictl publish "$VOL" "$CSI_DIR/staging" "$T" --fs-type ext4 >/dev/null; then
+      echo "    NodeStageVolume + NodePublishVolume -> $T"
+      in_ns df -h --output=source,fstype,size,used,avail,target "$T" | sed 's/^/    /'
+      DESC="write a file to the volume"; check in_ns sh -c "echo hello-from-csi > $T/hello.txt && grep -q hello-from-csi $T/hello.txt"
+      out=$(in_ns dd if=/dev/zero of="$T/big" bs=1M count=100 conv=fsync 2>&1) && rc=0 || rc=$?
+      echo "    dd 100 MiB into the 64 MiB volume: $(grep -o 'No space left on device' <<<"$out" | head -1 || true) (exit $rc)"
+      DESC="writing past the 64 MiB limit fails with ENOSPC"; check test "$rc" != 0 -a -n "$(grep 'No space left on device' <<<"$out")"
+      echo "    NodeGetVolumeStats (with the 64 MiB file-filling write in place):"
+      csictl stats "$VOL" "$T" | sed 's/^/      /'
+      in_ns rm -f "$T/big"
+      DESC="NodeUnpublishVolume"; check csictl unpublish "$VOL" "$T"
+      DESC="NodeUnstageVolume"; check csictl unstage "$VOL" "$CSI_DIR/staging"
+    else
+      csi_fail "stage/publish of $VOL"
+    fi
+    DESC="DeleteVolume"; check csictl delete "$VOL"
+    DESC="its image is gone from the pool"; check in_ns sh -c "! ls $CSI_DIR/pool/images/ | grep -q ."
+    echo "    pool capacity after delete: $(csictl capacity)"
+  else
+    csi_fail "CreateVolume"
+  fi
+fi
+csi_cleanup
+echo "    CSI demo removed (driver stopped, mounts gone, loop devices detached)"
 
 if [ "$KEEP" = "--keep" ]; then
   echo "==> left running: ip netns exec np-demo-a sh; remove with: $0 (without --keep)"

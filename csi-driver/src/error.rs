@@ -51,6 +51,14 @@ pub enum Error {
     /// The gRPC server could not start or stopped with an error.
     #[error("gRPC server: {0}")]
     Transport(#[from] tonic::transport::Error),
+    /// A call made by the client ([`crate::client`]) was answered with an
+    /// error.
+    #[error("{call}: {code}: {message}")]
+    Rpc {
+        call: &'static str,
+        code: String,
+        message: String,
+    },
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -80,7 +88,7 @@ impl From<Error> for Status {
                 Code::ResourceExhausted
             }
             Error::Io { .. } | Error::Command { .. } | Error::Metadata { .. } => Code::Internal,
-            Error::Config(_) | Error::Transport(_) => Code::Internal,
+            Error::Config(_) | Error::Transport(_) | Error::Rpc { .. } => Code::Internal,
         };
         Status::new(code, e.to_string())
     }

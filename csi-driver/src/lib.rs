@@ -6,13 +6,15 @@
 //! qgroup limits) with crash-safe metadata ([`store`]); [`grpc`] serves any
 //! implementation as the CSI v1 gRPC services ([`convert`] maps the wire
 //! types), and [`registration`] answers the kubelet's plugin watcher.
-//! [`serve`] runs all of it on unix sockets.
+//! [`serve`] runs all of it on unix sockets; [`client`] is the small CSI
+//! client behind `nodeplane-csictl` (quick start, manual checks).
 //!
 //! This crate must not touch storage outside its configured pools and state
 //! directory, nor mounts other than the staging and target paths the CO
 //! passes it.
 
 pub mod backend;
+pub mod client;
 pub mod config;
 pub mod convert;
 pub mod driver;

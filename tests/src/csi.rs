@@ -96,6 +96,7 @@ pub struct CsiWorld {
     agent: Option<Child>,
     extra: Vec<String>,
     crash_at: Option<String>,
+    pause_at: Option<String>,
 }
 
 fn must(o: std::io::Result<Output>, what: &str) -> String {
@@ -170,6 +171,7 @@ impl CsiWorld {
             agent: None,
             extra: extra.iter().map(|s| s.to_string()).collect(),
             crash_at: None,
+            pause_at: None,
         };
         w.boot();
         w
@@ -219,6 +221,11 @@ impl CsiWorld {
                 "NODEPLANE_CSI_CRASH_AT",
                 self.crash_at.clone().unwrap_or_default(),
             )
+            .env(
+                "NODEPLANE_CSI_PAUSE_AT",
+                self.pause_at.clone().unwrap_or_default(),
+            )
+            .env("NODEPLANE_CSI_PAUSE_RELEASE", self.pause_release())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
@@ -258,6 +265,22 @@ impl CsiWorld {
     /// (see the driver's crash points); `None` disarms.
     pub fn set_crash(&mut self, step: Option<&str>) {
         self.crash_at = step.map(str::to_string);
+    }
+
+    /// From the next start, operations reaching `step` wait there (volume
+    /// lock held) until [`CsiWorld::release_pause`].
+    pub fn set_pause(&mut self, step: Option<&str>) {
+        let _ = std::fs::remove_file(self.pause_release());
+        self.pause_at = step.map(str::to_string);
+    }
+
+    fn pause_release(&self) -> PathBuf {
+        self.dir.path().join("pause-release")
+    }
+
+    /// Lets paused operations go on.
+    pub fn release_pause(&self) {
+        std::fs::write(self.pause_release(), b"").expect("pause release file");
     }
 
     pub fn restart(&mut self) {
