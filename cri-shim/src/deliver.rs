@@ -440,7 +440,10 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(lock(&seen).last().map(|(n, _)| n.as_str()), Some("unfilled"));
+        assert_eq!(
+            lock(&seen).last().map(|(n, _)| n.as_str()),
+            Some("unfilled")
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
