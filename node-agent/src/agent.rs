@@ -62,6 +62,8 @@ pub struct Agent {
     model: Model,
     compiler: Compiler,
     applied: Option<Compiled>,
+    /// Where the applied groups live in the table (see [`nft::Slots`]).
+    slots: nft::Slots,
     status: SharedStatus,
     waiting: Vec<oneshot::Sender<Reply>>,
     /// Pods as the CRI shim reported them (labels known before CNI ADD).
@@ -84,6 +86,7 @@ impl Agent {
             model,
             compiler: Compiler::default(),
             applied: None,
+            slots: nft::Slots::default(),
             status,
             waiting: Vec::new(),
             shim: None,
@@ -322,14 +325,17 @@ impl Agent {
         let changes = self.model.take_changes();
         let next = self.compiler.compile(&self.model, Some(changes));
         let settings = self.settings();
+        let slots = &mut self.slots;
         let result = match &self.applied {
-            Some(prev) => nft::apply_script(&nft::delta(&settings, prev, &next)).or_else(|e| {
-                // The kernel is not what we last applied (someone edited
-                // or deleted the table): converge from a read-back.
-                tracing::warn!(error = %e, "incremental update failed; rewriting the table");
-                full_sync(&settings, &next)
-            }),
-            None => full_sync(&settings, &next),
+            Some(prev) => {
+                nft::apply_script(&nft::delta(&settings, prev, &next, slots)).or_else(|e| {
+                    // The kernel is not what we last applied (someone edited
+                    // or deleted the table): converge from a read-back.
+                    tracing::warn!(error = %e, "incremental update failed; rewriting the table");
+                    full_sync(&settings, &next, slots)
+                })
+            }
+            None => full_sync(&settings, &next, slots),
         };
         let elapsed = start.elapsed().as_secs_f64();
         let mut cut = 0;
@@ -384,6 +390,7 @@ impl Agent {
         if ok {
             self.publish_pod_cidrs(&settings);
             self.applied = Some(next);
+            self.replenish(&settings);
             for w in self.waiting.drain(..) {
                 let _ = w.send(Reply {
                     programmed: true,
@@ -397,6 +404,18 @@ impl Agent {
 }
 
 impl Agent {
+    /// Tops up the spare group chains after a change was put in force (so
+    /// the next change that needs a new group finds one); a failure only
+    /// means that change will create its group itself.
+    fn replenish(&mut self, settings: &Settings) {
+        if let Some((script, slots)) = nft::replenish(settings, &self.slots) {
+            match nft::apply_script(&script) {
+                Ok(()) => self.slots = slots,
+                Err(e) => tracing::warn!(error = %e, "spare group chains not made"),
+            }
+        }
+    }
+
     /// Leaves the node's pod CIDRs where nodeplane-cni looks for them when
     /// its configuration has no podCIDRs (so Node.spec.podCIDRs feeds IPAM,
     /// and the plugin keeps working from the file while the agent is down).
@@ -429,9 +448,9 @@ impl Agent {
     }
 }
 
-fn full_sync(settings: &Settings, next: &Compiled) -> crate::Result<()> {
+fn full_sync(settings: &Settings, next: &Compiled, slots: &mut nft::Slots) -> crate::Result<()> {
     let existing = nft::read_back(&settings.table)?;
-    nft::apply(&nft::full(settings, &existing, next))
+    nft::apply(&nft::full(settings, &existing, next, slots))
 }
 
 /// Addresses of the local pods whose allowed traffic a change may have

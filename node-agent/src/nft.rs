@@ -76,6 +76,83 @@ pub struct Existing {
     pub counters: BTreeSet<String>,
 }
 
+/// Empty group chains (with their maps and rules) kept ready per
+/// direction, so a change that needs a new group only fills one in with
+/// elements, over netlink, instead of creating structure with `nft -f`
+/// (a process spawn and a parse of the table's cache: 10–40 ms here).
+pub const SPARE_GROUPS: usize = 8;
+
+/// Which chain holds each group, and the spare chains.
+///
+/// A full sync puts every group in a chain named after it and makes
+/// (by default [`SPARE_GROUPS`]) empty chains per direction (`si<n>`, `se<n>`). A
+/// [`delta`] puts a new group into a spare chain of its direction and
+/// turns a removed group's chain into a spare by deleting its elements,
+/// all in the one element transaction; [`replenish`] tops the spares up
+/// afterwards, off the path of the change.
+#[derive(Debug, Clone)]
+pub struct Slots {
+    chain: std::collections::HashMap<String, String>,
+    spare: [Vec<String>; 2],
+    made: u64,
+    /// Spares to keep per direction.
+    want: usize,
+}
+
+impl Default for Slots {
+    fn default() -> Self {
+        Slots::new(SPARE_GROUPS)
+    }
+}
+
+impl Slots {
+    /// Slots keeping `want` spare chains per direction (0: every new group
+    /// is created with `nft -f` when it is needed).
+    pub fn new(want: usize) -> Slots {
+        Slots {
+            chain: Default::default(),
+            spare: Default::default(),
+            made: 0,
+            want,
+        }
+    }
+
+    /// The chain that holds group `id`.
+    pub fn chain<'a>(&'a self, id: &'a str) -> &'a str {
+        self.chain.get(id).map_or(id, String::as_str)
+    }
+
+    /// Spare chains ready for ingress and egress groups.
+    pub fn spares(&self) -> (usize, usize) {
+        (self.spare[0].len(), self.spare[1].len())
+    }
+
+    /// Whether `chain` is a spare (empty, nothing jumps to it).
+    pub fn is_spare(&self, chain: &str) -> bool {
+        self.spare.iter().flatten().any(|c| c == chain)
+    }
+
+    fn new_spare(&mut self, dir: Dir) -> String {
+        let name = format!("s{}{}", dir_tag(dir), self.made);
+        self.made += 1;
+        name
+    }
+}
+
+fn dir_tag(dir: Dir) -> &'static str {
+    match dir {
+        Dir::Ingress => "i",
+        Dir::Egress => "e",
+    }
+}
+
+fn dir_index(dir: Dir) -> usize {
+    match dir {
+        Dir::Ingress => 0,
+        Dir::Egress => 1,
+    }
+}
+
 /// Static sets, maps and counters of the base table.
 const BASE_SETS: &[(&str, &str)] = &[
     ("podnets_v4", "type ipv4_addr; flags interval;"),
@@ -108,7 +185,7 @@ fn ip_field(ip: &std::net::IpAddr) -> Field {
 }
 
 impl BaseElements {
-    fn of(c: &Compiled, s: &Settings) -> Self {
+    fn of(c: &Compiled, s: &Settings, slots: &Slots) -> Self {
         let mut m: BTreeMap<&'static str, BTreeSet<Elem>> = BTreeMap::new();
         for n in s.pod_cidrs.iter() {
             let set = if n.is_ipv4() {
@@ -142,7 +219,7 @@ impl BaseElements {
                         m.entry(map).or_default().insert(Elem {
                             key: vec![ip_field(ip)],
                             end: None,
-                            value: Value::Jump(g.clone()),
+                            value: Value::Jump(slots.chain(g).to_string()),
                         });
                     }
                 }
@@ -474,20 +551,24 @@ fn add_group(
         }
     }
     let _ = writeln!(out, "add rule inet {t} {id} counter name \"{denied}\" drop");
-    let none: [(u32, u32, u8, u8, u16, u16, &str); 0] = [];
-    let all4: Vec<_> = named(&g.v4, policies).into_iter().collect();
-    family_changes(elements, id, "4", &none, &all4, |x| Field::V4(v4(x)));
-    let none6: [(u128, u128, u8, u8, u16, u16, &str); 0] = [];
-    let all6: Vec<_> = named(&g.v6, policies).into_iter().collect();
-    family_changes(elements, id, "6", &none6, &all6, |x| Field::V6(v6(x)));
+    fill_group(elements, id, g, policies);
+}
+
+/// The elements of group `g` added to the (empty) maps of chain `chain`.
+fn fill_group(elements: &mut Script, chain: &str, g: &Group, policies: &[String]) {
+    update_group(elements, chain, (&Group::empty(g.dir), &[]), (g, policies));
 }
 
 /// The transaction that makes a table holding `existing` equal to `next`.
-pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
+///
+/// Every group goes into a chain named after it, and `slots` is reset to
+/// that, with fresh spare chains.
+pub fn full(s: &Settings, existing: &Existing, next: &Compiled, slots: &mut Slots) -> String {
     let t = &s.table;
     let mut out = Script::new(t);
     let _ = writeln!(out, "add table inet {t}");
-    let base = BaseElements::of(next, s);
+    *slots = Slots::new(slots.want);
+    let base = BaseElements::of(next, s, slots);
     for (what, list) in [("set", BASE_SETS), ("map", BASE_MAPS)] {
         for (name, spec) in list {
             let _ = writeln!(out, "add {what} inet {t} {name} {{ {spec} }}");
@@ -514,13 +595,26 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
         let _ = writeln!(out, "flush chain inet {t} {chain}");
     }
     let mut elems = Script::new(t);
-    for (id, g) in &next.groups {
-        for map in group_maps(id) {
+    let mut spares = Vec::new();
+    for dir in [Dir::Ingress, Dir::Egress] {
+        for _ in 0..slots.want {
+            let name = slots.new_spare(dir);
+            slots.spare[dir_index(dir)].push(name.clone());
+            spares.push((name, Group::empty(dir)));
+        }
+    }
+    let groups = next
+        .groups
+        .iter()
+        .map(|(id, g)| (id, &**g, next.policies.as_slice()))
+        .chain(spares.iter().map(|(n, g)| (n, g, &[][..])));
+    for (name, g, policies) in groups {
+        for map in group_maps(name) {
             if existing.maps.contains(&map) {
                 let _ = writeln!(out, "flush map inet {t} {map}");
             }
         }
-        add_group(&mut out, &mut elems, id, g, &next.policies);
+        add_group(&mut out, &mut elems, name, g, policies);
     }
     out.steps.append(&mut elems.steps);
     for (chain, rule) in rules.iter().filter(|(_, r)| !r.starts_with("type ")) {
@@ -531,8 +625,12 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
     }
     // Whatever else the table holds is stale: groups first (they use the
     // counters), then their maps, then counters.
+    let is_spare = |name: &String| spares.iter().any(|(n, _)| n == name);
     for chain in existing.chains.iter() {
-        if !BASE_CHAINS.contains(&chain.as_str()) && !next.groups.contains_key(chain) {
+        if !BASE_CHAINS.contains(&chain.as_str())
+            && !next.groups.contains_key(chain)
+            && !is_spare(chain)
+        {
             let _ = writeln!(out, "delete chain inet {t} {chain}");
         }
     }
@@ -541,6 +639,7 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
         .chain(BASE_MAPS)
         .map(|(n, _)| n.to_string())
         .chain(next.groups.keys().flat_map(|id| group_maps(id)))
+        .chain(spares.iter().flat_map(|(n, _)| group_maps(n)))
         .collect();
     for set in existing.sets.difference(&keep_sets) {
         let _ = writeln!(out, "delete set inet {t} {set}");
@@ -566,7 +665,13 @@ pub fn full(s: &Settings, existing: &Existing, next: &Compiled) -> String {
 /// counters). [`apply_script`] may therefore apply the runs as three
 /// transactions: the first and last are invisible to traffic, and the
 /// middle one, usually the only large one, goes over netlink.
-pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> Script {
+///
+/// A new group goes into a spare chain of `slots` when there is one (then
+/// the change is elements only, see [`Slots`]); a removed group's elements
+/// are deleted and its chain becomes a spare. `slots` is updated to the
+/// table as it will be once the script is applied; if applying fails, a
+/// full sync resets it.
+pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled, slots: &mut Slots) -> Script {
     let t = &s.table;
     let mut out = Script::new(t);
     let mut elems = Script::new(t);
@@ -577,31 +682,58 @@ pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> Script {
     {
         let _ = writeln!(out, "add counter inet {t} {c}");
     }
+    let before = BaseElements::of(prev, s, slots);
+    let freed: Vec<(&String, &Group, String)> = prev
+        .groups
+        .iter()
+        .filter(|(id, _)| !next.groups.contains_key(*id))
+        .map(|(id, g)| (id, &**g, slots.chain(id).to_string()))
+        .collect();
     for (id, g) in &next.groups {
         match prev.groups.get(id) {
-            None => add_group(&mut out, &mut elems, id, g, &next.policies),
+            None => {
+                let spare = &mut slots.spare[dir_index(g.dir)];
+                match spare.pop() {
+                    Some(chain) => {
+                        fill_group(&mut elems, &chain, g, &next.policies);
+                        slots.chain.insert(id.clone(), chain);
+                    }
+                    None => {
+                        let chain = slots.new_spare(g.dir);
+                        add_group(&mut out, &mut elems, &chain, g, &next.policies);
+                        slots.chain.insert(id.clone(), chain);
+                    }
+                }
+            }
             Some(old) if std::sync::Arc::ptr_eq(old, g) => {}
-            Some(old) => update_group(&mut elems, id, (old, &prev.policies), (g, &next.policies)),
+            Some(old) => update_group(
+                &mut elems,
+                slots.chain(id),
+                (old, &prev.policies),
+                (g, &next.policies),
+            ),
         }
     }
-    let (a, b) = (BaseElements::of(prev, s), BaseElements::of(next, s));
+    let after = BaseElements::of(next, s, slots);
     for (name, _) in BASE_SETS.iter().chain(BASE_MAPS) {
-        let old: BTreeSet<&Elem> = a.get(name).collect();
-        let new: BTreeSet<&Elem> = b.get(name).collect();
+        let old: BTreeSet<&Elem> = before.get(name).collect();
+        let new: BTreeSet<&Elem> = after.get(name).collect();
         elems.delete(name, old.difference(&new).map(|e| (*e).clone()).collect());
         elems.add(name, new.difference(&old).map(|e| (*e).clone()).collect());
     }
-    out.steps.append(&mut elems.steps);
-    for id in prev
-        .groups
-        .keys()
-        .filter(|id| !next.groups.contains_key(*id))
-    {
-        let _ = writeln!(out, "delete chain inet {t} {id}");
-        for map in group_maps(id) {
-            let _ = writeln!(out, "delete map inet {t} {map}");
-        }
+    // Nothing jumps to a removed group's chain any more (the verdict maps
+    // changed above, in the same transaction): empty it for reuse.
+    for (id, g, chain) in freed {
+        update_group(
+            &mut elems,
+            &chain,
+            (g, &prev.policies),
+            (&Group::empty(g.dir), &[]),
+        );
+        slots.chain.remove(id);
+        slots.spare[dir_index(g.dir)].push(chain);
     }
+    out.steps.append(&mut elems.steps);
     for c in prev
         .counters
         .keys()
@@ -610,6 +742,35 @@ pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled) -> Script {
         let _ = writeln!(out, "delete counter inet {t} {c}");
     }
     out
+}
+
+/// The structure that brings the spare chains back to the wanted number per
+/// direction (and deletes spares beyond twice that, after many groups
+/// went), with the slots as they will be once it is applied; None when
+/// nothing is to do. Spares hold no elements and nothing jumps to them, so
+/// this is invisible to traffic.
+pub fn replenish(s: &Settings, slots: &Slots) -> Option<(Script, Slots)> {
+    let t = &s.table;
+    let mut next = slots.clone();
+    let mut out = Script::new(t);
+    let mut none = Script::new(t);
+    for dir in [Dir::Ingress, Dir::Egress] {
+        while next.spare[dir_index(dir)].len() < next.want {
+            let name = next.new_spare(dir);
+            add_group(&mut out, &mut none, &name, &Group::empty(dir), &[]);
+            next.spare[dir_index(dir)].push(name);
+        }
+        while next.spare[dir_index(dir)].len() > 2 * next.want {
+            let Some(name) = next.spare[dir_index(dir)].pop() else {
+                break;
+            };
+            let _ = writeln!(out, "delete chain inet {t} {name}");
+            for map in group_maps(&name) {
+                let _ = writeln!(out, "delete map inet {t} {map}");
+            }
+        }
+    }
+    (!out.is_empty()).then_some((out, next))
 }
 
 /// Applies `script` as one atomic transaction: over netlink when it only
@@ -688,7 +849,8 @@ fn list_json(args: &[&str]) -> Result<Option<serde_json::Value>> {
 
 /// Reads back which chains, sets and counters the table holds.
 pub fn read_back(table: &str) -> Result<Existing> {
-    let Some(v) = list_json(&["list", "table", "inet", table])? else {
+    // -t: without the elements (megabytes of JSON for a large policy set).
+    let Some(v) = list_json(&["-t", "list", "table", "inet", table])? else {
         return Ok(Existing::default());
     };
     let mut ex = Existing {

@@ -65,6 +65,17 @@ pub struct Group {
     pub v6: Vec<Cell<u128>>,
 }
 
+impl Group {
+    /// A group that allows nothing (a spare chain's contents).
+    pub fn empty(dir: Dir) -> Group {
+        Group {
+            dir,
+            v4: Vec::new(),
+            v6: Vec::new(),
+        }
+    }
+}
+
 /// A pod interface on this node with its groups (None: not isolated).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodRules {

@@ -3,7 +3,7 @@
 //! node namespace (so a poll costs one loopback connection, not a thread),
 //! and told about pods over its unix socket exactly as nodeplane-cni does.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -317,9 +317,18 @@ impl NsHttp {
                 return;
             }
             let _ = ok_tx.send(Ok(()));
-            // Ends when the BenchAgent (the only sender) is dropped.
+            // Ends when the BenchAgent (the only sender) is dropped. One
+            // kept-alive connection: a connection per poll would leave
+            // thousands of TIME_WAIT entries in the node's conntrack table,
+            // which the agent's conntrack cut then has to read.
+            let mut conn: Option<BufReader<TcpStream>> = None;
             for (path, reply) in rx {
-                let _ = reply.send(http_get(&path));
+                let mut got = http_get(&mut conn, &path);
+                if got.is_none() {
+                    conn = None; // the agent closed it, or restarted: once more
+                    got = http_get(&mut conn, &path);
+                }
+                let _ = reply.send(got);
             }
         });
         ok_rx
@@ -336,22 +345,45 @@ impl NsHttp {
     }
 }
 
-fn http_get(path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", PORT)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let code = out.split_whitespace().nth(1)?.parse().ok()?;
-    let body = out
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Some((code, body))
+/// GET `path` on the kept-alive connection `conn` (opened if None; left
+/// None after an error).
+fn http_get(conn: &mut Option<BufReader<TcpStream>>, path: &str) -> Option<(u16, String)> {
+    if conn.is_none() {
+        let s = TcpStream::connect(("127.0.0.1", PORT)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.set_nodelay(true).ok()?;
+        *conn = Some(BufReader::new(s));
+    }
+    let r = conn.as_mut()?;
+    let got = (|| {
+        write!(r.get_mut(), "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+        let mut line = String::new();
+        r.read_line(&mut line).ok()?;
+        let code = line.split_whitespace().nth(1)?.parse().ok()?;
+        let mut len = 0usize;
+        loop {
+            line.clear();
+            if r.read_line(&mut line).ok()? == 0 {
+                return None;
+            }
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = l.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().ok()?;
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).ok()?;
+        Some((code, String::from_utf8_lossy(&body).into_owned()))
+    })();
+    if got.is_none() {
+        *conn = None;
+    }
+    got
 }
 
 /// Writes `text` to `dir/name` atomically: written in `stage` (a directory

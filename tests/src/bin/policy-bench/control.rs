@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use nodeplane_agent::compiler::Compiler;
 use nodeplane_agent::model::Changes;
-use nodeplane_agent::nft::{self, Existing};
+use nodeplane_agent::nft::{self, Existing, Slots};
 use nodeplane_agent::policy;
 use nodeplane_proto::agent::request::What;
 use nodeplane_proto::agent::{PodAttached, PodDetached};
@@ -381,10 +381,20 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
             prev = c;
         }
     }
-    let (render_delta, delta) = inproc::timed(5, || nft::delta(&settings, &prev, &next));
-    let back = nft::delta(&settings, &next, &prev);
-    let (render_full, full) =
-        inproc::timed(3, || nft::full(&settings, &Existing::default(), &prev));
+    // Slots as the agent's after a full sync of `prev` (with spare chains);
+    // each delta below is rendered against the slots of the table as it is.
+    let mut slots = Slots::default();
+    let (render_full, full) = inproc::timed(3, || {
+        nft::full(&settings, &Existing::default(), &prev, &mut slots)
+    });
+    let (render_delta, delta) = inproc::timed(5, || {
+        nft::delta(&settings, &prev, &next, &mut slots.clone())
+    });
+    let back = {
+        let mut s = slots.clone();
+        let _ = nft::delta(&settings, &prev, &next, &mut s);
+        nft::delta(&settings, &next, &prev, &mut s)
+    };
     if let Some(dir) = std::env::var_os("POLICY_BENCH_DUMP") {
         // For looking at the transactions by hand (nft -c -f, perf).
         let dir = std::path::PathBuf::from(dir);
@@ -400,12 +410,15 @@ fn breakdown(wl: &Workload, dir: &Path, node: &Ns, targets: &[usize]) -> Result<
     let nft_full = inproc::nft_apply(&scratch, &full)?;
     let (mut nft_delta, mut text_delta) = (Vec::new(), Vec::new());
     for _ in 0..5 {
-        nft_delta.push(inproc::script_apply(&scratch, &delta)?);
-        inproc::script_apply(&scratch, &back)?;
+        let d = nft::delta(&settings, &prev, &next, &mut slots);
+        nft_delta.push(inproc::script_apply(&scratch, &d)?);
+        inproc::script_apply(&scratch, &nft::delta(&settings, &next, &prev, &mut slots))?;
     }
     for _ in 0..3 {
-        text_delta.push(inproc::nft_apply(&scratch, &delta.text())?);
-        inproc::nft_apply(&scratch, &back.text())?;
+        let d = nft::delta(&settings, &prev, &next, &mut slots);
+        text_delta.push(inproc::nft_apply(&scratch, &d.text())?);
+        let b = nft::delta(&settings, &next, &prev, &mut slots);
+        inproc::nft_apply(&scratch, &b.text())?;
     }
     // The agent's conntrack cut (a ctnetlink dump per family, deletes of
     // what the rules deny), run in the node namespace on a thread of its own.

@@ -537,7 +537,12 @@ fn nft_same(h: &Host) -> Result<(Duration, usize), String> {
         .map_err(|e| e.to_string())?;
     let (model, _) = inproc::model_from(&ag.manifests, &records)?;
     let compiled = policy::compile(&model);
-    let script = nft::full(&inproc::settings(CIDR)?, &Existing::default(), &compiled);
+    let script = nft::full(
+        &inproc::settings(CIDR)?,
+        &Existing::default(),
+        &compiled,
+        &mut nft::Slots::default(),
+    );
     let scratch = Ns::new("pbsx");
     let took = inproc::nft_apply(&scratch, &script)?;
     Ok((took, script.lines().count()))
