@@ -262,14 +262,25 @@ pub fn relist_events(objects: Vec<Object>, revision: String) -> Vec<Event> {
 /// Watches `dir` and sends its contents as a relist at start, then each
 /// change as single `Apply`/`Delete` events ([`DirState::update`]). Changes
 /// that arrive within `settle` of each other are read once (an editor's
-/// save is several inotify events). Returns when the receiver is gone.
+/// save is several inotify events); a file renamed into the directory is
+/// complete (the way tools and Kubernetes' ConfigMap volumes write), so a
+/// wake-up by renames alone is read at once. Returns when the receiver is
+/// gone.
 pub async fn run(dir: PathBuf, tx: mpsc::Sender<Event>, settle: Duration) -> Result<()> {
-    let (wake_tx, mut wake) = mpsc::unbounded_channel::<()>();
+    // true: the event may be part of a write still going on.
+    let (wake_tx, mut wake) = mpsc::unbounded_channel::<bool>();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        // Our own reads of the directory raise access events: reacting to
-        // them would re-read forever.
-        if res.is_ok_and(|ev| !matches!(ev.kind, notify::EventKind::Access(_))) {
-            let _ = wake_tx.send(());
+        use notify::event::{EventKind, ModifyKind};
+        match res.map(|ev| ev.kind) {
+            // Our own reads of the directory raise access events: reacting
+            // to them would re-read forever.
+            Ok(EventKind::Access(_)) => {}
+            Ok(EventKind::Modify(ModifyKind::Name(_))) => {
+                let _ = wake_tx.send(false);
+            }
+            _ => {
+                let _ = wake_tx.send(true);
+            }
         }
     })
     .map_err(|e| Error::Config(format!("cannot watch {}: {e}", dir.display())))?;
@@ -297,11 +308,16 @@ pub async fn run(dir: PathBuf, tx: mpsc::Sender<Event>, settle: Duration) -> Res
                 tracing::error!(error = %e, "manifests not applied; the last good set stays in force");
             }
         }
-        if wake.recv().await.is_none() {
+        let Some(mut partial) = wake.recv().await else {
             return Ok(());
+        };
+        while let Ok(p) = wake.try_recv() {
+            partial |= p;
         }
-        tokio::time::sleep(settle).await;
-        while wake.try_recv().is_ok() {}
+        if partial {
+            tokio::time::sleep(settle).await;
+            while wake.try_recv().is_ok() {}
+        }
     }
 }
 
