@@ -10,7 +10,8 @@
 //! covering it (deterministic attribution), and neighbouring cells with the
 //! same contents are merged back so the map stays small.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::rc::Rc;
 
 /// An inclusive range.
 pub type Range<T> = (T, T);
@@ -63,68 +64,94 @@ type Ports = Vec<(Range<u16>, usize)>;
 type Pattern = Vec<(Range<u8>, Range<u16>, usize)>;
 
 /// Cuts `entries` into disjoint cells, sorted by address.
+///
+/// A sweep over the address boundaries: at each boundary the entries that
+/// end before it leave the active set and those that start at it join;
+/// each elementary interval gets the (proto × port) pattern of its active
+/// entries. Patterns are memoized by the active entries' (proto, port,
+/// policy) boxes: pod peers come in many addresses with the same ports, so
+/// most intervals reuse a pattern computed once.
 pub fn disjoint<A: Addr>(entries: &[Entry<A>]) -> Vec<Cell<A>> {
-    // Sweep over address boundaries: at each start the entry becomes
-    // active, after each end it stops.
-    let mut bounds: BTreeMap<A, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+    // (point, starts here?, entry): ends sort before starts at one point.
+    let mut events: Vec<(A, bool, usize)> = Vec::with_capacity(entries.len() * 2);
     for (i, e) in entries.iter().enumerate() {
-        bounds.entry(e.addr.0).or_default().0.push(i);
+        events.push((e.addr.0, true, i));
         if let Some(after) = e.addr.1.next() {
-            bounds.entry(after).or_default().1.push(i);
+            events.push((after, false, i));
         }
     }
-    let points: Vec<A> = bounds.keys().copied().collect();
-    let mut active: BTreeMap<usize, ()> = BTreeMap::new();
-    // (addr range, pattern) runs, merged when adjacent and equal.
-    let mut runs: Vec<(Range<A>, Pattern)> = Vec::new();
-    for (k, point) in points.iter().enumerate() {
-        let (starts, ends) = &bounds[point];
-        for i in ends {
-            active.remove(i);
-        }
-        for &i in starts {
-            active.insert(i, ());
+    events.sort_unstable();
+    let mut memo: HashMap<Vec<Box3>, Rc<Pattern>> = HashMap::new();
+    let mut active: Vec<usize> = Vec::new();
+    let mut runs: Vec<(Range<A>, Rc<Pattern>)> = Vec::new();
+    let mut key: Vec<Box3> = Vec::new();
+    let mut k = 0;
+    while k < events.len() {
+        let point = events[k].0;
+        while k < events.len() && events[k].0 == point {
+            let (_, start, i) = events[k];
+            if start {
+                active.push(i);
+            } else if let Some(pos) = active.iter().position(|&a| a == i) {
+                active.swap_remove(pos);
+            }
+            k += 1;
         }
         if active.is_empty() {
             continue;
         }
-        let hi = match points.get(k + 1) {
-            Some(next) => next.prev(),
+        let hi = match events.get(k) {
+            Some(next) => next.0.prev(),
             None => A::MAX,
         };
-        let pattern = pattern(active.keys().map(|&i| &entries[i]));
+        key.clear();
+        key.extend(active.iter().map(|&i| {
+            let e = &entries[i];
+            (e.proto, e.port, e.policy)
+        }));
+        key.sort_unstable();
+        let pattern = match memo.get(&key) {
+            Some(p) => p.clone(),
+            None => {
+                let p = Rc::new(pattern(key.iter()));
+                memo.insert(key.clone(), p.clone());
+                p
+            }
+        };
         // Single addresses (pod peers) stay single even next to an equal
         // neighbour: they then live in the datapath's hash maps, where a
         // pod coming or going is one element, instead of reshaping a range.
         match runs.last_mut() {
             Some((range, last))
-                if *last == pattern
-                    && range.1.next() == Some(*point)
+                if (Rc::ptr_eq(last, &pattern) || **last == *pattern)
+                    && range.1.next() == Some(point)
                     && range.0 != range.1
-                    && *point != hi =>
+                    && point != hi =>
             {
                 range.1 = hi;
             }
-            _ => runs.push(((*point, hi), pattern)),
+            _ => runs.push(((point, hi), pattern)),
         }
     }
-    runs.into_iter()
-        .flat_map(|(addr, pattern)| {
-            pattern.into_iter().map(move |(proto, port, policy)| Entry {
-                addr,
-                proto,
-                port,
-                policy,
-            })
-        })
-        .collect()
+    let mut out = Vec::with_capacity(runs.len());
+    for (addr, pattern) in runs {
+        out.extend(pattern.iter().map(|&(proto, port, policy)| Entry {
+            addr,
+            proto,
+            port,
+            policy,
+        }));
+    }
+    out
 }
+
+/// An entry's (proto range, port range, policy).
+type Box3 = (Range<u8>, Range<u16>, usize);
 
 /// The disjoint (proto × port) pattern of the entries active on one
 /// address interval.
-fn pattern<'a, A: 'a>(active: impl Iterator<Item = &'a Entry<A>>) -> Pattern {
-    let boxes: Vec<(Range<u8>, Range<u16>, usize)> =
-        active.map(|e| (e.proto, e.port, e.policy)).collect();
+fn pattern<'a>(active: impl Iterator<Item = &'a Box3>) -> Pattern {
+    let boxes: Vec<Box3> = active.copied().collect();
     // Protocol boundaries, then per elementary protocol interval the
     // disjoint port ranges.
     let mut cuts: Vec<u16> = boxes
@@ -187,6 +214,110 @@ fn ports<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
+
+    /// The sweep as first written (BTreeMaps, no memo): the oracle for
+    /// [`disjoint`].
+    fn disjoint_reference<A: Addr>(entries: &[Entry<A>]) -> Vec<Cell<A>> {
+        // Sweep over address boundaries: at each start the entry becomes
+        // active, after each end it stops.
+        let mut bounds: BTreeMap<A, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
+        for (i, e) in entries.iter().enumerate() {
+            bounds.entry(e.addr.0).or_default().0.push(i);
+            if let Some(after) = e.addr.1.next() {
+                bounds.entry(after).or_default().1.push(i);
+            }
+        }
+        let points: Vec<A> = bounds.keys().copied().collect();
+        let mut active: BTreeMap<usize, ()> = BTreeMap::new();
+        // (addr range, pattern) runs, merged when adjacent and equal.
+        let mut runs: Vec<(Range<A>, Pattern)> = Vec::new();
+        for (k, point) in points.iter().enumerate() {
+            let (starts, ends) = &bounds[point];
+            for i in ends {
+                active.remove(i);
+            }
+            for &i in starts {
+                active.insert(i, ());
+            }
+            if active.is_empty() {
+                continue;
+            }
+            let hi = match points.get(k + 1) {
+                Some(next) => next.prev(),
+                None => A::MAX,
+            };
+            let boxes: Vec<Box3> = active
+                .keys()
+                .map(|&i| (entries[i].proto, entries[i].port, entries[i].policy))
+                .collect();
+            let pattern = pattern(boxes.iter());
+            // Single addresses (pod peers) stay single even next to an equal
+            // neighbour: they then live in the datapath's hash maps, where a
+            // pod coming or going is one element, instead of reshaping a range.
+            match runs.last_mut() {
+                Some((range, last))
+                    if *last == pattern
+                        && range.1.next() == Some(*point)
+                        && range.0 != range.1
+                        && *point != hi =>
+                {
+                    range.1 = hi;
+                }
+                _ => runs.push(((*point, hi), pattern)),
+            }
+        }
+        runs.into_iter()
+            .flat_map(|(addr, pattern)| {
+                pattern.into_iter().map(move |(proto, port, policy)| Entry {
+                    addr,
+                    proto,
+                    port,
+                    policy,
+                })
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_memoized_sweep_gives_exactly_the_reference_cells() {
+        // A small deterministic generator (no rand dependency).
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        for round in 0..300 {
+            let mut entries = Vec::new();
+            for _ in 0..(1 + next(40)) {
+                let a = next(64) as u32;
+                let b = if next(3) == 0 { a + next(20) as u32 } else { a };
+                let (p0, p1) = match next(4) {
+                    0 => (0, 255),
+                    1 => (6, 6),
+                    2 => (17, 17),
+                    _ => (6, 17),
+                };
+                let lo = [0u16, 53, 80, 443, 8000][next(5) as usize];
+                let hi = if next(4) == 0 {
+                    65535
+                } else {
+                    lo + next(10) as u16
+                };
+                entries.push(e((a, b), (p0, p1), (lo, hi), next(5) as usize));
+            }
+            if next(5) == 0 {
+                entries.push(e((0, u32::MAX), (0, 255), (0, 65535), 4));
+            }
+            assert_eq!(
+                disjoint(&entries),
+                disjoint_reference(&entries),
+                "round {round}: {entries:?}"
+            );
+        }
+    }
 
     fn e(addr: (u32, u32), proto: (u8, u8), port: (u16, u16), policy: usize) -> Entry<u32> {
         Entry {
