@@ -23,12 +23,15 @@
 //!
 //! Groups are named after what shapes them (see [`crate::compiler`]), not
 //! after their contents, so a change usually edits a few elements of the
-//! groups it touches; it may also create groups, repoint verdict-map
-//! elements and delete groups nothing points to. Each change is one
-//! `nft -f` transaction, which the kernel applies atomically. At start the
-//! agent reads back which objects its table holds and rewrites them (flush
-//! and refill) in one transaction too, so traffic of running pods never
-//! sees a gap.
+//! groups it touches; it may also need new groups, repoint verdict-map
+//! elements and retire groups nothing points to. A new group goes into a
+//! spare chain kept ready (see [`Slots`]) and a retired one is emptied into
+//! a spare, so a change is element adds and deletes only, sent as one
+//! nf_tables netlink transaction ([`crate::nftnl`]), which the kernel
+//! applies atomically; `nft -f` is needed only for structure (new policy
+//! counters, topping up spares afterwards). At start the agent reads back
+//! which objects its table holds and rewrites them (flush and refill) in
+//! one `nft -f` transaction, so traffic of running pods never sees a gap.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
