@@ -1,9 +1,11 @@
 //! The manifests-directory source (standalone mode): every `*.yaml`,
 //! `*.yml` and `*.json` file directly in one directory, each holding one or
 //! more documents (`---`) of kind Pod, Namespace, NetworkPolicy, Node, or a
-//! `List` of them. The directory is watched with inotify; every change
-//! re-reads the whole directory and sends it as a relist, so the model ends
-//! up equal to the directory's contents, deletions included.
+//! `List` of them. The directory is watched with inotify; the first read
+//! is sent as a relist, then each change as the objects that came, changed
+//! or went ([`DirState`]: files whose stamp did not change are not even
+//! read), so the model ends up equal to the directory's contents,
+//! deletions included.
 //!
 //! A directory that does not parse is not applied at all: the agent keeps
 //! enforcing the last good one and logs the file, document and field at
@@ -126,19 +128,69 @@ pub fn load_dir(dir: &Path) -> Result<(Vec<Object>, String)> {
     for path in manifest_files(dir)? {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-        digest.file(&path, &text);
+        digest.file(&path, file_hash(&text));
         objects.extend(parse_in(&path, &text)?);
     }
     Ok((objects, digest.hex()))
 }
 
+/// What identifies a file's version without reading it: inode, size,
+/// modification and change times (nanoseconds). Writers replace files by
+/// rename (a new inode) or write them (a new mtime), so an equal stamp
+/// means the same contents, as git's index assumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Result<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)
+            .map_err(|e| Error::io(format!("stat {}", path.display()), e))?;
+        Ok(Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// One file as last read: its stamp, text, digest, parse, and where each
+/// object key last occurs in the parse.
+#[derive(Debug)]
+struct FileState {
+    stamp: Stamp,
+    text: String,
+    hash: u64,
+    objects: Vec<Object>,
+    keys: HashMap<ObjectRef, usize>,
+}
+
+impl FileState {
+    fn object(&self, key: &ObjectRef) -> Option<&Object> {
+        self.keys.get(key).map(|&i| &self.objects[i])
+    }
+}
+
 /// What the source knows of its directory between reads: each file's
-/// text and parse. A change to one file of a large directory re-parses
-/// only that file and compares only its objects.
+/// stamp, text and parse. A change to one file of a large directory
+/// re-reads only files whose stamp changed, re-parses only changed texts,
+/// and compares only the objects of changed files.
 #[derive(Debug, Default)]
 pub struct DirState {
-    files: BTreeMap<PathBuf, (String, Arc<Vec<Object>>)>,
+    files: BTreeMap<PathBuf, Arc<FileState>>,
     digest: Option<String>,
+}
+
+/// The object `key` resolves to across `files`: the last file (in name
+/// order) that holds it wins, as in a relist.
+fn winner<'a>(files: &'a BTreeMap<PathBuf, Arc<FileState>>, key: &ObjectRef) -> Option<&'a Object> {
+    files.values().rev().find_map(|f| f.object(key))
 }
 
 impl DirState {
@@ -154,53 +206,89 @@ impl DirState {
     /// makes one changed pod one event.
     pub fn update(&mut self, dir: &Path) -> Result<Option<Vec<Event>>> {
         let mut digest = Fnv::new();
-        let mut next: BTreeMap<PathBuf, (String, Arc<Vec<Object>>)> = BTreeMap::new();
+        let mut next: BTreeMap<PathBuf, Arc<FileState>> = BTreeMap::new();
+        let mut changed: Vec<PathBuf> = Vec::new();
         for path in manifest_files(dir)? {
-            let text = std::fs::read_to_string(&path)
-                .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-            digest.file(&path, &text);
-            let parsed = match self.files.get(&path) {
-                Some((old, parsed)) if *old == text => parsed.clone(),
-                _ => Arc::new(parse_in(&path, &text)?),
+            let stamp = Stamp::of(&path)?;
+            let old = self.files.get(&path);
+            let state = match old {
+                Some(f) if f.stamp == stamp => f.clone(),
+                _ => {
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+                    match old {
+                        Some(f) if f.text == text => Arc::new(FileState {
+                            stamp,
+                            text,
+                            hash: f.hash,
+                            objects: f.objects.clone(),
+                            keys: f.keys.clone(),
+                        }),
+                        _ => {
+                            let objects = parse_in(&path, &text)?;
+                            let keys = objects
+                                .iter()
+                                .enumerate()
+                                .map(|(i, o)| (o.key(), i))
+                                .collect();
+                            changed.push(path.clone());
+                            Arc::new(FileState {
+                                stamp,
+                                hash: file_hash(&text),
+                                text,
+                                objects,
+                                keys,
+                            })
+                        }
+                    }
+                }
             };
-            next.insert(path, (text, parsed));
+            digest.file(&path, state.hash);
+            next.insert(path, state);
         }
+        changed.extend(
+            self.files
+                .keys()
+                .filter(|p| !next.contains_key(*p))
+                .cloned(),
+        );
         let digest = digest.hex();
         if self.digest.as_ref() == Some(&digest) {
+            self.files = next;
             return Ok(None);
         }
         let events = if self.digest.is_none() {
-            let objects = next.values().flat_map(|(_, o)| o.iter().cloned()).collect();
+            let objects = next
+                .values()
+                .flat_map(|f| f.objects.iter().cloned())
+                .collect();
             relist_events(objects, digest.clone())
         } else {
-            fn index(
-                files: &BTreeMap<PathBuf, (String, Arc<Vec<Object>>)>,
-            ) -> HashMap<ObjectRef, &Object> {
-                let mut m = HashMap::new();
-                for (_, objects) in files.values() {
-                    for o in objects.iter() {
-                        m.insert(o.key(), o);
+            // Only keys held by a changed file (before or after) can
+            // resolve differently now.
+            let mut keys: Vec<&ObjectRef> = Vec::new();
+            let mut seen = std::collections::HashSet::new();
+            for path in &changed {
+                for f in [self.files.get(path), next.get(path)].into_iter().flatten() {
+                    for k in f.keys.keys() {
+                        if seen.insert(k) {
+                            keys.push(k);
+                        }
                     }
                 }
-                m
             }
-            let (old, new) = (index(&self.files), index(&next));
-            let mut events: Vec<Event> = old
-                .keys()
-                .filter(|k| !new.contains_key(*k))
-                .map(|k| Event::Delete(k.clone()))
-                .collect();
-            for (k, &n) in &new {
-                // Objects of an unchanged file are the very same objects:
-                // only those of changed files are compared field by field.
-                let changed = match old.get(k) {
-                    None => true,
-                    Some(&o) => !std::ptr::eq(o, n) && o != n,
-                };
-                if changed {
-                    events.push(Event::Apply(n.clone()));
+            let mut deletes = Vec::new();
+            let mut applies = Vec::new();
+            for k in keys {
+                match (winner(&self.files, k), winner(&next, k)) {
+                    (Some(_), None) => deletes.push(Event::Delete(k.clone())),
+                    (None, Some(n)) => applies.push(Event::Apply(n.clone())),
+                    (Some(o), Some(n)) if o != n => applies.push(Event::Apply(n.clone())),
+                    _ => {}
                 }
             }
+            let mut events = deletes;
+            events.append(&mut applies);
             events.push(Event::Revision(digest.clone()));
             events
         };
@@ -218,9 +306,17 @@ pub fn digest_dir(dir: &Path) -> Result<String> {
     for path in manifest_files(dir)? {
         let text = std::fs::read_to_string(&path)
             .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
-        digest.file(&path, &text);
+        digest.file(&path, file_hash(&text));
     }
     Ok(digest.hex())
+}
+
+/// One file's contents digest (the directory digest combines these, so an
+/// unchanged file need not be read again to compute it).
+fn file_hash(text: &str) -> u64 {
+    let mut h = Fnv::new();
+    h.bytes(text.as_bytes());
+    h.0
 }
 
 /// FNV-1a, 64 bit: not cryptographic; it only tells versions apart.
@@ -235,15 +331,14 @@ impl Fnv {
             self.0 = (self.0 ^ u64::from(x)).wrapping_mul(0x0100_0000_01b3);
         }
     }
-    fn file(&mut self, path: &Path, text: &str) {
+    fn file(&mut self, path: &Path, hash: u64) {
         let name = path
             .file_name()
             .map(|n| n.as_encoded_bytes())
             .unwrap_or(b"");
         self.bytes(name);
         self.bytes(&[0]);
-        self.bytes(text.as_bytes());
-        self.bytes(&[0]);
+        self.bytes(&hash.to_le_bytes());
     }
     fn hex(&self) -> String {
         format!("{:016x}", self.0)
@@ -417,6 +512,39 @@ items:
         assert!(
             st.update(&dir).expect("read").is_none(),
             "back to what was applied"
+        );
+        // The same pod in two files: the later file wins, so changing the
+        // earlier copy changes nothing, and removing the later one applies
+        // the earlier copy.
+        write("d.yaml", &[pod("c", "9")]);
+        let names = |ev: Vec<Event>| -> Vec<String> {
+            ev.iter()
+                .map(|e| match e {
+                    Event::Apply(o) => format!("apply {}", o.key().name),
+                    Event::Delete(k) => format!("delete {}", k.name),
+                    Event::Revision(_) => "revision".into(),
+                    other => format!("{other:?}"),
+                })
+                .collect()
+        };
+        let ev = st.update(&dir).expect("read").expect("events");
+        assert_eq!(names(ev), ["apply c", "revision"]);
+        write("c.yaml", &[pod("c", "5")]);
+        let ev = st.update(&dir).expect("read").expect("events");
+        assert_eq!(names(ev), ["revision"], "the earlier copy does not win");
+        std::fs::remove_file(dir.join("d.yaml")).expect("rm");
+        let ev = st.update(&dir).expect("read").expect("events");
+        assert_eq!(names(ev), ["apply c", "revision"]);
+        // Rewritten with the same text (a new stamp): nothing to do.
+        write("c.yaml", &[pod("c", "5")]);
+        assert!(st.update(&dir).expect("read").is_none(), "same text");
+        // The digest the source reports is the one digest_dir computes.
+        write("a.yaml", &[pod("a", "3")]);
+        let ev = st.update(&dir).expect("read").expect("events");
+        let want = digest_dir(&dir).expect("digest");
+        assert!(
+            matches!(ev.last(), Some(Event::Revision(r)) if *r == want),
+            "{ev:?} vs {want}"
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
