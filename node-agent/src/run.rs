@@ -112,7 +112,7 @@ fn spawn_csi(cfg: &Config) -> Result<(oneshot::Sender<()>, Option<tokio::task::J
         return Ok((tx, None));
     }
     let csi = nodeplane_csi::CsiArgs {
-        endpoint: None,
+        endpoint: cfg.csi_endpoint.clone(),
         node_id: Some(cfg.node_name.clone()),
         state_dir: cfg.state_dir.join("csi"),
         pools: cfg.csi_pools.clone(),
@@ -122,7 +122,7 @@ fn spawn_csi(cfg: &Config) -> Result<(oneshot::Sender<()>, Option<tokio::task::J
         max_volumes: 0,
     }
     .resolve()
-    .map_err(|e| Error::Config(format!("--csi-pool: {e}")))?;
+    .map_err(|e| Error::Config(format!("CSI (--csi-pool, --csi-endpoint): {e}")))?;
     let task = tokio::spawn(async move {
         if let Err(e) = nodeplane_csi::serve_until(csi, async move {
             let _ = rx.await;
