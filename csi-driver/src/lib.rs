@@ -17,6 +17,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod crash;
 pub mod driver;
 pub mod error;
 pub mod grpc;

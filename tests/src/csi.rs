@@ -389,20 +389,47 @@ impl CsiWorld {
     pub fn reboot(&mut self) {
         self.kill9();
         // Unmount everything first, as a shutdown does, so loop devices are free.
-        let _ = self.sh(&format!(
-            "umount -R {}/kubelet 2>/dev/null; umount -R {}/state 2>/dev/null; true",
-            self.dir.path().display(),
-            self.dir.path().display()
-        ));
+        self.unmount_all();
+        self.detach_volume_loops();
         self.ns = None;
         self.detach_volume_loops();
         self.boot();
     }
 
-    /// Detaches every loop device whose backing file lives on the pool
-    /// filesystem, found by the backing file's device number (its path
-    /// loses the pool prefix once the namespace holding the mount is gone).
+    /// Unmounts every mount under the world's directory but the pool,
+    /// deepest first (mountinfo lists a mount after its parent). A frozen
+    /// filesystem (a test that failed mid-snapshot) is thawed first: a
+    /// frozen superblock outlives its mounts and would pin the pool.
+    fn unmount_all(&self) {
+        let mut ms = self.mounts();
+        ms.reverse();
+        for m in ms {
+            let _ = self.sh(&format!(
+                "fsfreeze --unfreeze {m} 2>/dev/null; umount {m} 2>/dev/null || umount -l {m} 2>/dev/null; true"
+            ));
+        }
+    }
+
+    /// Detaches every loop device whose backing file lives on the pool:
+    /// by path while the namespace holding the pool mount exists, and by
+    /// the backing file's device number (its path loses the pool prefix
+    /// once the namespace is gone; this finds only xfs and ext4 pools,
+    /// whose files carry the pool device's number, not btrfs's anonymous one).
     fn detach_volume_loops(&self) {
+        let prefix = format!("{}/", self.pool.display());
+        if let Ok(rd) = std::fs::read_dir("/sys/block") {
+            for e in rd.flatten() {
+                if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+                    if b.starts_with(&prefix) {
+                        let dev = format!("/dev/{}", e.file_name().to_string_lossy());
+                        let _ = Command::new("losetup")
+                            .args(["-d", &dev])
+                            .stderr(Stdio::null())
+                            .status();
+                    }
+                }
+            }
+        }
         let pool_dev = std::fs::read_to_string(format!(
             "/sys/block/{}/dev",
             self.pool_dev.trim_start_matches("/dev/")
@@ -525,11 +552,7 @@ impl Drop for CsiWorld {
     fn drop(&mut self) {
         self.kill9();
         if self.ns.is_some() {
-            let _ = self.sh(&format!(
-                "umount -R {}/kubelet 2>/dev/null; umount -R {}/state 2>/dev/null; true",
-                self.dir.path().display(),
-                self.dir.path().display()
-            ));
+            self.unmount_all();
         }
         self.detach_volume_loops();
         self.ns = None;
