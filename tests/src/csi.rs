@@ -82,7 +82,12 @@ enum Mode {
     /// CSI beside its other work (`--csi-pool`, `--csi-endpoint`,
     /// `--csi-registration-dir`), in its own network namespace so its
     /// nftables table and HTTP port stay private.
-    Agent { netns: crate::Netns, port: u16 },
+    Agent {
+        netns: crate::Netns,
+        port: u16,
+        /// Wait for the CSI socket at start.
+        wait: bool,
+    },
 }
 
 /// Pool filesystem of a test world.
@@ -141,10 +146,16 @@ impl CsiWorld {
     /// Like [`CsiWorld::start`], but the normal `nodeplane-agent` serves
     /// CSI (with its plugin registration in [`CsiWorld::registry`]).
     pub fn start_agent(fs: PoolFs, mib: u64) -> CsiWorld {
+        Self::start_agent_with(fs, mib, &[], true)
+    }
+
+    /// The normal agent with `extra` flags; with `wait` false, does not
+    /// wait for the CSI socket (a driver that is meant not to start).
+    pub fn start_agent_with(fs: PoolFs, mib: u64, extra: &[&str], wait: bool) -> CsiWorld {
         crate::prereq::require_tool("nft", "nftables");
         let netns = crate::Netns::new("csiag");
         let port = 20000 + ((std::process::id() + 7919) % 20000) as u16;
-        Self::start_mode(fs, mib, &[], Mode::Agent { netns, port })
+        Self::start_mode(fs, mib, extra, Mode::Agent { netns, port, wait })
     }
 
     fn start_mode(fs: PoolFs, mib: u64, extra: &[&str], mode: Mode) -> CsiWorld {
@@ -248,7 +259,7 @@ impl CsiWorld {
                     .arg("--pool")
                     .arg(&self.pool);
             }
-            Mode::Agent { netns, port } => {
+            Mode::Agent { netns, port, .. } => {
                 let d = self.dir.path();
                 for sub in ["manifests", "cni"] {
                     std::fs::create_dir_all(d.join(sub)).expect("mkdir");
@@ -296,6 +307,9 @@ impl CsiWorld {
             .spawn()
             .expect("spawn nodeplane-agent");
         self.agent = Some(child);
+        if matches!(self.mode, Mode::Agent { wait: false, .. }) {
+            return;
+        }
         let start = Instant::now();
         while !self.socket.exists() {
             if let Some(Ok(Some(st))) = self.agent.as_mut().map(|c| c.try_wait()) {
@@ -321,7 +335,7 @@ impl CsiWorld {
     /// GET `path` from the agent's HTTP endpoint (agent mode): (status, body).
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
         use std::io::{Read, Write};
-        let Mode::Agent { netns, port } = &self.mode else {
+        let Mode::Agent { netns, port, .. } = &self.mode else {
             panic!("http_get: the standalone driver has no HTTP endpoint");
         };
         let (port, path) = (*port, path.to_string());

@@ -152,6 +152,8 @@ async fn agent_serves_csi_registration_and_volumes() {
         "the endpoint is the temp path given by --csi-endpoint"
     );
     wait_ready(&w);
+    let status = w.http_get("/status").expect("/status").1;
+    assert!(status.contains("\"csiReady\":true"), "{status}");
 
     // The kubelet's plugin watcher: GetInfo names the driver and our
     // endpoint; the verdict is accepted.
@@ -225,4 +227,38 @@ async fn agent_serves_csi_registration_and_volumes() {
         "log:\n{}",
         w.log_text()
     );
+}
+
+/// A CSI driver that cannot start (a pool that does not exist) holds the
+/// agent's /readyz: a DaemonSet pod must not go Ready without its CSI.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_waits_for_the_csi_driver() {
+    let missing = "/nonexistent/nodeplane-csi-pool";
+    let w = CsiWorld::start_agent_with(PoolFs::Xfs, 512, &["--csi-pool", missing], false);
+    let start = std::time::Instant::now();
+    while w.http_get("/healthz").is_none() {
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "agent HTTP endpoint never came up; log:\n{}",
+            w.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // Wait until the driver has given up, then readiness must still hold.
+    while !w.log_text().contains("CSI driver stopped") {
+        assert!(
+            start.elapsed().as_secs() < 20,
+            "the CSI driver did not fail; log:\n{}",
+            w.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(w.log_text().contains(missing), "the error names the pool");
+    let (code, body) = w.http_get("/readyz").expect("/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("CSI"), "{body}");
+    assert_eq!(w.http_get("/healthz").map(|r| r.0), Some(200));
+    let status = w.http_get("/status").expect("/status").1;
+    assert!(status.contains("\"csiReady\":false"), "{status}");
+    assert!(!w.socket.exists());
 }
