@@ -17,6 +17,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod convert;
+pub mod crash;
 pub mod driver;
 pub mod error;
 pub mod grpc;
@@ -53,6 +54,16 @@ pub async fn serve_until(
     cfg: CsiConfig,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    serve_until_ready(cfg, shutdown, || {}).await
+}
+
+/// [`serve_until`], calling `ready` once the driver is open and its
+/// sockets listen (the agent's /readyz waits for it).
+pub async fn serve_until_ready(
+    cfg: CsiConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ready: impl FnOnce(),
+) -> Result<()> {
     let dcfg = cfg.driver.clone();
     let driver = tokio::task::spawn_blocking(move || driver::Driver::open(dcfg))
         .await
@@ -77,6 +88,7 @@ pub async fn serve_until(
         ));
     }
     tracing::info!(socket = %cfg.socket.display(), driver = %cfg.driver.name, node = %cfg.driver.node_id, "CSI driver serving");
+    ready();
     let mut rx = stop_rx.clone();
     tokio::spawn(async move {
         shutdown.await;

@@ -65,8 +65,8 @@ pub struct Args {
     /// A tracing filter, e.g. `info` or `nodeplane_agent=debug`.
     #[arg(long, env = "NODEPLANE_LOG_LEVEL")]
     pub log_level: Option<String>,
-    /// Also serve the CSI driver with these pools (`DIR` or `NAME=DIR`), on
-    /// its default socket, with state in <state-dir>/csi (see `csi --help`).
+    /// Also serve the CSI driver with these pools (`DIR` or `NAME=DIR`),
+    /// with state in <state-dir>/csi (see `csi --help`).
     #[arg(
         long = "csi-pool",
         env = "NODEPLANE_AGENT_CSI_POOLS",
@@ -76,6 +76,10 @@ pub struct Args {
     /// With --csi-pool: the kubelet plugin-registration directory.
     #[arg(long, env = "NODEPLANE_AGENT_CSI_REGISTRATION_DIR")]
     pub csi_registration_dir: Option<PathBuf>,
+    /// With --csi-pool: the CSI endpoint, `unix:///PATH` (default
+    /// unix:///var/lib/kubelet/plugins/csi.nodeplane.io/csi.sock).
+    #[arg(long, env = "NODEPLANE_AGENT_CSI_ENDPOINT")]
+    pub csi_endpoint: Option<String>,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -148,6 +152,8 @@ pub struct Config {
     /// Serve CSI beside the agent's other work (empty: off).
     pub csi_pools: Vec<String>,
     pub csi_registration_dir: Option<PathBuf>,
+    /// None: the kubelet's default path for the driver.
+    pub csi_endpoint: Option<String>,
 }
 
 impl Config {
@@ -261,6 +267,7 @@ impl Config {
                 .unwrap_or_else(|| "info".into()),
             csi_pools: args.csi_pools,
             csi_registration_dir: args.csi_registration_dir,
+            csi_endpoint: args.csi_endpoint,
         })
     }
 }

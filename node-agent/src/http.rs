@@ -16,6 +16,8 @@ struct Ctx {
     status: SharedStatus,
     table: String,
     lifecycle: std::sync::Arc<crate::lifecycle::Lifecycle>,
+    /// The CSI driver serves (true when the agent serves none).
+    csi_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Serves until the process ends.
@@ -24,6 +26,7 @@ pub async fn serve(
     status: SharedStatus,
     table: String,
     lifecycle: std::sync::Arc<crate::lifecycle::Lifecycle>,
+    csi_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -34,6 +37,7 @@ pub async fn serve(
             status,
             table,
             lifecycle,
+            csi_ready,
         });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -47,11 +51,18 @@ fn snapshot(ctx: &Ctx) -> crate::agent::Status {
     ctx.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-/// Ready once every source has synced and the kernel holds the rules.
+/// Ready once every source has synced, the kernel holds the rules and the
+/// CSI driver (when configured) serves.
 async fn readyz(State(ctx): State<Ctx>) -> (StatusCode, String) {
     let s = snapshot(&ctx);
     if s.draining {
         return (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+    }
+    if !ctx.csi_ready.load(std::sync::atomic::Ordering::SeqCst) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the CSI driver (its start-up error, if any, is in the log)\n".into(),
+        );
     }
     if s.synced && s.programmed {
         (StatusCode::OK, "ready\n".into())
@@ -82,6 +93,7 @@ async fn status_json(State(ctx): State<Ctx>) -> String {
         "elements": s.elements,
         "lastError": s.last_error,
         "criShim": ctx.lifecycle.status_json(),
+        "csiReady": ctx.csi_ready.load(std::sync::atomic::Ordering::SeqCst),
     })
     .to_string()
 }

@@ -1,5 +1,6 @@
 //! Wiring the agent's tasks together (what `main` runs).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -71,12 +72,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     let shim = lifecycle.clone();
     let http_status = status.clone();
     let (listen, table) = (cfg.listen, cfg.table.clone());
+    // Ready at once when the agent serves no CSI.
+    let csi_ready = Arc::new(AtomicBool::new(cfg.csi_pools.is_empty()));
+    let (csi_stop, csi_task) = spawn_csi(&cfg, csi_ready.clone())?;
     tokio::spawn(async move {
-        if let Err(e) = crate::http::serve(listen, http_status, table, lifecycle).await {
+        if let Err(e) = crate::http::serve(listen, http_status, table, lifecycle, csi_ready).await {
             tracing::error!(error = %e, "health/metrics server stopped");
         }
     });
-    let (csi_stop, csi_task) = spawn_csi(&cfg)?;
     let socket = cfg.socket.clone();
     tracing::info!(node = %cfg.node_name, source = ?cfg.source, socket = %socket.display(), listen = %cfg.listen, "nodeplane-agent starting");
     let agent = tokio::spawn(
@@ -104,15 +107,20 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-/// With --csi-pool: the CSI driver served beside the agent (nodeplane-csi).
+/// With --csi-pool: the CSI driver served beside the agent (nodeplane-csi);
+/// `ready` turns true once it serves (it stays false, holding /readyz, if
+/// the driver cannot start).
 #[allow(clippy::type_complexity)]
-fn spawn_csi(cfg: &Config) -> Result<(oneshot::Sender<()>, Option<tokio::task::JoinHandle<()>>)> {
+fn spawn_csi(
+    cfg: &Config,
+    ready: Arc<AtomicBool>,
+) -> Result<(oneshot::Sender<()>, Option<tokio::task::JoinHandle<()>>)> {
     let (tx, rx) = oneshot::channel::<()>();
     if cfg.csi_pools.is_empty() {
         return Ok((tx, None));
     }
     let csi = nodeplane_csi::CsiArgs {
-        endpoint: None,
+        endpoint: cfg.csi_endpoint.clone(),
         node_id: Some(cfg.node_name.clone()),
         state_dir: cfg.state_dir.join("csi"),
         pools: cfg.csi_pools.clone(),
@@ -122,11 +130,15 @@ fn spawn_csi(cfg: &Config) -> Result<(oneshot::Sender<()>, Option<tokio::task::J
         max_volumes: 0,
     }
     .resolve()
-    .map_err(|e| Error::Config(format!("--csi-pool: {e}")))?;
+    .map_err(|e| Error::Config(format!("CSI (--csi-pool, --csi-endpoint): {e}")))?;
     let task = tokio::spawn(async move {
-        if let Err(e) = nodeplane_csi::serve_until(csi, async move {
-            let _ = rx.await;
-        })
+        if let Err(e) = nodeplane_csi::serve_until_ready(
+            csi,
+            async move {
+                let _ = rx.await;
+            },
+            || ready.store(true, Ordering::SeqCst),
+        )
         .await
         {
             tracing::error!(error = %e, "CSI driver stopped");

@@ -73,6 +73,23 @@ impl Drop for MountNs {
     }
 }
 
+/// How the world's driver runs.
+#[derive(Debug)]
+enum Mode {
+    /// `nodeplane-agent csi ...`: the standalone driver.
+    Standalone,
+    /// The normal agent (standalone source: a manifests directory) serving
+    /// CSI beside its other work (`--csi-pool`, `--csi-endpoint`,
+    /// `--csi-registration-dir`), in its own network namespace so its
+    /// nftables table and HTTP port stay private.
+    Agent {
+        netns: crate::Netns,
+        port: u16,
+        /// Wait for the CSI socket at start.
+        wait: bool,
+    },
+}
+
 /// Pool filesystem of a test world.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolFs {
@@ -97,6 +114,7 @@ pub struct CsiWorld {
     extra: Vec<String>,
     crash_at: Option<String>,
     pause_at: Option<String>,
+    mode: Mode,
 }
 
 fn must(o: std::io::Result<Output>, what: &str) -> String {
@@ -122,11 +140,34 @@ impl CsiWorld {
     }
 
     pub fn start_with(fs: PoolFs, mib: u64, extra: &[&str]) -> CsiWorld {
+        Self::start_mode(fs, mib, extra, Mode::Standalone)
+    }
+
+    /// Like [`CsiWorld::start`], but the normal `nodeplane-agent` serves
+    /// CSI (with its plugin registration in [`CsiWorld::registry`]).
+    pub fn start_agent(fs: PoolFs, mib: u64) -> CsiWorld {
+        Self::start_agent_with(fs, mib, &[], true)
+    }
+
+    /// The normal agent with `extra` flags; with `wait` false, does not
+    /// wait for the CSI socket (a driver that is meant not to start).
+    pub fn start_agent_with(fs: PoolFs, mib: u64, extra: &[&str], wait: bool) -> CsiWorld {
+        crate::prereq::require_tool("nft", "nftables");
+        let netns = crate::Netns::new("csiag");
+        let port = 20000 + ((std::process::id() + 7919) % 20000) as u16;
+        Self::start_mode(fs, mib, extra, Mode::Agent { netns, port, wait })
+    }
+
+    fn start_mode(fs: PoolFs, mib: u64, extra: &[&str], mode: Mode) -> CsiWorld {
         require_tools();
         let dir = TempDir::new("csi");
         let pool_image = dir.path().join("pool.img");
         let pool = dir.path().join("pool");
-        let state = dir.path().join("state");
+        let state = match mode {
+            Mode::Standalone => dir.path().join("state"),
+            // The agent keeps CSI state in <state-dir>/csi.
+            Mode::Agent { .. } => dir.path().join("state").join("csi"),
+        };
         std::fs::create_dir_all(&pool).expect("mkdir pool");
         let f = std::fs::File::create(&pool_image).expect("pool image");
         f.set_len(mib << 20).expect("size pool image");
@@ -172,6 +213,7 @@ impl CsiWorld {
             extra: extra.iter().map(|s| s.to_string()).collect(),
             crash_at: None,
             pause_at: None,
+            mode,
         };
         w.boot();
         w
@@ -203,18 +245,51 @@ impl CsiWorld {
             .append(true)
             .open(&self.log)
             .expect("agent log");
-        let child = self
-            .ns()
-            .command(crate::agent::agent_bin())
-            .arg("csi")
-            .arg("--endpoint")
-            .arg(format!("unix://{}", self.socket.display()))
-            .arg("--node-id")
-            .arg(&self.node_id)
-            .arg("--state-dir")
-            .arg(&self.state)
-            .arg("--pool")
-            .arg(&self.pool)
+        let endpoint = format!("unix://{}", self.socket.display());
+        let mut cmd = self.ns().command(crate::agent::agent_bin());
+        match &self.mode {
+            Mode::Standalone => {
+                cmd.arg("csi")
+                    .arg("--endpoint")
+                    .arg(&endpoint)
+                    .arg("--node-id")
+                    .arg(&self.node_id)
+                    .arg("--state-dir")
+                    .arg(&self.state)
+                    .arg("--pool")
+                    .arg(&self.pool);
+            }
+            Mode::Agent { netns, port, .. } => {
+                let d = self.dir.path();
+                for sub in ["manifests", "cni"] {
+                    std::fs::create_dir_all(d.join(sub)).expect("mkdir");
+                }
+                // nsenter enters the mount namespace; the network namespace
+                // is entered before it runs and carries over.
+                crate::netns::enter_in_child(&mut cmd, netns.open());
+                cmd.arg("--node-name")
+                    .arg(&self.node_id)
+                    .arg("--manifests-dir")
+                    .arg(d.join("manifests"))
+                    .arg("--state-dir")
+                    .arg(d.join("state"))
+                    .arg("--cni-state-dir")
+                    .arg(d.join("cni"))
+                    .arg("--socket")
+                    .arg(d.join("agent.sock"))
+                    .arg("--listen")
+                    .arg(format!("127.0.0.1:{port}"))
+                    .arg("--log-level")
+                    .arg("info")
+                    .arg("--csi-pool")
+                    .arg(&self.pool)
+                    .arg("--csi-endpoint")
+                    .arg(&endpoint)
+                    .arg("--csi-registration-dir")
+                    .arg(self.registry());
+            }
+        }
+        let child = cmd
             .args(&self.extra)
             .env("RUST_LOG", "info")
             .env(
@@ -230,8 +305,11 @@ impl CsiWorld {
             .stdout(log.try_clone().expect("log fd"))
             .stderr(log)
             .spawn()
-            .expect("spawn nodeplane-agent csi");
+            .expect("spawn nodeplane-agent");
         self.agent = Some(child);
+        if matches!(self.mode, Mode::Agent { wait: false, .. }) {
+            return;
+        }
         let start = Instant::now();
         while !self.socket.exists() {
             if let Some(Ok(Some(st))) = self.agent.as_mut().map(|c| c.try_wait()) {
@@ -247,6 +325,37 @@ impl CsiWorld {
             );
             std::thread::sleep(Duration::from_millis(5));
         }
+    }
+
+    /// The kubelet plugin-registration directory (agent mode).
+    pub fn registry(&self) -> PathBuf {
+        self.dir.path().join("plugins_registry")
+    }
+
+    /// GET `path` from the agent's HTTP endpoint (agent mode): (status, body).
+    pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
+        use std::io::{Read, Write};
+        let Mode::Agent { netns, port, .. } = &self.mode else {
+            panic!("http_get: the standalone driver has no HTTP endpoint");
+        };
+        let (port, path) = (*port, path.to_string());
+        crate::agent::in_netns(&netns.path(), move || {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+            write!(
+                s,
+                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            )
+            .ok()?;
+            let mut out = String::new();
+            s.read_to_string(&mut out).ok()?;
+            let code = out.split_whitespace().nth(1)?.parse().ok()?;
+            let body = out
+                .split_once("\r\n\r\n")
+                .map(|(_, b)| b.to_string())
+                .unwrap_or_default();
+            Some((code, body))
+        })
     }
 
     pub fn log_text(&self) -> String {
@@ -294,20 +403,47 @@ impl CsiWorld {
     pub fn reboot(&mut self) {
         self.kill9();
         // Unmount everything first, as a shutdown does, so loop devices are free.
-        let _ = self.sh(&format!(
-            "umount -R {}/kubelet 2>/dev/null; umount -R {}/state 2>/dev/null; true",
-            self.dir.path().display(),
-            self.dir.path().display()
-        ));
+        self.unmount_all();
+        self.detach_volume_loops();
         self.ns = None;
         self.detach_volume_loops();
         self.boot();
     }
 
-    /// Detaches every loop device whose backing file lives on the pool
-    /// filesystem, found by the backing file's device number (its path
-    /// loses the pool prefix once the namespace holding the mount is gone).
+    /// Unmounts every mount under the world's directory but the pool,
+    /// deepest first (mountinfo lists a mount after its parent). A frozen
+    /// filesystem (a test that failed mid-snapshot) is thawed first: a
+    /// frozen superblock outlives its mounts and would pin the pool.
+    fn unmount_all(&self) {
+        let mut ms = self.mounts();
+        ms.reverse();
+        for m in ms {
+            let _ = self.sh(&format!(
+                "fsfreeze --unfreeze {m} 2>/dev/null; umount {m} 2>/dev/null || umount -l {m} 2>/dev/null; true"
+            ));
+        }
+    }
+
+    /// Detaches every loop device whose backing file lives on the pool:
+    /// by path while the namespace holding the pool mount exists, and by
+    /// the backing file's device number (its path loses the pool prefix
+    /// once the namespace is gone; this finds only xfs and ext4 pools,
+    /// whose files carry the pool device's number, not btrfs's anonymous one).
     fn detach_volume_loops(&self) {
+        let prefix = format!("{}/", self.pool.display());
+        if let Ok(rd) = std::fs::read_dir("/sys/block") {
+            for e in rd.flatten() {
+                if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+                    if b.starts_with(&prefix) {
+                        let dev = format!("/dev/{}", e.file_name().to_string_lossy());
+                        let _ = Command::new("losetup")
+                            .args(["-d", &dev])
+                            .stderr(Stdio::null())
+                            .status();
+                    }
+                }
+            }
+        }
         let pool_dev = std::fs::read_to_string(format!(
             "/sys/block/{}/dev",
             self.pool_dev.trim_start_matches("/dev/")
@@ -430,11 +566,7 @@ impl Drop for CsiWorld {
     fn drop(&mut self) {
         self.kill9();
         if self.ns.is_some() {
-            let _ = self.sh(&format!(
-                "umount -R {}/kubelet 2>/dev/null; umount -R {}/state 2>/dev/null; true",
-                self.dir.path().display(),
-                self.dir.path().display()
-            ));
+            self.unmount_all();
         }
         self.detach_volume_loops();
         self.ns = None;

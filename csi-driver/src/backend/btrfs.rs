@@ -6,6 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use super::{Attached, Backend, MIB};
+use crate::crash;
 use crate::model::Condition;
 use crate::store::{BackendKind, SnapshotRecord, VolumeRecord};
 use crate::sys::{cmd, files};
@@ -49,22 +50,54 @@ impl Btrfs {
     }
 
     /// Deletes the subvolume at `path` and its qgroup; absent is fine.
-    fn delete_subvolume(&self, path: &Path) -> Result<()> {
+    /// The qgroup can only go once the kernel has dropped the subvolume:
+    /// until then destroy says EBUSY and the qgroup stays behind as
+    /// `<stale>` (seen on this project's 6.18 kernel, which removes it by
+    /// itself only some of the time). So the deletion is committed and
+    /// waited for first; that also makes the pool's free space (GetCapacity)
+    /// include the volume's bytes when DeleteVolume returns. `after_delete`
+    /// is the crash point between the two steps.
+    fn delete_subvolume(&self, path: &Path, after_delete: impl FnOnce()) -> Result<()> {
         if !path.exists() {
             return Ok(());
         }
         let rootid = cmd::run("btrfs", &["inspect-internal", "rootid", &s(path)])
             .ok()
             .map(|o| o.trim().to_string());
-        cmd::run("btrfs", &["subvolume", "delete", &s(path)])?;
+        cmd::run(
+            "btrfs",
+            &["subvolume", "delete", "--commit-after", &s(path)],
+        )?;
+        after_delete();
         if let Some(id) = rootid {
-            // Stale qgroups only cost a little metadata; best effort.
+            cmd::run("btrfs", &["subvolume", "sync", &s(&self.pool), &id])?;
+            // Already removed by the kernel is fine.
             let _ = cmd::run(
                 "btrfs",
                 &["qgroup", "destroy", &format!("0/{id}"), &s(&self.pool)],
             );
         }
         files::sync_dir(path.parent().unwrap_or(&self.pool))
+    }
+
+    /// Removes qgroups whose subvolume is gone (left by a crash between a
+    /// subvolume's deletion and its qgroup's), at start. Only when there
+    /// are some does it wait for the kernel to finish dropping deleted
+    /// subvolumes (their qgroups cannot go before).
+    pub fn clear_stale_qgroups(&self) -> Result<()> {
+        let pool = s(&self.pool);
+        let shown = cmd::run("btrfs", &["qgroup", "show", "--raw", &pool])?;
+        if !shown.contains("<stale>") {
+            return Ok(());
+        }
+        tracing::warn!(pool = %pool, "removing qgroups of deleted subvolumes");
+        cmd::run("btrfs", &["filesystem", "sync", &pool])?;
+        cmd::run("btrfs", &["subvolume", "sync", &pool])?;
+        if let Err(e) = cmd::run("btrfs", &["qgroup", "clear-stale", &pool]) {
+            // Exit 1 when one could not go yet: it goes at the next start.
+            tracing::warn!(pool = %pool, error = %e, "some stale qgroups remain");
+        }
+        Ok(())
     }
 
     fn limit(path: &Path, bytes: u64) -> Result<()> {
@@ -100,15 +133,16 @@ impl Backend for Btrfs {
 
     fn create(&self, v: &VolumeRecord) -> Result<()> {
         let p = self.path(&v.id);
-        self.delete_subvolume(&p)?;
+        self.delete_subvolume(&p, || {})?;
         cmd::run("btrfs", &["subvolume", "create", &s(&p)])?;
+        crash::point("create:btrfs:after-subvolume");
         Self::limit(&p, v.capacity)?;
         files::sync_dir(&self.subvolumes)
     }
 
     fn restore(&self, v: &VolumeRecord, snap: &SnapshotRecord) -> Result<()> {
         let p = self.path(&v.id);
-        self.delete_subvolume(&p)?;
+        self.delete_subvolume(&p, || {})?;
         cmd::run(
             "btrfs",
             &[
@@ -118,6 +152,7 @@ impl Backend for Btrfs {
                 &s(&p),
             ],
         )?;
+        crash::point("restore:btrfs:after-snapshot");
         Self::limit(&p, v.capacity)?;
         files::sync_dir(&self.subvolumes)
     }
@@ -129,17 +164,20 @@ impl Backend for Btrfs {
         _mount: Option<&Path>,
     ) -> Result<()> {
         let p = self.path(&v.id);
-        self.delete_subvolume(&p)?;
+        self.delete_subvolume(&p, || {})?;
         cmd::run(
             "btrfs",
             &["subvolume", "snapshot", &s(&self.path(&src.id)), &s(&p)],
         )?;
+        crash::point("clone:btrfs:after-snapshot");
         Self::limit(&p, v.capacity)?;
         files::sync_dir(&self.subvolumes)
     }
 
     fn delete(&self, id: &str) -> Result<()> {
-        self.delete_subvolume(&self.path(id))
+        self.delete_subvolume(&self.path(id), || {
+            crash::point("delete:btrfs:after-subvolume-delete")
+        })
     }
 
     fn expand(&self, v: &VolumeRecord, bytes: u64) -> Result<()> {
@@ -148,7 +186,7 @@ impl Backend for Btrfs {
 
     fn snapshot(&self, v: &VolumeRecord, snap: &SnapshotRecord, _m: Option<&Path>) -> Result<()> {
         let dst = self.snap_path(&snap.id);
-        self.delete_subvolume(&dst)?;
+        self.delete_subvolume(&dst, || {})?;
         cmd::run(
             "btrfs",
             &[
@@ -163,7 +201,9 @@ impl Backend for Btrfs {
     }
 
     fn delete_snapshot(&self, id: &str) -> Result<()> {
-        self.delete_subvolume(&self.snap_path(id))
+        self.delete_subvolume(&self.snap_path(id), || {
+            crash::point("delete-snapshot:btrfs:after-subvolume-delete")
+        })
     }
 
     fn attach(&self, v: &VolumeRecord) -> Result<Attached> {

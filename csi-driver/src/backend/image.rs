@@ -8,6 +8,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use super::{Attached, Backend, MIB};
+use crate::crash;
 use crate::model::Condition;
 use crate::store::{BackendKind, SnapshotRecord, VolumeRecord};
 use crate::sys::{cmd, files, loopdev};
@@ -138,6 +139,16 @@ pub fn frozen<T>(mount: Option<&Path>, f: impl FnOnce() -> Result<T>) -> Result<
     Ok(v)
 }
 
+/// Thaws the filesystem at `mount` if it is frozen: a kill -9 between
+/// `fsfreeze --freeze` and `--unfreeze` (a snapshot or clone of a staged
+/// volume) leaves it frozen, and every write in the pod would hang.
+/// Not frozen is fine (fsfreeze then fails with EINVAL, ignored).
+pub fn thaw(mount: &Path) {
+    if cmd::run("fsfreeze", &["--unfreeze", &mount.to_string_lossy()]).is_ok() {
+        tracing::warn!(mount = %mount.display(), "thawed a filesystem left frozen by an interrupted snapshot or clone");
+    }
+}
+
 impl Backend for Image {
     fn kind(&self) -> BackendKind {
         BackendKind::Image
@@ -170,9 +181,11 @@ impl Backend for Image {
         f.set_len(v.capacity)
             .map_err(|e| Error::io(format!("size {}", path.display()), e))?;
         drop(f);
+        crash::point("create:image:after-file");
         if !v.fs_type.is_empty() {
             mkfs(&path, &v.fs_type)?;
         }
+        crash::point("create:image:after-mkfs");
         Self::set_len(&path, v.capacity)?;
         files::sync_dir(&self.images)
     }
@@ -181,6 +194,7 @@ impl Backend for Image {
         let path = self.path(&v.id);
         self.remove_stale(&path)?;
         files::clone_file(&self.snap_path(&s.id), &path)?;
+        crash::point("restore:image:after-copy");
         if v.capacity > s.size {
             Self::set_len(&path, v.capacity)?;
         }
@@ -190,7 +204,12 @@ impl Backend for Image {
     fn clone_from(&self, v: &VolumeRecord, src: &VolumeRecord, mount: Option<&Path>) -> Result<()> {
         let path = self.path(&v.id);
         self.remove_stale(&path)?;
-        frozen(mount, || files::clone_file(&self.path(&src.id), &path))?;
+        frozen(mount, || {
+            crash::point("clone:image:after-freeze");
+            let kind = files::clone_file(&self.path(&src.id), &path)?;
+            crash::point("clone:image:after-copy");
+            Ok(kind)
+        })?;
         if v.capacity > src.capacity {
             Self::set_len(&path, v.capacity)?;
         }
@@ -209,6 +228,7 @@ impl Backend for Image {
         if bytes > cur {
             Self::set_len(&path, bytes)?;
         }
+        crash::point("expand:image:after-truncate");
         if let Some(dev) = loopdev::find(&path) {
             if loopdev::size(&dev) < bytes {
                 loopdev::refresh_capacity(&dev)?;
@@ -220,7 +240,12 @@ impl Backend for Image {
     fn snapshot(&self, v: &VolumeRecord, s: &SnapshotRecord, mount: Option<&Path>) -> Result<()> {
         let dst = self.snap_path(&s.id);
         files::remove_durable(&dst)?;
-        let kind = frozen(mount, || files::clone_file(&self.path(&v.id), &dst))?;
+        let kind = frozen(mount, || {
+            crash::point("snapshot:image:after-freeze");
+            let kind = files::clone_file(&self.path(&v.id), &dst)?;
+            crash::point("snapshot:image:after-copy");
+            Ok(kind)
+        })?;
         tracing::debug!(snapshot = %s.id, ?kind, "image snapshot copied");
         files::sync_dir(&self.snapshots)
     }

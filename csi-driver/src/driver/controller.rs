@@ -2,7 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use super::{crash_point, now_nanos, Driver};
+use super::{now_nanos, Driver};
+use crate::crash;
 use crate::model::*;
 use crate::service::Controller;
 use crate::store::{SnapshotRecord, State, VolumeRecord};
@@ -167,7 +168,7 @@ impl Driver {
             }
             st.put_volume(rec.clone())?;
         }
-        crash_point("create:after-intent");
+        crash::point("create:after-intent");
         let made = match (&src_snap, &src_vol) {
             (Some(s), _) => backend.restore(&rec, s),
             (_, Some(v)) => {
@@ -186,7 +187,7 @@ impl Driver {
             let _ = self.store().remove_volume(&rec.id);
             return Err(e);
         }
-        crash_point("create:after-storage");
+        crash::point("create:after-storage");
         let mut ready = rec;
         ready.state = State::Ready;
         self.store().put_volume(ready.clone())?;
@@ -284,9 +285,9 @@ impl Controller for Driver {
         }
         v.state = State::Deleting;
         self.store().put_volume(v.clone())?;
-        crash_point("delete:after-intent");
+        crash::point("delete:after-intent");
         self.backend_of(&v)?.delete(id)?;
-        crash_point("delete:after-storage");
+        crash::point("delete:after-storage");
         self.store().remove_volume(id)?;
         tracing::info!(volume = %id, "volume deleted");
         Ok(())
@@ -418,7 +419,7 @@ impl Controller for Driver {
             state: State::Creating,
         };
         self.store().put_snapshot(rec.clone())?;
-        crash_point("snapshot:after-intent");
+        crash::point("snapshot:after-intent");
         let mount = v
             .staged
             .as_ref()
@@ -429,7 +430,7 @@ impl Controller for Driver {
             let _ = self.store().remove_snapshot(&rec.id);
             return Err(e);
         }
-        crash_point("snapshot:after-copy");
+        crash::point("snapshot:after-storage");
         let mut ready = rec;
         ready.state = State::Ready;
         self.store().put_snapshot(ready.clone())?;
@@ -444,9 +445,11 @@ impl Controller for Driver {
         };
         s.state = State::Deleting;
         self.store().put_snapshot(s.clone())?;
+        crash::point("delete-snapshot:after-intent");
         if let Some(b) = self.pool(Some(&s.pool))?.backend(s.backend) {
             b.delete_snapshot(id)?;
         }
+        crash::point("delete-snapshot:after-storage");
         self.store().remove_snapshot(id)
     }
 
@@ -502,9 +505,9 @@ impl Controller for Driver {
             v.expanding_to = Some(size);
             st.put_volume(v.clone())?;
         }
-        crash_point("expand:after-intent");
+        crash::point("expand:after-intent");
         backend.expand(&v, size)?;
-        crash_point("expand:after-storage");
+        crash::point("expand:after-storage");
         v.capacity = size;
         v.expanding_to = None;
         v.fs_grow_pending = node_needed(&v);

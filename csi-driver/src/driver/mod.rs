@@ -337,30 +337,6 @@ impl Driver {
     }
 }
 
-/// Crash injection for the crash tests: when NODEPLANE_CSI_CRASH_AT names
-/// this step, the process SIGKILLs itself right here, as a kill -9 between
-/// two steps would. When NODEPLANE_CSI_PAUSE_AT names it, the operation
-/// waits here (its volume lock held) until the file
-/// NODEPLANE_CSI_PAUSE_RELEASE exists, so a test can make a concurrent call
-/// meet a busy volume deterministically. Both unset in production.
-fn crash_point(step: &str) {
-    if std::env::var("NODEPLANE_CSI_PAUSE_AT").is_ok_and(|s| s == step) {
-        if let Some(release) = std::env::var_os("NODEPLANE_CSI_PAUSE_RELEASE") {
-            tracing::warn!(step, "pause point reached");
-            while !std::path::Path::new(&release).exists() {
-                std::thread::sleep(std::time::Duration::from_millis(5));
-            }
-        }
-    }
-    if std::env::var("NODEPLANE_CSI_CRASH_AT").is_ok_and(|s| s == step) {
-        tracing::warn!(step, "crash point reached: SIGKILL");
-        // SAFETY: kill on our own pid has no memory-safety preconditions.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
-    }
-}
-
 fn now_nanos() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

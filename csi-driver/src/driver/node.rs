@@ -4,9 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
-use super::{crash_point, parse_quantity, Driver, EPHEMERAL_KEY};
+use super::{parse_quantity, Driver, EPHEMERAL_KEY};
 use crate::backend::image::{grow_fs, grow_fs_offline, mkfs};
 use crate::backend::Attached;
+use crate::crash;
 use crate::model::*;
 use crate::service::{Identity, Node};
 use crate::store::{BackendKind, Published, Staged, State, VolumeRecord};
@@ -50,6 +51,9 @@ impl Driver {
     pub(super) fn ensure_staged(&self, v: &mut VolumeRecord, s: &Staged) -> Result<()> {
         let backend = self.backend_of(v)?;
         let att = backend.attach(v)?;
+        if matches!(att, Attached::Device(_)) {
+            crash::point("stage:image:after-attach");
+        }
         if s.block {
             return Ok(());
         }
@@ -179,16 +183,24 @@ impl Driver {
             preferred: vec![],
         };
         self.provision(id.clone(), &req, true)?;
+        crash::point("ephemeral:after-create");
+        self.ephemeral_stage(id, &r.capability)
+    }
+
+    /// Stages an ephemeral volume at its private staging path (also when a
+    /// NodePublish retry finds it created but not staged, after a crash).
+    fn ephemeral_stage(&self, id: &str, cap: &Capability) -> Result<()> {
         let staging = self.cfg.state_dir.join("ephemeral").join(id);
-        let (mount_flags, mount_group, _) = mount_parts(&r.capability);
+        let (mount_flags, mount_group, _) = mount_parts(cap);
         let s = Staged {
             path: staging.to_string_lossy().into_owned(),
-            block: r.capability.is_block(),
+            block: cap.is_block(),
             mount_flags,
             mount_group,
         };
         let mut v = self.record(id)?;
         self.ensure_staged(&mut v, &s)?;
+        crash::point("ephemeral:after-stage");
         v.staged = Some(s);
         self.store().put_volume(v)?;
         Ok(())
@@ -196,7 +208,12 @@ impl Driver {
 
     fn do_unstage(&self, v: &mut VolumeRecord, staging_path: &str) -> Result<()> {
         mount::unmount(Path::new(staging_path))?;
-        self.backend_of(v)?.detach(&v.id)?;
+        crash::point("unstage:after-unmount");
+        let backend = self.backend_of(v)?;
+        backend.detach(&v.id)?;
+        if backend.kind() == BackendKind::Image {
+            crash::point("unstage:image:after-detach");
+        }
         v.staged = None;
         self.store().put_volume(v.clone())
     }
@@ -245,7 +262,7 @@ impl Node for Driver {
             }
         }
         self.ensure_staged(&mut v, &s)?;
-        crash_point("stage:after-mount");
+        crash::point("stage:after-mount");
         v.staged = Some(s);
         self.store().put_volume(v)
     }
@@ -267,8 +284,16 @@ impl Node for Driver {
     fn publish(&self, r: Publish) -> Result<()> {
         let _lock = self.busy(r.volume_id.clone())?;
         let ephemeral = r.context.get(EPHEMERAL_KEY).is_some_and(|v| v == "true");
-        if ephemeral && !self.store().volumes.contains_key(&r.volume_id) {
-            self.ephemeral_publish(&r)?;
+        if ephemeral {
+            let existing = self.store().volumes.get(&r.volume_id).cloned();
+            match existing {
+                None => self.ephemeral_publish(&r)?,
+                // Created but not staged (a crash in between): finish.
+                Some(v) if v.ephemeral && v.state == State::Ready && v.staged.is_none() => {
+                    self.ephemeral_stage(&r.volume_id, &r.capability)?
+                }
+                Some(_) => {}
+            }
         }
         let mut v = self.record(&r.volume_id)?;
         let staged = v.staged.clone().ok_or_else(|| {
@@ -329,7 +354,7 @@ impl Node for Driver {
             )));
         }
         self.ensure_published(&v, &r.target_path, &p)?;
-        crash_point("publish:after-mount");
+        crash::point("publish:after-mount");
         v.published.insert(r.target_path.clone(), p);
         self.store().put_volume(v)
     }
@@ -347,6 +372,7 @@ impl Node for Driver {
             }
             Err(_) => {}
         }
+        crash::point("unpublish:after-unmount");
         let Some(mut v) = self.store().volumes.get(id).cloned() else {
             return Ok(());
         };
@@ -358,6 +384,7 @@ impl Node for Driver {
                 self.do_unstage(&mut v, &s.path)?;
                 let _ = std::fs::remove_dir(&s.path);
             }
+            crash::point("ephemeral:after-unstage");
             v.state = State::Deleting;
             self.store().put_volume(v.clone())?;
             self.backend_of(&v)?.delete(id)?;
@@ -461,9 +488,11 @@ impl Node for Driver {
             if loopdev::size(&dev) < v.capacity {
                 loopdev::refresh_capacity(&dev)?;
             }
+            crash::point("node-expand:image:after-refresh");
             if let Some(s) = v.staged.clone().filter(|s| !s.block) {
                 grow_fs(&v.fs_type, &dev, &PathBuf::from(&s.path))?;
             }
+            crash::point("node-expand:image:after-grow");
         }
         if v.fs_grow_pending {
             v.fs_grow_pending = false;

@@ -9,6 +9,10 @@
 //! - Staged and published volumes get their loop device and mounts back
 //!   (after a reboot, or after someone unmounted them).
 //! - Loop devices on pool images that no staged volume needs are detached.
+//! - Staged filesystems left frozen by an interrupted snapshot or clone are
+//!   thawed.
+//! - btrfs qgroups left by a deletion interrupted before its qgroup went
+//!   are cleared.
 
 use super::Driver;
 use crate::store::State;
@@ -19,6 +23,14 @@ impl Driver {
         let vols: Vec<_> = self.store().volumes.values().cloned().collect();
         for mut v in vols {
             let backend = self.backend_of(&v)?;
+            if let Some(s) = v.staged.as_ref().filter(|s| !s.block) {
+                let p = std::path::Path::new(&s.path);
+                if v.backend == crate::store::BackendKind::Image
+                    && crate::sys::mount::at(p).is_some()
+                {
+                    crate::backend::image::thaw(p);
+                }
+            }
             match v.state {
                 State::Creating | State::Deleting => {
                     tracing::warn!(volume = %v.id, state = ?v.state, "finishing an interrupted create/delete: removing its storage");
@@ -65,6 +77,9 @@ impl Driver {
         }
         // Leaks: storage with no record.
         for pool in &self.pools {
+            if let Some(b) = &pool.btrfs {
+                b.clear_stale_qgroups()?;
+            }
             for kind in [
                 crate::store::BackendKind::Image,
                 crate::store::BackendKind::Btrfs,
