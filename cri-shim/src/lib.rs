@@ -20,6 +20,7 @@ pub mod deliver;
 pub mod error;
 pub mod grpc;
 pub mod inject;
+pub mod io;
 pub mod metrics;
 pub mod pods;
 pub mod relay;

@@ -130,7 +130,7 @@ impl Relay {
     /// containerd per call). Streams and unknown methods never come here.
     async fn forward_buffered(&self, req: Request<Incoming>) -> Answer {
         let (parts, incoming) = req.into_parts();
-        let (data, trailers) = match body::collect(incoming, MAX_MESSAGE).await {
+        let request = match body::collect_chunks(incoming, MAX_MESSAGE).await {
             Ok(b) => b,
             Err(e) => {
                 return Self::shim_status(
@@ -140,16 +140,16 @@ impl Relay {
             }
         };
         let response = match self
-            .send(Request::from_parts(parts, Body::buffered(data, trailers)))
+            .send(Request::from_parts(parts, Body::chunks(request)))
             .await
         {
             Ok(r) => r,
             Err(e) => return self.unavailable(e),
         };
         let (rparts, rbody) = response.into_parts();
-        match body::collect(rbody, MAX_MESSAGE).await {
-            Ok((d, t)) => Answer {
-                response: Response::from_parts(rparts, Body::buffered(d, t)),
+        match body::collect_chunks(rbody, MAX_MESSAGE).await {
+            Ok(c) => Answer {
+                response: Response::from_parts(rparts, Body::chunks(c)),
                 shim_error: false,
             },
             Err(e) => {

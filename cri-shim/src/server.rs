@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::UnixListener;
 
 use crate::deliver::Hooks;
+use crate::io::{Coalesced, Socket};
 use crate::relay::Relay;
 use crate::{Config, Error, Result};
 
@@ -118,8 +119,18 @@ async fn accept(listener: UnixListener, relay: Arc<Relay>, active: Arc<AtomicUsi
             b.timer(TokioTimer::new())
                 .max_concurrent_streams(None)
                 .initial_stream_window_size(4 << 20)
-                .initial_connection_window_size(16 << 20);
-            if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
+                .initial_connection_window_size(16 << 20)
+                // Relay the runtime's headers as they are: no Date added.
+                .auto_date_header(false);
+            let stream = match Socket::new(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registering a kubelet connection");
+                    return;
+                }
+            };
+            let io = TokioIo::new(Coalesced::new(stream));
+            if let Err(e) = b.serve_connection(io, svc).await {
                 tracing::debug!(error = %e, "kubelet connection ended");
             }
         });
