@@ -15,6 +15,7 @@
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
+use std::future::Future;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::unix::AsyncFd;
@@ -23,6 +24,16 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 /// Past this many buffered bytes a write goes out at once (memory bound;
 /// far above one CRI message's frames of 16 KiB each).
 const HIGH_WATER: usize = 256 << 10;
+
+/// Longest a write holding only PING acknowledgements waits for company.
+///
+/// containerd (grpc-go) sends a PING with almost every answer to estimate
+/// the link's bandwidth-delay product. Acknowledged at once, the ACK is a
+/// write of its own, made before the answer is relayed to the kubelet
+/// and waking containerd once more per call. Held, it leaves with the next
+/// call's request (or after this long): one write, one wake-up, and off
+/// the call's path. grpc-go only reads a round-trip time from it.
+const PING_ACK_HOLD: std::time::Duration = std::time::Duration::from_millis(1);
 
 #[derive(Debug)]
 pub struct Coalesced<T> {
@@ -34,6 +45,8 @@ pub struct Coalesced<T> {
     /// yielded for something and yields again; one that finds no more
     /// writes.
     seen: usize,
+    /// Runs while the buffer holds only PING ACKs (see [`PING_ACK_HOLD`]).
+    hold: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<T> Coalesced<T> {
@@ -43,6 +56,7 @@ impl<T> Coalesced<T> {
             buf: Vec::with_capacity(16 << 10),
             sent: 0,
             seen: 0,
+            hold: None,
         }
     }
 }
@@ -60,6 +74,7 @@ impl<T: AsyncWrite + Unpin> Coalesced<T> {
         self.buf.clear();
         self.sent = 0;
         self.seen = 0;
+        self.hold = None;
         Poll::Ready(Ok(()))
     }
 
@@ -122,6 +137,16 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
+        if only_ping_acks(&me.buf[me.sent..]) {
+            let hold = me
+                .hold
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(PING_ACK_HOLD)));
+            if hold.as_mut().poll(cx).is_pending() {
+                // Reported flushed; the timer wakes the connection, whose
+                // next flush sends the ACK if nothing took it along first.
+                return Poll::Ready(Ok(()));
+            }
+        }
         ready!(me.poll_drain(cx))?;
         Pin::new(&mut me.inner).poll_flush(cx)
     }
@@ -131,6 +156,23 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Coalesced<T> {
         ready!(me.poll_drain(cx))?;
         Pin::new(&mut me.inner).poll_shutdown(cx)
     }
+}
+
+/// Whether `b` is one or more whole HTTP/2 PING frames with the ACK flag
+/// (9-byte header: 24-bit length, type 6, flags bit 0; 8-byte payload).
+fn only_ping_acks(mut b: &[u8]) -> bool {
+    if b.is_empty() {
+        return false;
+    }
+    while !b.is_empty() {
+        match b {
+            [0, 0, 8, 6, flags, _, _, _, _, rest @ ..] if flags & 1 == 1 && rest.len() >= 8 => {
+                b = &rest[8..]
+            }
+            _ => return false,
+        }
+    }
+    true
 }
 
 /// A unix stream socket registered with the reactor for reading only.
@@ -256,5 +298,23 @@ impl AsyncWrite for Socket {
 
     fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         Poll::Ready(self.read.get_ref().shutdown(std::net::Shutdown::Write))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_whole_ping_acks_are_held() {
+        let ack = [0, 0, 8, 6, 1, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+        assert!(only_ping_acks(&ack));
+        assert!(only_ping_acks(&[ack, ack].concat()));
+        assert!(!only_ping_acks(&ping));
+        assert!(!only_ping_acks(&ack[..16]));
+        assert!(!only_ping_acks(&[&ack[..], &[0, 0, 0, 1, 0, 0, 0, 0, 1]].concat()));
+        assert!(!only_ping_acks(&[]));
+        assert!(!only_ping_acks(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
     }
 }

@@ -26,6 +26,7 @@ pub mod pods;
 pub mod relay;
 pub mod resync;
 pub mod server;
+pub mod unary;
 pub mod upstream;
 
 pub use config::{Args, Config};

@@ -30,7 +30,8 @@ usage (as root): cargo run --release -p nodeplane-tests --bin cri-bench -- [opti
   --clients N      throughput: concurrent clients, one connection each (default 16)
   --secs N         throughput: seconds per run (default 3)
   --rounds N       throughput: direct/shim run pairs, median reported (default 3)
-  --shim-threads N the shim's --worker-threads (default 0: one per CPU)
+  --shim-threads N the shim's --worker-threads (default: the shim's own, 1;
+                   0 is one per CPU)
   --profile N      instead of timing: N calls of each method through the shim
                    only, then SIGTERM to the shim (it exits cleanly); for
                    load-independent counts:
@@ -53,7 +54,7 @@ pub struct Opts {
     pub clients: usize,
     pub secs: u64,
     pub rounds: usize,
-    pub shim_threads: usize,
+    pub shim_threads: Option<usize>,
     pub profile: Option<usize>,
     pub strace: bool,
 }
@@ -65,7 +66,7 @@ fn opts() -> anyhow::Result<Opts> {
         clients: 16,
         secs: 3,
         rounds: 3,
-        shim_threads: 0,
+        shim_threads: None,
         profile: None,
         strace: false,
     };
@@ -84,7 +85,7 @@ fn opts() -> anyhow::Result<Opts> {
             "--clients" => o.clients = num("--clients")?,
             "--secs" => o.secs = num("--secs")? as u64,
             "--rounds" => o.rounds = num("--rounds")?,
-            "--shim-threads" => o.shim_threads = num("--shim-threads")?,
+            "--shim-threads" => o.shim_threads = Some(num("--shim-threads")?),
             "--profile" => o.profile = Some(num("--profile")?),
             "--strace" => o.strace = true,
             "-h" | "--help" => {
@@ -102,11 +103,12 @@ fn main() -> anyhow::Result<()> {
     // containerd is tied to this thread (see Containerd::start).
     let ctd = Containerd::start(CniNetwork::nodeplane(&["10.248.0.0/22"]));
     ctd.import_app_image();
-    let threads = format!("--worker-threads={}", o.shim_threads);
-    let mut shim = Shim::start(
-        &ctd.socket(),
-        &["--no-inject", "--log-level=warn", &threads],
-    );
+    let mut flags = vec!["--no-inject".to_string(), "--log-level=warn".to_string()];
+    if let Some(n) = o.shim_threads {
+        flags.push(format!("--worker-threads={n}"));
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut shim = Shim::start(&ctd.socket(), &flags);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

@@ -22,7 +22,7 @@ pub async fn run(n: usize, strace: bool, shim: Channel, pid: u32, container: &st
     }
     if strace {
         for m in METHODS {
-            let counts = traced(pid, || async {
+            let counts = traced(pid, &format!("{m:?}"), || async {
                 for _ in 0..n {
                     call(m, &shim, container).await?;
                 }
@@ -49,15 +49,15 @@ pub async fn run(n: usize, strace: bool, shim: Channel, pid: u32, container: &st
 }
 
 /// Runs `f` with `strace -c -f` attached to `pid`; the syscall counts.
-async fn traced<F, Fut>(pid: u32, f: F) -> anyhow::Result<Vec<(String, u64)>>
+async fn traced<F, Fut>(pid: u32, name: &str, f: F) -> anyhow::Result<Vec<(String, u64)>>
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let out = std::env::temp_dir().join(format!("cri-bench-strace.{}", std::process::id()));
-    // CRI_BENCH_STRACE_LOG=FILE: every syscall to FILE instead of counts
+    // CRI_BENCH_STRACE_LOG=FILE: every syscall to FILE.<method> instead of counts
     // (to see which frames go out in which write).
-    let log = std::env::var_os("CRI_BENCH_STRACE_LOG");
+    let log = std::env::var("CRI_BENCH_STRACE_LOG").ok().map(|f| format!("{f}.{name}"));
     let mut cmd = Command::new("strace");
     match &log {
         Some(f) => cmd.args(["-f", "-tt", "-s", "0", "-o"]).arg(f),
