@@ -12,10 +12,10 @@
 //! nothing new (or when it is large). Under it, [`Socket`] keeps the
 //! reactor from waking the shim when a peer merely read.
 
+use std::future::Future;
 use std::io::{self, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
-use std::future::Future;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::unix::AsyncFd;
@@ -249,7 +249,9 @@ impl AsyncRead for Socket {
             // the same way); `assume_init` covers exactly the `n` bytes the
             // kernel wrote. Not zeroing first saves a memset of the whole
             // spare read buffer on every read.
-            let unfilled = unsafe { &mut *(buf.unfilled_mut() as *mut [std::mem::MaybeUninit<u8>] as *mut [u8]) };
+            let unfilled = unsafe {
+                &mut *(buf.unfilled_mut() as *mut [std::mem::MaybeUninit<u8>] as *mut [u8])
+            };
             let want = unfilled.len();
             match guard.try_io(|fd| (&mut fd.get_ref()).read(unfilled)) {
                 Ok(Ok(n)) => {
@@ -313,7 +315,9 @@ mod tests {
         assert!(only_ping_acks(&[ack, ack].concat()));
         assert!(!only_ping_acks(&ping));
         assert!(!only_ping_acks(&ack[..16]));
-        assert!(!only_ping_acks(&[&ack[..], &[0, 0, 0, 1, 0, 0, 0, 0, 1]].concat()));
+        assert!(!only_ping_acks(
+            &[&ack[..], &[0, 0, 0, 1, 0, 0, 0, 0, 1]].concat()
+        ));
         assert!(!only_ping_acks(&[]));
         assert!(!only_ping_acks(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"));
     }

@@ -494,7 +494,10 @@ fn absolute(uri: &mut Uri) -> crate::Result<()> {
     if uri.scheme().is_some() && uri.authority().is_some() {
         return Ok(());
     }
-    let authority = uri.authority().map_or("localhost", |a| a.as_str()).to_string();
+    let authority = uri
+        .authority()
+        .map_or("localhost", |a| a.as_str())
+        .to_string();
     let pq = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
     *uri = Uri::builder()
         .scheme("http")

@@ -54,14 +54,13 @@ impl Unary {
     /// Relays one whole request; the answer's headers, data chunks and
     /// trailers as they came. `Error::Runtime` when the call did not get
     /// through, `Error::Malformed` when its answer broke off.
-    pub async fn call(
-        &self,
-        req: Request<Chunks>,
-        limit: usize,
-    ) -> Result<Response<Chunks>> {
+    pub async fn call(&self, req: Request<Chunks>, limit: usize) -> Result<Response<Chunks>> {
         let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
         let mut conn = self.conn(slot).await?;
-        if std::future::poll_fn(|cx| conn.send.poll_ready(cx)).await.is_err() {
+        if std::future::poll_fn(|cx| conn.send.poll_ready(cx))
+            .await
+            .is_err()
+        {
             // Found dead just before use (containerd restarted): nothing
             // was sent yet, so one fresh connection may carry it.
             conn.closed.store(true, Ordering::Relaxed);
@@ -73,10 +72,20 @@ impl Unary {
         let (mut parts, body) = req.into_parts();
         // h2 refuses HTTP/1 connection headers (hyper's client drops them
         // silently); a gRPC client sends none, but one must not break a call.
-        for h in ["connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade"] {
+        for h in [
+            "connection",
+            "keep-alive",
+            "proxy-connection",
+            "transfer-encoding",
+            "upgrade",
+        ] {
             parts.headers.remove(h);
         }
-        if parts.headers.get(http::header::TE).is_some_and(|v| v != "trailers") {
+        if parts
+            .headers
+            .get(http::header::TE)
+            .is_some_and(|v| v != "trailers")
+        {
             parts.headers.remove(http::header::TE);
         }
         let Chunks { data, trailers } = body;
@@ -152,9 +161,11 @@ impl Unary {
         tokio::spawn(async move {
             match conn.await {
                 Err(e) => {
-                    tracing::warn!(runtime = %path.display(), error = %e, "runtime connection (unary) closed")
+                    tracing::warn!(runtime = %path.display(), error = %e, path = "unary", "runtime connection closed")
                 }
-                Ok(()) => tracing::info!(runtime = %path.display(), "runtime connection (unary) closed"),
+                Ok(()) => {
+                    tracing::info!(runtime = %path.display(), path = "unary", "runtime connection closed")
+                }
             }
             flag.store(true, Ordering::Relaxed);
         });

@@ -145,7 +145,9 @@ fn main() -> anyhow::Result<()> {
         // Let both paths open their connections before timing.
         tokio::time::sleep(Duration::from_millis(200)).await;
         if let Some(n) = o.profile {
-            let pid = shim.pid().ok_or_else(|| anyhow::anyhow!("shim not running"))?;
+            let pid = shim
+                .pid()
+                .ok_or_else(|| anyhow::anyhow!("shim not running"))?;
             profile::run(n, o.strace, shim_ch, pid, &first).await?;
             return anyhow::Ok(());
         }

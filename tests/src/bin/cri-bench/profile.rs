@@ -13,7 +13,13 @@ use crate::latency::{call, METHODS};
 
 /// Runs `n` calls of each method through the shim; with `strace`, counts
 /// the shim's syscalls over exactly those calls and prints them per call.
-pub async fn run(n: usize, strace: bool, shim: Channel, pid: u32, container: &str) -> anyhow::Result<()> {
+pub async fn run(
+    n: usize,
+    strace: bool,
+    shim: Channel,
+    pid: u32,
+    container: &str,
+) -> anyhow::Result<()> {
     // Warm-up: connections open, allocator and HPACK tables settled.
     for m in METHODS {
         for _ in 0..50 {
@@ -57,7 +63,9 @@ where
     let out = std::env::temp_dir().join(format!("cri-bench-strace.{}", std::process::id()));
     // CRI_BENCH_STRACE_LOG=FILE: every syscall to FILE.<method> instead of counts
     // (to see which frames go out in which write).
-    let log = std::env::var("CRI_BENCH_STRACE_LOG").ok().map(|f| format!("{f}.{name}"));
+    let log = std::env::var("CRI_BENCH_STRACE_LOG")
+        .ok()
+        .map(|f| format!("{f}.{name}"));
     let mut cmd = Command::new("strace");
     match &log {
         Some(f) => cmd.args(["-f", "-tt", "-s", "0", "-o"]).arg(f),
