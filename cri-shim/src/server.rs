@@ -33,8 +33,25 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
             ))
         }
     }
-    UnixListener::bind(path)
-        .map_err(|e| Error::io(format!("bind {} (--listen)", path.display()), e))
+    // Bound and listening under a temporary name first, then renamed into
+    // place: a client that sees the path can connect. Bound at the final
+    // name, the path exists a moment before listen(2), and a client quick
+    // enough (a test right after start-up, a kubelet retrying) gets
+    // ECONNREFUSED.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)
+        .map_err(|e| Error::io(format!("bind {} (--listen)", tmp.display()), e))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(
+            format!("rename {} to {} (--listen)", tmp.display(), path.display()),
+            e,
+        ));
+    }
+    Ok(listener)
 }
 
 /// Runs the shim until SIGTERM or SIGINT.
