@@ -20,11 +20,20 @@ pub enum Body {
     Buffered(Buffered),
 }
 
-/// Data then trailers, each at most once.
+/// Data chunks (as they arrived, not joined: a large answer is not copied
+/// again) then trailers.
 #[derive(Debug, Default)]
 pub struct Buffered {
-    data: Option<Bytes>,
+    data: std::vec::IntoIter<Bytes>,
+    len: u64,
     trailers: Option<HeaderMap>,
+}
+
+/// A whole body as read: its data chunks and trailers.
+#[derive(Debug, Default)]
+pub struct Chunks {
+    pub data: Vec<Bytes>,
+    pub trailers: Option<HeaderMap>,
 }
 
 impl Body {
@@ -33,9 +42,15 @@ impl Body {
     }
 
     pub fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        let data = if data.is_empty() { vec![] } else { vec![data] };
+        Body::chunks(Chunks { data, trailers })
+    }
+
+    pub fn chunks(c: Chunks) -> Self {
         Body::Buffered(Buffered {
-            data: (!data.is_empty()).then_some(data),
-            trailers,
+            len: c.data.iter().map(|d| d.len() as u64).sum(),
+            data: c.data.into_iter(),
+            trailers: c.trailers,
         })
     }
 }
@@ -52,8 +67,11 @@ impl hyper::body::Body for Body {
             Body::Stream(s) => Pin::new(s).poll_frame(cx).map_err(Into::into),
             Body::Buffered(b) => Poll::Ready(
                 b.data
-                    .take()
-                    .map(Frame::data)
+                    .next()
+                    .map(|d| {
+                        b.len -= d.len() as u64;
+                        Frame::data(d)
+                    })
                     .or_else(|| b.trailers.take().map(Frame::trailers))
                     .map(Ok),
             ),
@@ -63,16 +81,14 @@ impl hyper::body::Body for Body {
     fn is_end_stream(&self) -> bool {
         match self {
             Body::Stream(s) => s.is_end_stream(),
-            Body::Buffered(b) => b.data.is_none() && b.trailers.is_none(),
+            Body::Buffered(b) => b.data.len() == 0 && b.trailers.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             Body::Stream(s) => s.size_hint(),
-            Body::Buffered(b) => {
-                SizeHint::with_exact(b.data.as_ref().map_or(0, |d| d.len() as u64))
-            }
+            Body::Buffered(b) => SizeHint::with_exact(b.len),
         }
     }
 }
@@ -84,4 +100,30 @@ pub async fn collect(body: Incoming, limit: usize) -> Result<(Bytes, Option<Head
     let collected = limited.collect().await?;
     let trailers = collected.trailers().cloned();
     Ok((collected.to_bytes(), trailers))
+}
+
+/// Reads a whole body (a unary message) as its chunks and trailers,
+/// refusing more than `limit` bytes.
+pub async fn collect_chunks(mut body: Incoming, limit: usize) -> Result<Chunks, BoxError> {
+    let mut c = Chunks::default();
+    let mut len = 0usize;
+    while let Some(frame) = body.frame().await {
+        match frame?.into_data() {
+            Ok(d) => {
+                len += d.len();
+                if len > limit {
+                    return Err(format!("body larger than {limit} bytes").into());
+                }
+                if !d.is_empty() {
+                    c.data.push(d);
+                }
+            }
+            Err(f) => {
+                if let Ok(t) = f.into_trailers() {
+                    c.trailers = Some(t);
+                }
+            }
+        }
+    }
+    Ok(c)
 }

@@ -20,11 +20,13 @@ pub mod deliver;
 pub mod error;
 pub mod grpc;
 pub mod inject;
+pub mod io;
 pub mod metrics;
 pub mod pods;
 pub mod relay;
 pub mod resync;
 pub mod server;
+pub mod unary;
 pub mod upstream;
 
 pub use config::{Args, Config};

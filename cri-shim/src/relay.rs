@@ -20,6 +20,7 @@ use crate::grpc;
 use crate::inject;
 use crate::metrics::Metrics;
 use crate::pods::{Pod, Pods};
+use crate::unary::Unary;
 use crate::upstream::Upstream;
 
 /// Largest hooked request or answer read whole (the kubelet's own limit
@@ -73,6 +74,7 @@ type After = Box<dyn FnOnce(&Relay, &[u8]) + Send>;
 pub struct Relay {
     cfg: Config,
     upstream: Arc<Upstream>,
+    unary: Unary,
     hooks: Option<Arc<Hooks>>,
     pub(crate) pods: Pods,
     pub metrics: Arc<Metrics>,
@@ -88,6 +90,7 @@ impl Relay {
     pub fn new(cfg: Config, hooks: Option<Arc<Hooks>>) -> Self {
         Relay {
             upstream: Arc::new(Upstream::new(&cfg.runtime, cfg.runtime_connections)),
+            unary: Unary::new(&cfg.runtime, cfg.runtime_connections),
             cfg,
             hooks,
             pods: Pods::default(),
@@ -99,17 +102,19 @@ impl Relay {
     /// gRPC status naming them.
     pub async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let start = Instant::now();
-        let path = req.uri().path().to_string();
+        // A clone of the URI shares its bytes: no copy of the path per call.
+        let uri = req.uri().clone();
+        let path = uri.path();
         // Without an agent only an injecting CreateContainer needs reading.
-        let hooked = Hooked::of(&path).filter(|h| {
+        let hooked = Hooked::of(path).filter(|h| {
             self.hooks.is_some() || (*h == Hooked::CreateContainer && self.cfg.inject.is_some())
         });
         let answer = match hooked {
-            None if crate::metrics::is_unary(&path) => self.forward_buffered(req).await,
+            None if crate::metrics::is_unary(path) => self.forward_buffered(req).await,
             None => self.forward(req.map(Body::Stream)).await,
             Some(h) => self.hooked(h, req, start).await,
         };
-        self.metrics.call(&path, start.elapsed(), answer.shim_error);
+        self.metrics.call(path, start.elapsed(), answer.shim_error);
         answer.response
     }
 
@@ -130,7 +135,7 @@ impl Relay {
     /// containerd per call). Streams and unknown methods never come here.
     async fn forward_buffered(&self, req: Request<Incoming>) -> Answer {
         let (parts, incoming) = req.into_parts();
-        let (data, trailers) = match body::collect(incoming, MAX_MESSAGE).await {
+        let request = match body::collect_chunks(incoming, MAX_MESSAGE).await {
             Ok(b) => b,
             Err(e) => {
                 return Self::shim_status(
@@ -139,22 +144,24 @@ impl Relay {
                 )
             }
         };
-        let response = match self
-            .send(Request::from_parts(parts, Body::buffered(data, trailers)))
+        let mut parts = parts;
+        if let Err(e) = absolute(&mut parts.uri) {
+            return self.unavailable(e);
+        }
+        match self
+            .unary
+            .call(Request::from_parts(parts, request), MAX_MESSAGE)
             .await
         {
-            Ok(r) => r,
-            Err(e) => return self.unavailable(e),
-        };
-        let (rparts, rbody) = response.into_parts();
-        match body::collect(rbody, MAX_MESSAGE).await {
-            Ok((d, t)) => Answer {
-                response: Response::from_parts(rparts, Body::buffered(d, t)),
+            Ok(r) => Answer {
+                response: r.map(Body::chunks),
                 shim_error: false,
             },
-            Err(e) => {
-                Self::shim_status(grpc::INTERNAL, format!("reading the runtime's answer: {e}"))
-            }
+            Err(crate::Error::Malformed { reason, .. }) => Self::shim_status(
+                grpc::INTERNAL,
+                format!("reading the runtime's answer: {reason}"),
+            ),
+            Err(e) => self.unavailable(e),
         }
     }
 
@@ -464,22 +471,7 @@ impl Relay {
 /// Sends `req` to the runtime with its path and authority kept.
 async fn send(upstream: &Upstream, req: Request<Body>) -> crate::Result<Response<Incoming>> {
     let (mut parts, body) = req.into_parts();
-    let authority = parts
-        .uri
-        .authority()
-        .map_or("localhost", |a| a.as_str())
-        .to_string();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    parts.uri = Uri::builder()
-        .scheme("http")
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-        .map_err(|e| crate::Error::malformed("request path", e))?;
+    absolute(&mut parts.uri)?;
     let req = Request::from_parts(parts, body);
     // A connection found dead as the call is about to go (containerd
     // restarted) is replaced once: the request has not been sent yet.
@@ -494,6 +486,26 @@ async fn send(upstream: &Upstream, req: Request<Body>) -> crate::Result<Response
             path: upstream.path().to_path_buf(),
             reason: e.to_string(),
         })
+}
+
+/// The kubelet's own URI (scheme and authority from its pseudo-headers) is
+/// kept as it is; one missing either is completed with http://localhost.
+fn absolute(uri: &mut Uri) -> crate::Result<()> {
+    if uri.scheme().is_some() && uri.authority().is_some() {
+        return Ok(());
+    }
+    let authority = uri
+        .authority()
+        .map_or("localhost", |a| a.as_str())
+        .to_string();
+    let pq = uri.path_and_query().map_or("/", |p| p.as_str()).to_string();
+    *uri = Uri::builder()
+        .scheme("http")
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| crate::Error::malformed("request path", e))?;
+    Ok(())
 }
 
 /// The network namespace path from containerd's verbose sandbox info

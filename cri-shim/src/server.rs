@@ -10,6 +10,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::UnixListener;
 
 use crate::deliver::Hooks;
+use crate::io::{Coalesced, Socket};
 use crate::relay::Relay;
 use crate::{Config, Error, Result};
 
@@ -32,8 +33,25 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
             ))
         }
     }
-    UnixListener::bind(path)
-        .map_err(|e| Error::io(format!("bind {} (--listen)", path.display()), e))
+    // Bound and listening under a temporary name first, then renamed into
+    // place: a client that sees the path can connect. Bound at the final
+    // name, the path exists a moment before listen(2), and a client quick
+    // enough (a test right after start-up, a kubelet retrying) gets
+    // ECONNREFUSED.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)
+        .map_err(|e| Error::io(format!("bind {} (--listen)", tmp.display()), e))?;
+    if let Err(e) = std::fs::rename(&tmp, path) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(
+            format!("rename {} to {} (--listen)", tmp.display(), path.display()),
+            e,
+        ));
+    }
+    Ok(listener)
 }
 
 /// Runs the shim until SIGTERM or SIGINT.
@@ -118,8 +136,18 @@ async fn accept(listener: UnixListener, relay: Arc<Relay>, active: Arc<AtomicUsi
             b.timer(TokioTimer::new())
                 .max_concurrent_streams(None)
                 .initial_stream_window_size(4 << 20)
-                .initial_connection_window_size(16 << 20);
-            if let Err(e) = b.serve_connection(TokioIo::new(stream), svc).await {
+                .initial_connection_window_size(16 << 20)
+                // Relay the runtime's headers as they are: no Date added.
+                .auto_date_header(false);
+            let stream = match Socket::new(stream) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "registering a kubelet connection");
+                    return;
+                }
+            };
+            let io = TokioIo::new(Coalesced::new(stream));
+            if let Err(e) = b.serve_connection(io, svc).await {
                 tracing::debug!(error = %e, "kubelet connection ended");
             }
         });

@@ -14,6 +14,7 @@ use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::body::Body;
+use crate::io::{Coalesced, Socket};
 use crate::{Error, Result};
 
 /// How long dialling the runtime may take before the call fails UNAVAILABLE.
@@ -67,6 +68,7 @@ impl Upstream {
         let stream = tokio::net::UnixStream::connect(&self.path)
             .await
             .map_err(|e| self.error(e))?;
+        let stream = Socket::new(stream).map_err(|e| self.error(e))?;
         let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
@@ -77,7 +79,7 @@ impl Upstream {
             .keep_alive_interval(Duration::from_secs(30))
             .keep_alive_while_idle(false);
         let (sender, conn) = builder
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(Coalesced::new(stream)))
             .await
             .map_err(|e| self.error(e))?;
         let path = self.path.clone();

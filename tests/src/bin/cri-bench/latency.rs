@@ -16,14 +16,22 @@ use crate::stats::{ms, quantile};
 use crate::Opts;
 
 #[derive(Clone, Copy, Debug)]
-enum Method {
+pub enum Method {
     Version,
     ListContainers,
     ContainerStatus,
     ImageStatus,
 }
 
-async fn call(m: Method, ch: &Channel, container: &str) -> anyhow::Result<Duration> {
+/// The four unary calls timed.
+pub const METHODS: [Method; 4] = [
+    Method::Version,
+    Method::ListContainers,
+    Method::ContainerStatus,
+    Method::ImageStatus,
+];
+
+pub async fn call(m: Method, ch: &Channel, container: &str) -> anyhow::Result<Duration> {
     let t = Instant::now();
     match m {
         Method::Version => {
@@ -74,12 +82,7 @@ pub async fn run(o: &Opts, direct: Channel, shim: Channel, container: &str) -> a
     );
     let mut worst = f64::MIN;
     let mut spread = Vec::new();
-    for m in [
-        Method::Version,
-        Method::ListContainers,
-        Method::ContainerStatus,
-        Method::ImageStatus,
-    ] {
+    for m in METHODS {
         for _ in 0..100 {
             call(m, &direct, container).await?;
             call(m, &shim, container).await?;

@@ -9,6 +9,7 @@
 //! 100 containers for ListContainers, and removes everything at the end.
 
 mod latency;
+mod profile;
 mod stats;
 mod throughput;
 
@@ -29,11 +30,19 @@ usage (as root): cargo run --release -p nodeplane-tests --bin cri-bench -- [opti
   --clients N      throughput: concurrent clients, one connection each (default 16)
   --secs N         throughput: seconds per run (default 3)
   --rounds N       throughput: direct/shim run pairs, median reported (default 3)
-  --shim-threads N the shim's --worker-threads (default 0: one per CPU)
+  --shim-threads N the shim's --worker-threads (default: the shim's own, 1;
+                   0 is one per CPU)
+  --profile N      instead of timing: N calls of each method through the shim
+                   only, then SIGTERM to the shim (it exits cleanly); for
+                   load-independent counts:
+  --strace         with --profile: the shim's syscalls per call (strace -c -f)
   -h, --help       this text
 
 The shim is taken from the bench's own target directory (build it with
 `cargo build --release -p nodeplane-cri-shim`) or $NODEPLANE_CRI_SHIM_BIN.
+Instructions per call: run the shim under callgrind with --profile N and
+--profile 0 and subtract (NODEPLANE_CRI_SHIM_BIN naming a script that does
+`exec valgrind --tool=callgrind --callgrind-out-file=F /path/nodeplane-cri-shim \"$@\"`).
 Targets (p99 added <= 0.2 ms per unary call; throughput >= 90% of direct)
 are printed as PASS/MISS; the exit status is 0 whatever they say.
 ";
@@ -45,7 +54,9 @@ pub struct Opts {
     pub clients: usize,
     pub secs: u64,
     pub rounds: usize,
-    pub shim_threads: usize,
+    pub shim_threads: Option<usize>,
+    pub profile: Option<usize>,
+    pub strace: bool,
 }
 
 fn opts() -> anyhow::Result<Opts> {
@@ -55,7 +66,9 @@ fn opts() -> anyhow::Result<Opts> {
         clients: 16,
         secs: 3,
         rounds: 3,
-        shim_threads: 0,
+        shim_threads: None,
+        profile: None,
+        strace: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -72,7 +85,9 @@ fn opts() -> anyhow::Result<Opts> {
             "--clients" => o.clients = num("--clients")?,
             "--secs" => o.secs = num("--secs")? as u64,
             "--rounds" => o.rounds = num("--rounds")?,
-            "--shim-threads" => o.shim_threads = num("--shim-threads")?,
+            "--shim-threads" => o.shim_threads = Some(num("--shim-threads")?),
+            "--profile" => o.profile = Some(num("--profile")?),
+            "--strace" => o.strace = true,
             "-h" | "--help" => {
                 print!("{HELP}");
                 std::process::exit(0);
@@ -88,11 +103,12 @@ fn main() -> anyhow::Result<()> {
     // containerd is tied to this thread (see Containerd::start).
     let ctd = Containerd::start(CniNetwork::nodeplane(&["10.248.0.0/22"]));
     ctd.import_app_image();
-    let threads = format!("--worker-threads={}", o.shim_threads);
-    let shim = Shim::start(
-        &ctd.socket(),
-        &["--no-inject", "--log-level=warn", &threads],
-    );
+    let mut flags = vec!["--no-inject".to_string(), "--log-level=warn".to_string()];
+    if let Some(n) = o.shim_threads {
+        flags.push(format!("--worker-threads={n}"));
+    }
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut shim = Shim::start(&ctd.socket(), &flags);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -128,6 +144,13 @@ fn main() -> anyhow::Result<()> {
         let shim_ch = shim.channel().await;
         // Let both paths open their connections before timing.
         tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Some(n) = o.profile {
+            let pid = shim
+                .pid()
+                .ok_or_else(|| anyhow::anyhow!("shim not running"))?;
+            profile::run(n, o.strace, shim_ch, pid, &first).await?;
+            return anyhow::Ok(());
+        }
         println!(
             "cri-bench: containerd 1.6 + runc, {} containers in one sandbox; shim {}",
             o.containers,
@@ -155,9 +178,24 @@ fn main() -> anyhow::Result<()> {
         drop(RuntimeServiceClient::new(shim_ch));
         anyhow::Ok(())
     })?;
+    if o.profile.is_some() {
+        stop(&mut shim);
+    }
     drop(shim);
     drop(ctd);
     Ok(())
+}
+
+/// SIGTERM, and wait (up to 60 s, the shim may run under valgrind) for the
+/// clean exit that lets a profiler write its output.
+fn stop(shim: &mut Shim) {
+    let Some(pid) = shim.pid() else { return };
+    // SAFETY: signalling the shim this process started.
+    unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while shim.try_wait().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// /proc/loadavg's 1, 5 and 15 minute figures: the machine is shared, and
