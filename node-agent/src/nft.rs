@@ -695,18 +695,18 @@ pub fn delta(s: &Settings, prev: &Compiled, next: &Compiled, slots: &mut Slots) 
     for (id, g) in &next.groups {
         match prev.groups.get(id) {
             None => {
-                let spare = &mut slots.spare[dir_index(g.dir)];
-                match spare.pop() {
+                let chain = match slots.spare[dir_index(g.dir)].pop() {
                     Some(chain) => {
                         fill_group(&mut elems, &chain, g, &next.policies);
-                        slots.chain.insert(id.clone(), chain);
+                        chain
                     }
                     None => {
                         let chain = slots.new_spare(g.dir);
                         add_group(&mut out, &mut elems, &chain, g, &next.policies);
-                        slots.chain.insert(id.clone(), chain);
+                        chain
                     }
-                }
+                };
+                slots.chain.insert(id.clone(), chain);
             }
             Some(old) if std::sync::Arc::ptr_eq(old, g) => {}
             Some(old) => update_group(

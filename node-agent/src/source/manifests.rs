@@ -160,11 +160,10 @@ impl Stamp {
     }
 }
 
-/// One file as last read: its stamp, text, digest, parse, and where each
+/// One file's contents as last read: text, digest, parse, and where each
 /// object key last occurs in the parse.
 #[derive(Debug)]
 struct FileState {
-    stamp: Stamp,
     text: String,
     hash: u64,
     objects: Vec<Object>,
@@ -183,14 +182,17 @@ impl FileState {
 /// and compares only the objects of changed files.
 #[derive(Debug, Default)]
 pub struct DirState {
-    files: BTreeMap<PathBuf, Arc<FileState>>,
+    files: BTreeMap<PathBuf, (Stamp, Arc<FileState>)>,
     digest: Option<String>,
 }
 
 /// The object `key` resolves to across `files`: the last file (in name
 /// order) that holds it wins, as in a relist.
-fn winner<'a>(files: &'a BTreeMap<PathBuf, Arc<FileState>>, key: &ObjectRef) -> Option<&'a Object> {
-    files.values().rev().find_map(|f| f.object(key))
+fn winner<'a>(
+    files: &'a BTreeMap<PathBuf, (Stamp, Arc<FileState>)>,
+    key: &ObjectRef,
+) -> Option<&'a Object> {
+    files.values().rev().find_map(|(_, f)| f.object(key))
 }
 
 impl DirState {
@@ -206,24 +208,19 @@ impl DirState {
     /// makes one changed pod one event.
     pub fn update(&mut self, dir: &Path) -> Result<Option<Vec<Event>>> {
         let mut digest = Fnv::new();
-        let mut next: BTreeMap<PathBuf, Arc<FileState>> = BTreeMap::new();
+        let mut next: BTreeMap<PathBuf, (Stamp, Arc<FileState>)> = BTreeMap::new();
         let mut changed: Vec<PathBuf> = Vec::new();
         for path in manifest_files(dir)? {
             let stamp = Stamp::of(&path)?;
             let old = self.files.get(&path);
             let state = match old {
-                Some(f) if f.stamp == stamp => f.clone(),
+                Some((st, f)) if *st == stamp => f.clone(),
                 _ => {
                     let text = std::fs::read_to_string(&path)
                         .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
                     match old {
-                        Some(f) if f.text == text => Arc::new(FileState {
-                            stamp,
-                            text,
-                            hash: f.hash,
-                            objects: f.objects.clone(),
-                            keys: f.keys.clone(),
-                        }),
+                        // Rewritten with the same text: only the stamp is new.
+                        Some((_, f)) if f.text == text => f.clone(),
                         _ => {
                             let objects = parse_in(&path, &text)?;
                             let keys = objects
@@ -233,7 +230,6 @@ impl DirState {
                                 .collect();
                             changed.push(path.clone());
                             Arc::new(FileState {
-                                stamp,
                                 hash: file_hash(&text),
                                 text,
                                 objects,
@@ -244,7 +240,7 @@ impl DirState {
                 }
             };
             digest.file(&path, state.hash);
-            next.insert(path, state);
+            next.insert(path, (stamp, state));
         }
         changed.extend(
             self.files
@@ -260,7 +256,7 @@ impl DirState {
         let events = if self.digest.is_none() {
             let objects = next
                 .values()
-                .flat_map(|f| f.objects.iter().cloned())
+                .flat_map(|(_, f)| f.objects.iter().cloned())
                 .collect();
             relist_events(objects, digest.clone())
         } else {
@@ -269,7 +265,7 @@ impl DirState {
             let mut keys: Vec<&ObjectRef> = Vec::new();
             let mut seen = std::collections::HashSet::new();
             for path in &changed {
-                for f in [self.files.get(path), next.get(path)].into_iter().flatten() {
+                for (_, f) in [self.files.get(path), next.get(path)].into_iter().flatten() {
                     for k in f.keys.keys() {
                         if seen.insert(k) {
                             keys.push(k);
