@@ -36,6 +36,29 @@ pub fn agent_bin() -> PathBuf {
 }
 
 /// Runs `f` on a thread that has entered `ns` (only that thread moves).
+/// GET `path` from 127.0.0.1:`port` inside the network namespace `ns`:
+/// (status code, body); None if nothing answers within 5 s.
+pub fn http_get_in(ns: &Path, port: u16, path: &str) -> Option<(u16, String)> {
+    let path = path.to_string();
+    in_netns(ns, move || {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        let code = out.split_whitespace().nth(1)?.parse().ok()?;
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Some((code, body))
+    })
+}
+
 pub fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
     let ns = ns.to_path_buf();
     std::thread::spawn(move || {
@@ -121,25 +144,7 @@ impl Agent {
 
     /// GET `path` from the agent's HTTP endpoint: (status code, body).
     pub fn get(&self, path: &str) -> Option<(u16, String)> {
-        let port = self.port;
-        let path = path.to_string();
-        in_netns(&self.ns_path, move || {
-            let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            let code = out.split_whitespace().nth(1)?.parse().ok()?;
-            let body = out
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default();
-            Some((code, body))
-        })
+        http_get_in(&self.ns_path, self.port, path)
     }
 
     pub fn status(&self) -> Value {

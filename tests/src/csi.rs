@@ -19,6 +19,7 @@ use crate::TempDir;
 pub use csi::controller_client::ControllerClient;
 pub use csi::identity_client::IdentityClient;
 pub use csi::node_client::NodeClient;
+pub use nodeplane_proto::pluginregistration::registration_client::RegistrationClient;
 
 /// A mount namespace kept alive by a sleeping process.
 #[derive(Debug)]
@@ -334,28 +335,10 @@ impl CsiWorld {
 
     /// GET `path` from the agent's HTTP endpoint (agent mode): (status, body).
     pub fn http_get(&self, path: &str) -> Option<(u16, String)> {
-        use std::io::{Read, Write};
         let Mode::Agent { netns, port, .. } = &self.mode else {
             panic!("http_get: the standalone driver has no HTTP endpoint");
         };
-        let (port, path) = (*port, path.to_string());
-        crate::agent::in_netns(&netns.path(), move || {
-            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-            s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-            write!(
-                s,
-                "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-            )
-            .ok()?;
-            let mut out = String::new();
-            s.read_to_string(&mut out).ok()?;
-            let code = out.split_whitespace().nth(1)?.parse().ok()?;
-            let body = out
-                .split_once("\r\n\r\n")
-                .map(|(_, b)| b.to_string())
-                .unwrap_or_default();
-            Some((code, body))
-        })
+        crate::agent::http_get_in(&netns.path(), *port, path)
     }
 
     pub fn log_text(&self) -> String {
@@ -517,9 +500,15 @@ impl CsiWorld {
 
     /// A channel to the driver, retried while the socket is being set up.
     pub async fn channel(&self) -> Channel {
+        self.unix_channel(&self.socket, "the CSI socket").await
+    }
+
+    /// A channel over the unix socket `path`, retried for 20 s while it is
+    /// being set up.
+    async fn unix_channel(&self, path: &Path, what: &str) -> Channel {
         let start = Instant::now();
         loop {
-            let socket = self.socket.clone();
+            let socket = path.to_path_buf();
             let r = Endpoint::from_static("http://localhost")
                 .timeout(Duration::from_secs(120))
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
@@ -533,11 +522,42 @@ impl CsiWorld {
             match r {
                 Ok(ch) => return ch,
                 Err(e) if start.elapsed() > Duration::from_secs(20) => {
-                    panic!("connect to the CSI socket: {e}; log:\n{}", self.log_text())
+                    panic!(
+                        "connect to {what} {}: {e}; log:\n{}",
+                        path.display(),
+                        self.log_text()
+                    )
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             }
         }
+    }
+
+    /// Does what the kubelet's plugin watcher does with the registration
+    /// socket the driver made in `dir`: GetInfo must name the driver, its
+    /// endpoint and version 1.0.0, and NotifyRegistrationStatus
+    /// (registered) must be accepted. Returns the client for more calls.
+    pub async fn registered(&self, dir: &Path) -> RegistrationClient<Channel> {
+        use nodeplane_proto::pluginregistration as reg;
+        let sock = dir.join("csi.nodeplane.io-reg.sock");
+        let mut c =
+            RegistrationClient::new(self.unix_channel(&sock, "the registration socket").await);
+        let info = c
+            .get_info(reg::InfoRequest {})
+            .await
+            .expect("GetInfo")
+            .into_inner();
+        assert_eq!(info.r#type, "CSIPlugin");
+        assert_eq!(info.name, "csi.nodeplane.io");
+        assert_eq!(info.endpoint, self.socket.to_string_lossy());
+        assert_eq!(info.supported_versions, vec!["1.0.0".to_string()]);
+        c.notify_registration_status(reg::RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .expect("NotifyRegistrationStatus");
+        c
     }
 
     /// Names in a directory as seen inside the world's mount namespace.
@@ -594,6 +614,19 @@ pub struct Clients {
     pub identity: IdentityClient<Channel>,
     pub controller: ControllerClient<Channel>,
     pub node: NodeClient<Channel>,
+}
+
+/// CreateVolume of `name` with `bytes` required and one capability.
+pub fn create_req(name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::CreateVolumeRequest {
+    csi::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(csi::CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        ..Default::default()
+    }
 }
 
 /// A mount capability with `fs` ("" = driver default) and `mode`.

@@ -8,33 +8,6 @@ use nodeplane_proto::csi;
 use nodeplane_proto::pluginregistration as reg;
 use nodeplane_tests::csi::*;
 
-async fn registration_client(
-    w: &CsiWorld,
-) -> reg::registration_client::RegistrationClient<tonic::transport::Channel> {
-    let sock = w.registry().join("csi.nodeplane.io-reg.sock");
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed().as_secs() < 20,
-            "no registration socket {}; log:\n{}",
-            sock.display(),
-            w.log_text()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let ch = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let sock = sock.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(sock).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .expect("connect registration socket");
-    reg::registration_client::RegistrationClient::new(ch)
-}
-
 /// /readyz answers 200 (the agent's sources synced, rules programmed).
 fn wait_ready(w: &CsiWorld) {
     let start = std::time::Instant::now();
@@ -157,22 +130,7 @@ async fn agent_serves_csi_registration_and_volumes() {
 
     // The kubelet's plugin watcher: GetInfo names the driver and our
     // endpoint; the verdict is accepted.
-    let mut r = registration_client(&w).await;
-    let info = r
-        .get_info(reg::InfoRequest {})
-        .await
-        .expect("GetInfo")
-        .into_inner();
-    assert_eq!(info.r#type, "CSIPlugin");
-    assert_eq!(info.name, "csi.nodeplane.io");
-    assert_eq!(info.endpoint, w.socket.to_string_lossy());
-    assert_eq!(info.supported_versions, vec!["1.0.0".to_string()]);
-    r.notify_registration_status(reg::RegistrationStatus {
-        plugin_registered: true,
-        error: String::new(),
-    })
-    .await
-    .expect("NotifyRegistrationStatus");
+    let mut r = w.registered(&w.registry()).await;
     r.notify_registration_status(reg::RegistrationStatus {
         plugin_registered: false,
         error: "test: kubelet refused".into(),
@@ -211,15 +169,7 @@ async fn agent_serves_csi_registration_and_volumes() {
     // endpoint, registration too, and a new lifecycle works.
     w.restart();
     wait_ready(&w);
-    let mut r = registration_client(&w).await;
-    assert_eq!(
-        r.get_info(reg::InfoRequest {})
-            .await
-            .expect("GetInfo after restart")
-            .into_inner()
-            .endpoint,
-        w.socket.to_string_lossy()
-    );
+    w.registered(&w.registry()).await;
     let mut c = w.clients().await;
     round_trip(&w, &mut c, "pvc-b").await;
     assert!(

@@ -9,18 +9,6 @@ use tonic::Code;
 
 use csi::volume_capability::access_mode::Mode;
 
-fn create_req(name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: bytes,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![cap],
-        ..Default::default()
-    }
-}
-
 async fn create(c: &mut Clients, r: csi::CreateVolumeRequest) -> String {
     c.controller
         .create_volume(r)

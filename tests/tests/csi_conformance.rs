@@ -8,18 +8,6 @@ use nodeplane_proto::csi;
 use nodeplane_tests::csi::*;
 use tonic::Code;
 
-fn create_req(name: &str, bytes: i64, cap: csi::VolumeCapability) -> csi::CreateVolumeRequest {
-    csi::CreateVolumeRequest {
-        name: name.into(),
-        capacity_range: Some(csi::CapacityRange {
-            required_bytes: bytes,
-            limit_bytes: 0,
-        }),
-        volume_capabilities: vec![cap],
-        ..Default::default()
-    }
-}
-
 fn stage_req(id: &str, path: &str, cap: csi::VolumeCapability) -> csi::NodeStageVolumeRequest {
     csi::NodeStageVolumeRequest {
         volume_id: id.into(),
@@ -929,47 +917,11 @@ async fn ext4_size_limit_and_expansion() {
 /// calls GetInfo, then NotifyRegistrationStatus.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kubelet_plugin_registration() {
-    use nodeplane_proto::pluginregistration as reg;
     let dir = nodeplane_tests::TempDir::new("csireg");
     let w = CsiWorld::start_with(
         PoolFs::Xfs,
         1024,
         &["--registration-dir", &dir.path().to_string_lossy()],
     );
-    let sock = dir.path().join("csi.nodeplane.io-reg.sock");
-    let start = std::time::Instant::now();
-    while !sock.exists() {
-        assert!(
-            start.elapsed().as_secs() < 20,
-            "no registration socket; log:\n{}",
-            w.log_text()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
-    let ch = tonic::transport::Endpoint::from_static("http://localhost")
-        .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
-            let sock = sock.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(sock).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-        .expect("connect registration socket");
-    let mut c = reg::registration_client::RegistrationClient::new(ch);
-    let info = c
-        .get_info(reg::InfoRequest {})
-        .await
-        .expect("GetInfo")
-        .into_inner();
-    assert_eq!(info.r#type, "CSIPlugin");
-    assert_eq!(info.name, "csi.nodeplane.io");
-    assert_eq!(info.endpoint, w.socket.to_string_lossy());
-    assert_eq!(info.supported_versions, vec!["1.0.0".to_string()]);
-    c.notify_registration_status(reg::RegistrationStatus {
-        plugin_registered: true,
-        error: String::new(),
-    })
-    .await
-    .expect("NotifyRegistrationStatus");
+    w.registered(dir.path()).await;
 }
