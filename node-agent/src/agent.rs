@@ -34,8 +34,11 @@ pub struct Status {
     pub synced: bool,
     pub programmed: bool,
     pub generation: u64,
-    /// The source revision last put in force.
+    /// The source revision whose rules were last put in force.
     pub revision: String,
+    /// The revision whose denied established connections were also cut
+    /// (set right after `revision`, once the conntrack cut returned).
+    pub flows_revision: String,
     pub pods: usize,
     pub policies: usize,
     pub groups: usize,
@@ -338,14 +341,6 @@ impl Agent {
             None => full_sync(&settings, &next, slots),
         };
         let elapsed = start.elapsed().as_secs_f64();
-        let mut cut = 0;
-        let exposed = exposed_pods(self.applied.as_ref(), &next);
-        if result.is_ok() && !exposed.is_empty() {
-            match crate::conntrack::cut_denied(&next, &exposed) {
-                Ok(n) => cut = n,
-                Err(e) => tracing::warn!(error = %e, "denied connections not cut"),
-            }
-        }
         let mut st = self.status();
         st.reconciles += 1;
         st.reconcile_seconds_sum += elapsed;
@@ -360,7 +355,6 @@ impl Agent {
                 st.policies = next.policies.len();
                 st.groups = next.groups.len();
                 st.elements = next.groups.values().map(|g| g.v4.len() + g.v6.len()).sum();
-                st.conntrack_cut += cut as u64;
                 st.counters = next
                     .counters
                     .iter()
@@ -372,7 +366,6 @@ impl Agent {
                     pods = st.pods,
                     policies = st.policies,
                     groups = st.groups,
-                    cut,
                     ms = elapsed * 1000.0,
                     "programmed"
                 );
@@ -388,9 +381,8 @@ impl Agent {
         let generation = st.generation;
         drop(st);
         if ok {
-            self.publish_pod_cidrs(&settings);
-            self.applied = Some(next);
-            self.replenish(&settings);
+            // The rules are in force: new connections already follow them,
+            // so the pods waiting in ADD go now, before the conntrack cut.
             for w in self.waiting.drain(..) {
                 let _ = w.send(Reply {
                     programmed: true,
@@ -398,8 +390,32 @@ impl Agent {
                     generation,
                 });
             }
+            self.cut_flows(&next);
+            self.publish_pod_cidrs(&settings);
+            self.applied = Some(next);
+            self.replenish(&settings);
         }
         ok
+    }
+
+    /// Ends the established connections the change just denied (the
+    /// kernel's conntrack would otherwise keep them alive), then records
+    /// that the revision's flows are cut too (`flowsRevision` in /status).
+    fn cut_flows(&mut self, next: &Compiled) {
+        let exposed = exposed_pods(self.applied.as_ref(), next);
+        let mut cut = 0;
+        if !exposed.is_empty() {
+            match crate::conntrack::cut_denied(next, &exposed) {
+                Ok(n) => cut = n,
+                Err(e) => tracing::warn!(error = %e, "denied connections not cut"),
+            }
+        }
+        let mut st = self.status();
+        st.conntrack_cut += cut as u64;
+        st.flows_revision = st.revision.clone();
+        if cut > 0 {
+            tracing::info!(cut, generation = st.generation, "denied connections cut");
+        }
     }
 }
 

@@ -87,6 +87,7 @@ async fn status_json(State(ctx): State<Ctx>) -> String {
         "programmed": s.programmed,
         "generation": s.generation,
         "revision": s.revision,
+        "flowsRevision": s.flows_revision,
         "pods": s.pods,
         "policies": s.policies,
         "groups": s.groups,

@@ -185,14 +185,15 @@ impl Agent {
         self.wait_revision();
     }
 
-    /// Waits until the agent reports the manifests directory's digest.
+    /// Waits until the agent reports the manifests directory's digest in
+    /// force, with the denied connections cut (`flowsRevision`).
     pub fn wait_revision(&self) {
         let want = nodeplane_agent::source::manifests::digest_dir(self.manifests.path())
             .expect("digest manifests");
         let start = Instant::now();
         while start.elapsed() < Duration::from_secs(20) {
             let s = self.status();
-            if s["revision"] == want.as_str() && s["programmed"] == true {
+            if s["flowsRevision"] == want.as_str() && s["programmed"] == true {
                 return;
             }
             std::thread::sleep(Duration::from_millis(10));

@@ -232,11 +232,27 @@ impl BenchAgent {
         revision: &str,
         limit: Duration,
     ) -> Result<(Instant, Value), String> {
+        self.wait_field("revision", revision, limit)
+    }
+
+    /// As `wait_revision`, for the revision whose denied established
+    /// connections the agent has also cut (it sets `flowsRevision` once
+    /// the conntrack cut after the rules returned).
+    pub fn wait_flows(&self, revision: &str, limit: Duration) -> Result<(Instant, Value), String> {
+        self.wait_field("flowsRevision", revision, limit)
+    }
+
+    fn wait_field(
+        &self,
+        field: &str,
+        revision: &str,
+        limit: Duration,
+    ) -> Result<(Instant, Value), String> {
         let start = Instant::now();
         let mut last = Value::Null;
         while start.elapsed() < limit {
             if let Some(s) = self.status() {
-                if s["revision"] == revision && s["programmed"] == true {
+                if s[field] == revision && s["programmed"] == true {
                     return Ok((Instant::now(), s));
                 }
                 last = s;
@@ -250,7 +266,7 @@ impl BenchAgent {
             std::thread::sleep((start.elapsed() / 20).clamp(poll(), cap));
         }
         Err(format!(
-            "the agent did not put revision {revision} in force within {limit:?}; last status {last}; log:\n{}",
+            "the agent did not report {field} {revision} within {limit:?}; last status {last}; log:\n{}",
             self.log_tail()
         ))
     }

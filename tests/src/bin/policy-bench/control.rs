@@ -5,9 +5,10 @@
 //! pods' attachments are the plugin's records (written before the agent
 //! starts, as after a node restart; synthetic pods need no veth: the nft
 //! sets only hold interface names). Every wait polls /status (every 5 % of the time waited, ≥ 1 ms)
-//! until the agent reports the expected directory digest as programmed;
-//! the agent sets that only after `nft -f` and the conntrack cut returned,
-//! so each figure covers inotify → read and parse → compile → nft → conntrack.
+//! until the agent reports the expected directory digest as programmed.
+//! The agent sets `revision` once the rules are in the kernel (inotify →
+//! read and parse → compile → netlink/nft) and `flowsRevision` once the
+//! conntrack cut after them returned; (b) reports both.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -142,6 +143,7 @@ fn scenario(opts: &Opts, local: usize, report: &mut Report) -> Result<(), String
     let targets: Vec<usize> = [pick(true), pick(false)].into_iter().flatten().collect();
     let mut lat = Vec::new();
     let mut lat_by = [Vec::new(), Vec::new()];
+    let mut lat_flows = Vec::new();
     let mut rec = Vec::new();
     let mut rounds = Vec::new();
     for r in 0..changes {
@@ -162,14 +164,16 @@ fn scenario(opts: &Opts, local: usize, report: &mut Report) -> Result<(), String
         let t0 = Instant::now();
         put_file(&stage, &agent.manifests, &name, &text)?;
         let (t1, _) = agent.wait_revision(&want, LIMIT)?;
+        let (t2, _) = agent.wait_flows(&want, LIMIT)?;
         lat.push(t1 - t0);
         lat_by[usize::from(!is_local)].push(t1 - t0);
+        lat_flows.push(t2 - t0);
         let after = agent.reconcile_totals().ok_or("no /metrics")?;
         rec.push(Duration::from_secs_f64((after.0 - before.0).max(0.0)));
         rounds.push(after.1 - before.1);
         std::thread::sleep(Duration::from_millis(100));
     }
-    println!("  (b) incremental pod-label change, file rewritten → programmed:");
+    println!("  (b) incremental pod-label change, file rewritten → rules in the kernel:");
     println!("        all:          {}", summary(&lat));
     for (label, v) in [("local pod: ", &lat_by[0]), ("remote pod:", &lat_by[1])] {
         if !v.is_empty() {
@@ -177,7 +181,11 @@ fn scenario(opts: &Opts, local: usize, report: &mut Report) -> Result<(), String
         }
     }
     println!(
-        "        agent's reconciles (compile + nft + conntrack), Σ per change: {}",
+        "      … → rules in the kernel and the newly denied established connections cut (conntrack):"
+    );
+    println!("        all:          {}", summary(&lat_flows));
+    println!(
+        "        agent's reconciles (compile + nft), Σ per change: {}",
         summary(&rec)
     );
     let mut per: std::collections::BTreeMap<u64, usize> = Default::default();
