@@ -1,2 +1,184 @@
 //! The shared per-node app runtime (issue 6): one process serves the Dapr
-//! v1.0 HTTP API to every pod on the node.
+//! v1.0 HTTP API to every pod on the node, instead of a sidecar per pod.
+//!
+//! - [`server`]: TCP on the pods' gateway address and HTTP over a unix
+//!   socket; each request's caller comes from the kernel (source address
+//!   or socket peer credentials), never from a header.
+//! - [`invoke`]: service invocation; [`state_api`]: the state API over
+//!   [`nodeplane_state`] stores; [`acl`]: Dapr access control.
+//! - [`directory`]: pods and app ids (fed by the agent's model);
+//!   [`components`]: Dapr Component / Configuration manifests.
+
+pub mod acl;
+pub mod components;
+pub mod dapr;
+pub mod directory;
+mod error;
+pub mod invoke;
+pub mod metrics;
+pub mod peer;
+pub mod pool;
+pub mod server;
+pub mod state_api;
+pub mod trace;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use http::{Response, StatusCode};
+use tokio::sync::watch;
+
+pub use error::{Error, Result};
+
+use components::Registry;
+use directory::Directory;
+use server::{Body, Caller};
+
+/// The port Dapr SDKs use by default (`DAPR_HTTP_PORT`).
+pub const DEFAULT_PORT: u16 = 3500;
+/// The unix socket's file name in the runtime directory.
+pub const SOCKET_NAME: &str = "runtime.sock";
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where Component and Configuration manifests are read.
+    pub components_dir: PathBuf,
+    /// Where embedded stores keep their files.
+    pub state_dir: PathBuf,
+    /// How long an invocation waits for the target's response headers.
+    pub invoke_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+/// Maps a container (or sandbox) id to its pod: the agent answers from
+/// what the CRI shim reported, for callers on the unix socket.
+pub trait Containers: Send + Sync + std::fmt::Debug {
+    /// (namespace, name) of the pod running container `id`.
+    fn pod_of(&self, id: &str) -> Option<(String, String)>;
+}
+
+/// The runtime's shared state: one per node, used by every connection.
+#[derive(Debug)]
+pub struct Runtime {
+    directory: watch::Receiver<Arc<Directory>>,
+    registry: Arc<RwLock<Arc<Registry>>>,
+    pub pool: Arc<pool::Pool>,
+    pub metrics: metrics::Metrics,
+    pub opts: Options,
+    ready: AtomicBool,
+    containers: Option<Arc<dyn Containers>>,
+}
+
+impl Runtime {
+    pub fn new(
+        opts: Options,
+        directory: watch::Receiver<Arc<Directory>>,
+        containers: Option<Arc<dyn Containers>>,
+    ) -> Arc<Runtime> {
+        Arc::new(Runtime {
+            directory,
+            registry: Arc::new(RwLock::new(Arc::new(Registry::default()))),
+            pool: pool::Pool::new(opts.connect_timeout),
+            metrics: metrics::Metrics::default(),
+            opts,
+            ready: AtomicBool::new(false),
+            containers,
+        })
+    }
+
+    /// Reads the components now and keeps them current; the runtime is
+    /// ready once the first read is done.
+    pub async fn start_components(self: &Arc<Self>, every: Duration) {
+        let reg = components::load(
+            &self.opts.components_dir,
+            &self.opts.state_dir,
+            &Registry::default(),
+        )
+        .await;
+        *self.registry.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(reg);
+        self.ready.store(true, Ordering::SeqCst);
+        let (dir, state, target) = (
+            self.opts.components_dir.clone(),
+            self.opts.state_dir.clone(),
+            self.registry.clone(),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = components::watch(dir, state, target, every).await {
+                tracing::error!(error = %e, "app runtime components no longer reloaded");
+            }
+        });
+    }
+
+    /// The pod running container `id`, by the shim's report.
+    pub fn pod_of_container(&self, id: &str) -> Option<(String, String)> {
+        self.containers.as_ref()?.pod_of(id)
+    }
+
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory.borrow().clone()
+    }
+
+    pub fn registry(&self) -> Arc<Registry> {
+        self.registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Ready, and every state store answers.
+    pub async fn outbound_ready(&self) -> bool {
+        if !self.is_ready() {
+            return false;
+        }
+        for c in self.registry().stores.values() {
+            if c.store.ping().await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// `/v1.0/metadata`, for the calling app.
+    pub fn metadata(&self, caller: &Caller) -> Response<Body> {
+        let reg = self.registry();
+        let components: Vec<serde_json::Value> = reg
+            .stores
+            .values()
+            .filter(|c| c.visible_to(caller.app_id(), caller.namespace()))
+            .map(|c| {
+                serde_json::json!({
+                    "name": c.spec.name,
+                    "type": c.spec.kind,
+                    "version": c.spec.version,
+                    "capabilities": ["ETAG", "TRANSACTIONAL", "TTL"],
+                })
+            })
+            .collect();
+        let port = match caller {
+            Caller::Pod(p) => p.app_port,
+            _ => None,
+        };
+        let body = serde_json::json!({
+            "id": caller.app_id().unwrap_or(""),
+            "runtimeVersion": concat!("nodeplane-", env!("CARGO_PKG_VERSION")),
+            "enabledFeatures": [],
+            "components": components,
+            "extended": {
+                "caller": caller.describe(),
+                "configurations": reg.configs.keys().collect::<Vec<_>>(),
+                "componentErrors": reg.errors,
+            },
+            "appConnectionProperties": {
+                "port": port,
+                "protocol": "http",
+            },
+        });
+        dapr::json_response(StatusCode::OK, body.to_string().into())
+    }
+}

@@ -71,6 +71,10 @@ pub struct Agent {
     waiting: Vec<oneshot::Sender<Reply>>,
     /// Pods as the CRI shim reported them (labels known before CNI ADD).
     shim: Option<Arc<crate::lifecycle::Lifecycle>>,
+    /// Where the app runtime's pod directory is published, and what it
+    /// was last built from (apps generation, local pods).
+    directory: Option<tokio::sync::watch::Sender<Arc<nodeplane_runtime::directory::Directory>>>,
+    published: Option<(u64, BTreeMap<crate::model::PodKey, Vec<IpAddr>>)>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -93,6 +97,8 @@ impl Agent {
             status,
             waiting: Vec::new(),
             shim: None,
+            directory: None,
+            published: None,
         }
     }
 
@@ -101,6 +107,31 @@ impl Agent {
     pub fn with_shim(mut self, shim: Arc<crate::lifecycle::Lifecycle>) -> Self {
         self.shim = Some(shim);
         self
+    }
+
+    /// Publishes the app runtime's pod directory from the model.
+    pub fn with_directory(
+        mut self,
+        tx: tokio::sync::watch::Sender<Arc<nodeplane_runtime::directory::Directory>>,
+    ) -> Self {
+        self.directory = Some(tx);
+        self
+    }
+
+    /// Rebuilds the runtime's directory when pods' app facts or the local
+    /// pods changed.
+    fn publish_directory(&mut self) {
+        let Some(tx) = &self.directory else {
+            return;
+        };
+        let local = crate::runtime::local_pods(&self.model);
+        let now = (self.model.apps_generation, local);
+        if self.published.as_ref() == Some(&now) {
+            return;
+        }
+        let dir = crate::runtime::directory(&self.model, &now.1, self.shim.as_deref());
+        tx.send_replace(Arc::new(dir));
+        self.published = Some(now);
     }
 
     /// The shim's view of a pod the model does not know yet, as a
@@ -162,6 +193,7 @@ impl Agent {
                 _ = resync.tick() => dirty |= self.read_attachments(),
                 _ = &mut stop => break,
             }
+            self.publish_directory();
             // Never program a half-received relist: it would put a mix of
             // the old and new state into the kernel, then program again.
             if dirty && self.model.is_synced() && !self.model.is_relisting() {
@@ -319,6 +351,7 @@ impl Agent {
             iface_prefix: self.cfg.iface_prefix.clone(),
             fail_mode: self.cfg.fail_mode,
             pod_cidrs,
+            runtime: self.cfg.runtime.as_ref().and_then(|r| r.listen),
         }
     }
 

@@ -80,6 +80,22 @@ pub struct Args {
     /// unix:///var/lib/kubelet/plugins/csi.nodeplane.io/csi.sock).
     #[arg(long, env = "NODEPLANE_AGENT_CSI_ENDPOINT")]
     pub csi_endpoint: Option<String>,
+    /// The app runtime's TCP address, which pods reach through their own
+    /// veth (default 169.254.1.1:3500, the pods' IPv4 gateway, put on
+    /// `lo` when no link has it); `off` for the unix socket only.
+    #[arg(long, env = "NODEPLANE_RUNTIME_LISTEN")]
+    pub runtime_listen: Option<String>,
+    /// Directory of the app runtime's socket (`runtime.sock`), the one the
+    /// CRI shim mounts into containers.
+    #[arg(long, env = "NODEPLANE_RUNTIME_DIR")]
+    pub runtime_dir: Option<PathBuf>,
+    /// Where Dapr Component and Configuration manifests are read (default:
+    /// the manifests directory).
+    #[arg(long, env = "NODEPLANE_COMPONENTS_DIR")]
+    pub components_dir: Option<PathBuf>,
+    /// Do not serve the app runtime at all.
+    #[arg(long, env = "NODEPLANE_NO_RUNTIME")]
+    pub no_runtime: bool,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -129,6 +145,9 @@ struct File {
     iface_prefix: Option<String>,
     log_format: Option<LogFormat>,
     log_level: Option<String>,
+    runtime_listen: Option<String>,
+    runtime_dir: Option<PathBuf>,
+    components_dir: Option<PathBuf>,
 }
 
 /// The resolved configuration.
@@ -154,7 +173,21 @@ pub struct Config {
     pub csi_registration_dir: Option<PathBuf>,
     /// None: the kubelet's default path for the driver.
     pub csi_endpoint: Option<String>,
+    /// The app runtime (None: not served).
+    pub runtime: Option<RuntimeConfig>,
 }
+
+/// Where the app runtime serves and reads its components.
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// None: unix socket only.
+    pub listen: Option<SocketAddr>,
+    pub dir: PathBuf,
+    pub components_dir: PathBuf,
+}
+
+/// The pods' IPv4 gateway (the CNI plugin's default) on Dapr's port.
+pub const DEFAULT_RUNTIME_LISTEN: &str = "169.254.1.1:3500";
 
 impl Config {
     /// Resolves flags and environment over the file named by `--config`.
@@ -225,13 +258,41 @@ impl Config {
             )));
         }
         let source = args.source.or(file.source).unwrap_or(SourceKind::Manifests);
+        let manifests_dir = args
+            .manifests_dir
+            .or(file.manifests_dir)
+            .unwrap_or_else(|| "/etc/nodeplane/manifests".into());
+        let runtime = if args.no_runtime {
+            None
+        } else {
+            let listen = args
+                .runtime_listen
+                .or(file.runtime_listen)
+                .unwrap_or_else(|| DEFAULT_RUNTIME_LISTEN.into());
+            let listen = match listen.trim() {
+                "off" => None,
+                l => Some(l.parse::<SocketAddr>().map_err(|e| {
+                    Error::Config(format!(
+                        "runtimeListen `{l}` is not an address:port ({e}); e.g. {DEFAULT_RUNTIME_LISTEN}, or `off`"
+                    ))
+                })?),
+            };
+            Some(RuntimeConfig {
+                listen,
+                dir: args
+                    .runtime_dir
+                    .or(file.runtime_dir)
+                    .unwrap_or_else(|| "/run/nodeplane/runtime".into()),
+                components_dir: args
+                    .components_dir
+                    .or(file.components_dir)
+                    .unwrap_or_else(|| manifests_dir.clone()),
+            })
+        };
         Ok(Config {
             node_name,
             source,
-            manifests_dir: args
-                .manifests_dir
-                .or(file.manifests_dir)
-                .unwrap_or_else(|| "/etc/nodeplane/manifests".into()),
+            manifests_dir,
             kube_api: args.kube_api.or(file.kube_api),
             state_dir: args
                 .state_dir
@@ -268,6 +329,7 @@ impl Config {
             csi_pools: args.csi_pools,
             csi_registration_dir: args.csi_registration_dir,
             csi_endpoint: args.csi_endpoint,
+            runtime,
         })
     }
 }

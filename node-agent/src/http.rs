@@ -18,6 +18,7 @@ struct Ctx {
     lifecycle: std::sync::Arc<crate::lifecycle::Lifecycle>,
     /// The CSI driver serves (true when the agent serves none).
     csi_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    runtime: Option<std::sync::Arc<nodeplane_runtime::Runtime>>,
 }
 
 /// Serves until the process ends.
@@ -27,6 +28,7 @@ pub async fn serve(
     table: String,
     lifecycle: std::sync::Arc<crate::lifecycle::Lifecycle>,
     csi_ready: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    runtime: Option<std::sync::Arc<nodeplane_runtime::Runtime>>,
 ) -> Result<()> {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -38,6 +40,7 @@ pub async fn serve(
             table,
             lifecycle,
             csi_ready,
+            runtime,
         });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -95,6 +98,12 @@ async fn status_json(State(ctx): State<Ctx>) -> String {
         "lastError": s.last_error,
         "criShim": ctx.lifecycle.status_json(),
         "csiReady": ctx.csi_ready.load(std::sync::atomic::Ordering::SeqCst),
+        "runtime": ctx.runtime.as_ref().map(|rt| serde_json::json!({
+            "ready": rt.is_ready(),
+            "pods": rt.directory().len(),
+            "stores": rt.registry().stores.keys().collect::<Vec<_>>(),
+            "componentErrors": rt.registry().errors,
+        })),
     })
     .to_string()
 }
@@ -214,5 +223,8 @@ async fn metrics(State(ctx): State<Ctx>) -> String {
         &drops,
     );
     o.push_str(&ctx.lifecycle.metrics());
+    if let Some(rt) = &ctx.runtime {
+        o.push_str(&rt.metrics.render());
+    }
     o
 }

@@ -6,7 +6,8 @@
 //! transaction per change ([`agent`] runs that loop; [`conntrack`] cuts
 //! connections a change denies). The CNI plugin reaches the agent through
 //! the local API in [`api`]; [`http`] serves health and metrics;
-//! [`lifecycle`] keeps the pods the CRI shim reports. The data
+//! [`lifecycle`] keeps the pods the CRI shim reports; [`runtime`] serves
+//! the app runtime (nodeplane-runtime) from the same model. The data
 //! path never waits for the agent: the plugin adds and deletes pods
 //! without it.
 
@@ -24,6 +25,7 @@ pub mod nft;
 pub mod nftnl;
 pub mod policy;
 pub mod run;
+pub mod runtime;
 pub mod source;
 
 pub use error::{Error, Result};

@@ -38,6 +38,16 @@ pub struct PodInfo {
     pub ports: Vec<NamedPort>,
 }
 
+/// What the app runtime needs of a pod beyond policy: its `dapr.io/*`
+/// annotations, whether it is ready, its addresses and its node's address.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AppMeta {
+    pub annotations: BTreeMap<String, String>,
+    pub ready: bool,
+    pub ips: Vec<IpAddr>,
+    pub host_ip: Option<IpAddr>,
+}
+
 /// A pod interface on this node, as the CNI plugin reported it (or as the
 /// agent found it in the plugin's state after a restart).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -68,6 +78,9 @@ pub struct Model {
     node_name: String,
     /// The last [`Event::Revision`] applied.
     pub revision: String,
+    /// Pods' app runtime facts; `apps_generation` counts their changes.
+    pub apps: BTreeMap<PodKey, AppMeta>,
+    pub apps_generation: u64,
     /// What changed since the compiler last took them.
     changes: Changes,
 }
@@ -195,6 +208,11 @@ impl Model {
             Object::Pod(pod) => {
                 let info = pod_info(&pod);
                 let key = (key.namespace, key.name);
+                let meta = app_meta(&pod, &info);
+                if self.apps.get(&key) != Some(&meta) {
+                    self.apps.insert(key.clone(), meta);
+                    self.apps_generation += 1;
+                }
                 let old = self.pods.get(&key).cloned();
                 if old.as_ref() == Some(&info) {
                     return false;
@@ -231,6 +249,9 @@ impl Model {
 
     fn remove(&mut self, key: &ObjectRef) -> bool {
         let k = (key.namespace.clone(), key.name.clone());
+        if key.kind == Kind::Pod && self.apps.remove(&k).is_some() {
+            self.apps_generation += 1;
+        }
         match key.kind {
             Kind::Pod => match self.pods.remove(&k) {
                 Some(old) => {
@@ -324,6 +345,37 @@ fn pod_info(pod: &Pod) -> PodInfo {
         ips,
         host_network: spec.and_then(|s| s.host_network).unwrap_or(false),
         ports,
+    }
+}
+
+fn app_meta(pod: &Pod, info: &PodInfo) -> AppMeta {
+    let status = pod.status.as_ref();
+    // No phase at all: a standalone manifest, whose pod runs once the CNI
+    // plugin attached it.
+    let running = matches!(
+        status.and_then(|s| s.phase.as_deref()),
+        None | Some("Running")
+    );
+    // Ready unless the kubelet says otherwise: standalone manifests often
+    // carry a phase and no conditions.
+    let ready_condition = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+        .map(|c| c.status == "True");
+    AppMeta {
+        annotations: pod
+            .metadata
+            .annotations
+            .iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with("dapr.io/"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        ready: running && ready_condition.unwrap_or(true),
+        ips: info.ips.clone(),
+        host_ip: status
+            .and_then(|s| s.host_ip.as_deref())
+            .and_then(|ip| ip.parse().ok()),
     }
 }
 

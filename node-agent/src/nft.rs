@@ -67,6 +67,9 @@ pub struct Settings {
     /// The node's pod CIDRs: addresses in them that are not programmed
     /// pods get the fail mode.
     pub pod_cidrs: Vec<ipnetwork::IpNetwork>,
+    /// The app runtime's TCP address: pods always reach it, whatever
+    /// egress policy selects them (as a sidecar on localhost would be).
+    pub runtime: Option<std::net::SocketAddr>,
 }
 
 /// Names of the objects a table holds (read back from the kernel).
@@ -243,17 +246,39 @@ fn quote(s: &str) -> String {
 /// The rules of the base chains.
 fn base_rules(s: &Settings) -> Vec<(&'static str, String)> {
     let wild = quote(&format!("{}*", s.iface_prefix));
-    let mut r = vec![
-        (
+    let mut r = vec![(
+        "prerouting",
+        "type filter hook prerouting priority raw; policy accept;".to_string(),
+    )];
+    // The app runtime takes a pod's source address as its identity: only
+    // a pod's own veth (anti-spoofed below) or the node itself may reach
+    // it, never a packet from another link claiming a pod's address.
+    match s.runtime {
+        Some(std::net::SocketAddr::V4(a)) => r.push((
             "prerouting",
-            "type filter hook prerouting priority raw; policy accept;".to_string(),
-        ),
+            format!(
+                "iifname != {wild} iifname != \"lo\" ip daddr {} tcp dport {} drop",
+                a.ip(),
+                a.port()
+            ),
+        )),
+        Some(std::net::SocketAddr::V6(a)) => r.push((
+            "prerouting",
+            format!(
+                "iifname != {wild} iifname != \"lo\" ip6 daddr {} tcp dport {} drop",
+                a.ip(),
+                a.port()
+            ),
+        )),
+        None => {}
+    }
+    r.extend([
         ("prerouting", format!("iifname != {wild} accept")),
         // Link-local and unspecified sources (neighbour discovery, MLD,
         // router solicitations) are never forwarded off the link, so they
         // cannot impersonate another pod.
         ("prerouting", "ip6 saddr { ::, fe80::/10 } accept".into()),
-    ];
+    ]);
     if s.fail_mode == FailMode::Open {
         r.push(("prerouting", "iifname != @pod_ifaces accept".into()));
     }
@@ -302,6 +327,19 @@ fn base_rules(s: &Settings) -> Vec<(&'static str, String)> {
             "pod_in",
             "ct state new tcp flags & (fin|syn|rst|ack) != syn drop".into(),
         ),
+    ]);
+    match s.runtime {
+        Some(std::net::SocketAddr::V4(a)) => r.push((
+            "pod_in",
+            format!("ip daddr {} tcp dport {} accept", a.ip(), a.port()),
+        )),
+        Some(std::net::SocketAddr::V6(a)) => r.push((
+            "pod_in",
+            format!("ip6 daddr {} tcp dport {} accept", a.ip(), a.port()),
+        )),
+        None => {}
+    }
+    r.extend([
         ("pod_in", "ip saddr vmap @egress_v4".into()),
         ("pod_in", "ip6 saddr vmap @egress_v6".into()),
     ]);

@@ -70,13 +70,22 @@ pub async fn run(cfg: Config) -> Result<()> {
     let lifecycle = Arc::new(crate::lifecycle::Lifecycle::default());
     tokio::spawn(crate::api::serve(listener, call_tx, lifecycle.clone()));
     let shim = lifecycle.clone();
+    let (dir_tx, dir_rx) = tokio::sync::watch::channel(Arc::new(Default::default()));
+    let runtime = match &cfg.runtime {
+        Some(rc) => {
+            Some(crate::runtime::start(rc, &cfg.state_dir, dir_rx, lifecycle.clone()).await?)
+        }
+        None => None,
+    };
     let http_status = status.clone();
     let (listen, table) = (cfg.listen, cfg.table.clone());
     // Ready at once when the agent serves no CSI.
     let csi_ready = Arc::new(AtomicBool::new(cfg.csi_pools.is_empty()));
     let (csi_stop, csi_task) = spawn_csi(&cfg, csi_ready.clone())?;
     tokio::spawn(async move {
-        if let Err(e) = crate::http::serve(listen, http_status, table, lifecycle, csi_ready).await {
+        if let Err(e) =
+            crate::http::serve(listen, http_status, table, lifecycle, csi_ready, runtime).await
+        {
             tracing::error!(error = %e, "health/metrics server stopped");
         }
     });
@@ -85,6 +94,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let agent = tokio::spawn(
         Agent::new(cfg, status.clone())
             .with_shim(shim)
+            .with_directory(dir_tx)
             .run(ev_rx, call_rx, stop_rx),
     );
 

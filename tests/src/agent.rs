@@ -95,6 +95,8 @@ impl Agent {
             node.network.clone(),
             "--socket".into(),
             socket.display().to_string(),
+            "--runtime-dir".into(),
+            state.path().join("runtime").display().to_string(),
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--log-level".into(),

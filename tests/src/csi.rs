@@ -278,6 +278,8 @@ impl CsiWorld {
                     .arg(d.join("cni"))
                     .arg("--socket")
                     .arg(d.join("agent.sock"))
+                    .arg("--runtime-dir")
+                    .arg(d.join("runtime"))
                     .arg("--listen")
                     .arg(format!("127.0.0.1:{port}"))
                     .arg("--log-level")

@@ -13,6 +13,7 @@ pub mod containerd;
 pub mod cri;
 pub mod csi;
 pub mod fixture;
+pub mod http1;
 pub mod netns;
 pub mod policy;
 pub mod prereq;

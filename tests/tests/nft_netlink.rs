@@ -172,6 +172,7 @@ fn run_steps(spares: usize, replenish: bool) -> (usize, usize) {
         iface_prefix: "np".into(),
         fail_mode: FailMode::Isolate,
         pod_cidrs: vec!["10.244.0.0/24".parse().expect("cidr")],
+        runtime: None,
     };
     let mut m = Model::new("n");
     apply_yaml(

@@ -53,6 +53,15 @@ fn parse_in(path: &Path, text: &str) -> Result<Vec<Object>> {
 }
 
 fn object_or_list(doc: Value, out: &mut Vec<Object>) -> std::result::Result<(), String> {
+    // Dapr documents (Component, Configuration, ...) share the directory;
+    // the app runtime reads them (nodeplane_runtime::components).
+    if doc
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .is_some_and(|a| a.starts_with("dapr.io/"))
+    {
+        return Ok(());
+    }
     let kind = doc
         .get("kind")
         .and_then(Value::as_str)

@@ -98,6 +98,8 @@ impl BenchAgent {
             "nodeplane",
             "--socket",
             &socket.display().to_string(),
+            "--runtime-dir",
+            &state.join("runtime").display().to_string(),
             "--listen",
             &format!("127.0.0.1:{PORT}"),
             "--pod-cidr",

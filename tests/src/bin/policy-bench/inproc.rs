@@ -23,6 +23,7 @@ pub fn settings(pod_cidr: &str) -> Result<Settings, String> {
         iface_prefix: "np".into(),
         fail_mode: FailMode::Isolate,
         pod_cidrs: vec![pod_cidr.parse().map_err(|e| format!("{pod_cidr}: {e}"))?],
+        runtime: nodeplane_agent::config::DEFAULT_RUNTIME_LISTEN.parse().ok(),
     })
 }
 

@@ -1,0 +1,677 @@
+//! The node app runtime (Dapr v1.0 HTTP API in nodeplane-agent) on real
+//! pods: namespaces wired by nodeplane-cni, small HTTP apps (np-app) in
+//! them, the agent in its node namespace serving 169.254.1.1:3500 and a
+//! unix socket. Invocation, identity from the kernel, access control,
+//! state on the embedded store, kill -9 and restart of the agent.
+
+use std::io::Read;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use nodeplane_tests::agent::{in_netns, Agent};
+use nodeplane_tests::fixture::{ip_of, Node};
+use nodeplane_tests::http1::{runtime_in, Conn, Msg, RUNTIME};
+use nodeplane_tests::{prereq, Netns};
+
+const CIDR: &str = "10.244.0.0/24";
+const APP_PORT: u16 = 8080;
+
+/// A pod running np-app on APP_PORT.
+struct Pod {
+    ns: Netns,
+    ip: String,
+    app: Option<Child>,
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.app.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Pod {
+    fn path(&self) -> std::path::PathBuf {
+        self.ns.path()
+    }
+
+    fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Msg {
+        runtime_in(&self.path(), method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path} from {}: {e}", self.ns.name))
+    }
+}
+
+fn pod_yaml(name: &str, app: Option<&str>, extra_annotations: &str) -> String {
+    let mut ann = String::new();
+    if let Some(a) = app {
+        ann = format!("dapr.io/app-id: {a}, dapr.io/app-port: \"{APP_PORT}\"");
+    }
+    if !extra_annotations.is_empty() {
+        if !ann.is_empty() {
+            ann.push_str(", ");
+        }
+        ann.push_str(extra_annotations);
+    }
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{pod: {name}}}, annotations: {{{ann}}}}}\nspec: {{containers: [{{name: c, image: i}}]}}\n---\n"
+    )
+}
+
+fn start_app(ns: &Netns) -> Child {
+    let mut c = ns
+        .command(env!("CARGO_BIN_EXE_np-app"))
+        .args(["serve", &APP_PORT.to_string(), "--exit-on-stdin-eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn np-app");
+    let mut line = [0u8; 6];
+    if let Some(out) = c.stdout.as_mut() {
+        let _ = out.read_exact(&mut line);
+    }
+    assert_eq!(&line, b"ready\n", "np-app did not start in {}", ns.name);
+    c
+}
+
+fn add(node: &Node, name: &str) -> Pod {
+    let ns = Netns::new(&format!("npr{name}"));
+    let res = node.add_pod(&format!("shop-{name}"), &ns, "shop", name);
+    let ip = ip_of(&res, 0)
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let app = Some(start_app(&ns));
+    Pod { ns, ip, app }
+}
+
+const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n";
+
+struct World {
+    node: Node,
+    agent: Agent,
+    front: Pod,
+    back: Pod,
+    anon: Pod,
+}
+
+/// front (app front) and back (app back, with `back_annotations`), and
+/// anon (no app id), with `extra` manifests.
+fn world(back_annotations: &str, extra: &str) -> World {
+    prereq::require_root();
+    let mut node = Node::new(&[CIDR]);
+    let agent = Agent::start(&mut node, &[CIDR], &[]);
+    let cluster = format!(
+        "{NS}{}{}{}",
+        pod_yaml("front", Some("front"), ""),
+        pod_yaml("back", Some("back"), back_annotations),
+        pod_yaml("anon", None, "")
+    );
+    agent.apply(&[("cluster.yaml", cluster), ("extra.yaml", extra.to_string())]);
+    let w = World {
+        front: add(&node, "front"),
+        back: add(&node, "back"),
+        anon: add(&node, "anon"),
+        node,
+        agent,
+    };
+    w.wait_known();
+    w
+}
+
+impl World {
+    /// Until the runtime knows all three pods as local (their attachments
+    /// reached the agent) and its components are loaded.
+    fn wait_known(&self) {
+        let start = Instant::now();
+        loop {
+            let m = self.front.call("GET", "/v1.0/metadata", &[], b"");
+            let b = self.anon.call("GET", "/v1.0/metadata", &[], b"");
+            if m.json()["id"] == "front" && b.json()["extended"]["caller"] == "pod shop/anon" {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "the runtime did not learn the pods: {} / {}; agent log:\n{}",
+                m.text(),
+                b.text(),
+                self.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+#[test]
+fn invocation_between_pods_keeps_method_path_query_headers_status_and_bodies() {
+    let w = world("", "");
+    let body = vec![b'x'; 1024];
+    let r = w.front.call(
+        "POST",
+        "/v1.0/invoke/back/method/echo/a%20b?q=1&r=two",
+        &[
+            ("x-custom", "v1"),
+            ("content-type", "application/octet-stream"),
+        ],
+        &body,
+    );
+    assert_eq!(r.status(), 200, "{}", r.text());
+    assert_eq!(r.body, body);
+    assert_eq!(r.header("x-echo-method"), Some("POST"));
+    assert_eq!(r.header("x-echo-uri"), Some("/echo/a%20b?q=1&r=two"));
+    assert_eq!(r.header("x-echo-caller"), Some("front"));
+    assert_eq!(r.header("x-echo-h-x-custom"), Some("v1"));
+    let tp = r.header("x-echo-traceparent").unwrap_or("-");
+    assert!(tp.starts_with("00-") && tp.len() == 55, "traceparent {tp}");
+
+    // A caller's trace id is kept.
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = w.front.call(
+        "GET",
+        "/v1.0/invoke/back/method/t",
+        &[("traceparent", incoming)],
+        b"",
+    );
+    let tp = r.header("x-echo-traceparent").unwrap_or("-");
+    assert!(
+        tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{tp}"
+    );
+
+    // Every verb, and the app's status codes, pass through.
+    for verb in ["GET", "PUT", "DELETE", "PATCH"] {
+        let r = w.back.call(verb, "/v1.0/invoke/front/method/v", &[], b"");
+        assert_eq!((r.status(), r.header("x-echo-method")), (200, Some(verb)));
+        assert_eq!(r.header("x-echo-caller"), Some("back"));
+    }
+    let r = w
+        .front
+        .call("GET", "/v1.0/invoke/back/method/status/418", &[], b"");
+    assert_eq!((r.status(), r.text().as_str()), (418, "status 418"));
+
+    // Large payloads, both ways intact (the echo returns the body).
+    let big: Vec<u8> = (0..8 << 20).map(|i: u32| (i * 31 % 251) as u8).collect();
+    let r = w
+        .front
+        .call("PUT", "/v1.0/invoke/back/method/big", &[], &big);
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.body == big,
+        "8 MiB body changed: {} bytes back",
+        r.body.len()
+    );
+
+    // app.namespace names the target's namespace.
+    let r = w
+        .front
+        .call("GET", "/v1.0/invoke/back.shop/method/x", &[], b"");
+    assert_eq!(r.status(), 200);
+
+    // Unknown app, and an app without a port: Dapr's error body.
+    let r = w
+        .front
+        .call("GET", "/v1.0/invoke/nobody/method/x", &[], b"");
+    assert_eq!(r.status(), 500);
+    assert_eq!(r.json()["errorCode"], "ERR_DIRECT_INVOKE", "{}", r.text());
+
+    // Many requests over one kept-alive connection.
+    let path = w.front.path();
+    let n = in_netns(&path, || {
+        let s = std::net::TcpStream::connect(RUNTIME).expect("connect");
+        let mut c = Conn::new(s);
+        (0..200)
+            .filter(|i| {
+                c.request(
+                    "POST",
+                    "/v1.0/invoke/back/method/k",
+                    &[],
+                    format!("{i}").as_bytes(),
+                )
+                .is_ok_and(|m| m.status() == 200 && m.text() == format!("{i}"))
+            })
+            .count()
+    });
+    assert_eq!(n, 200);
+
+    // The unix socket serves the same API; a process of the node (not in
+    // a container) calls as the node, with no app id.
+    let sock = w.agent.state.path().join("runtime").join("runtime.sock");
+    let s = std::os::unix::net::UnixStream::connect(&sock).expect("connect the runtime socket");
+    let r = Conn::new(s)
+        .request("GET", "/v1.0/invoke/back.shop/method/u", &[], b"")
+        .expect("request over the socket");
+    assert_eq!((r.status(), r.header("x-echo-caller")), (200, Some("-")));
+
+    let m = w.agent.get("/metrics").map(|(_, b)| b).unwrap_or_default();
+    assert!(
+        m.contains(r#"nodeplane_runtime_invoke_requests_total{caller="front",target="back",method="POST",status="200"}"#),
+        "{m}"
+    );
+}
+
+#[test]
+fn identity_comes_from_the_kernel_not_from_headers_or_forged_addresses() {
+    let w = world("", "");
+    // A header claiming another app id is dropped; the runtime sets its own.
+    let r = w.front.call(
+        "GET",
+        "/v1.0/invoke/back/method/who",
+        &[
+            ("dapr-caller-app-id", "back"),
+            ("dapr-caller-namespace", "kube-system"),
+        ],
+        b"",
+    );
+    assert_eq!(r.header("x-echo-caller"), Some("front"));
+    assert_eq!(
+        w.front
+            .call("GET", "/v1.0/metadata", &[("dapr-app-id", "back")], b"")
+            .json()["id"],
+        "front"
+    );
+
+    // A pod without an app id can call, as nobody ...
+    let r = w.anon.call("GET", "/v1.0/invoke/back/method/who", &[], b"");
+    assert_eq!((r.status(), r.header("x-echo-caller")), (200, Some("-")));
+    // ... but cannot use app-scoped state.
+    let r = w.anon.call(
+        "POST",
+        "/v1.0/state/statestore",
+        &[],
+        br#"[{"key":"k","value":1}]"#,
+    );
+    assert_eq!(r.status(), 403, "{}", r.text());
+    assert_eq!(r.json()["errorCode"], "ERR_PERMISSION_DENIED");
+    assert!(
+        r.text().contains("dapr.io/app-id"),
+        "the message names the fix: {}",
+        r.text()
+    );
+
+    // anon puts front's address on its interface and calls from it:
+    // anti-spoofing drops the packets, so the runtime never sees them.
+    let dev = w.anon.ns.ip(&["-o", "link", "show"]);
+    let dev = dev
+        .lines()
+        .filter_map(|l| l.split(": ").nth(1))
+        .map(|d| d.split('@').next().unwrap_or(d))
+        .find(|d| *d != "lo")
+        .expect("pod interface")
+        .to_string();
+    w.anon
+        .ns
+        .ip(&["addr", "add", &format!("{}/32", w.front.ip), "dev", &dev]);
+    let front_ip = w.front.ip.clone();
+    let forged = in_netns(&w.anon.path(), move || {
+        // Bind the forged source, then connect (std cannot bind first).
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        assert!(fd >= 0);
+        let src: std::net::Ipv4Addr = front_ip.parse().expect("ip");
+        let sa = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(src).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as u32;
+        let bound = unsafe { libc::bind(fd, std::ptr::addr_of!(sa).cast(), len) };
+        assert_eq!(bound, 0, "bind the forged source");
+        let dst = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: 3500u16.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(std::net::Ipv4Addr::new(169, 254, 1, 1)).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                std::ptr::addr_of!(tv).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            );
+        }
+        let r = unsafe { libc::connect(fd, std::ptr::addr_of!(dst).cast(), len) };
+        unsafe { libc::close(fd) };
+        r == 0
+    });
+    assert!(
+        !forged,
+        "a connection from a forged source address reached the runtime"
+    );
+    // anon's own address still works, and still as anon.
+    assert_eq!(
+        w.anon.call("GET", "/v1.0/metadata", &[], b"").json()["extended"]["caller"],
+        "pod shop/anon"
+    );
+    drop(w.node);
+}
+
+const ACL: &str = "apiVersion: dapr.io/v1alpha1
+kind: Configuration
+metadata: {name: back-acl, namespace: shop}
+spec:
+  accessControl:
+    defaultAction: deny
+    trustDomain: public
+    policies:
+    - appId: front
+      defaultAction: deny
+      namespace: shop
+      operations:
+      - {name: /orders/**, httpVerb: [GET], action: allow}
+      - {name: /orders/secret, httpVerb: ['*'], action: deny}
+";
+
+#[test]
+fn access_control_allows_and_denies_by_caller_verb_and_path() {
+    let w = world("dapr.io/config: back-acl", ACL);
+    let start = Instant::now();
+    while w.front.call("GET", "/v1.0/metadata", &[], b"").json()["extended"]["configurations"][0]
+        != "back-acl"
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "Configuration back-acl not loaded"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let r = w
+        .front
+        .call("GET", "/v1.0/invoke/back/method/orders/17", &[], b"");
+    assert_eq!(r.status(), 200, "{}", r.text());
+    for (who, verb, path) in [
+        (&w.front, "POST", "/v1.0/invoke/back/method/orders/17"),
+        (&w.front, "GET", "/v1.0/invoke/back/method/orders/secret"),
+        (&w.front, "GET", "/v1.0/invoke/back/method/other"),
+        (&w.anon, "GET", "/v1.0/invoke/back/method/orders/17"),
+    ] {
+        let r = who.call(verb, path, &[], b"");
+        assert_eq!(
+            r.status(),
+            403,
+            "{verb} {path} from {}: {}",
+            who.ns.name,
+            r.text()
+        );
+        assert_eq!(r.json()["errorCode"], "ERR_DIRECT_INVOKE");
+    }
+    // back has no ACL of its own target: front → back ACL does not apply
+    // to calls to front.
+    let r = w
+        .back
+        .call("POST", "/v1.0/invoke/front/method/anything", &[], b"");
+    assert_eq!(r.status(), 200);
+}
+
+#[test]
+fn pods_reach_the_runtime_under_an_egress_default_deny() {
+    let deny = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: deny-all, namespace: shop}
+spec: {podSelector: {}, policyTypes: [Ingress, Egress]}
+";
+    let w = world("", deny);
+    let r = w.front.call("GET", "/v1.0/metadata", &[], b"");
+    assert_eq!(r.json()["id"], "front");
+    // The policy still holds between the pods themselves.
+    let back_ip = w.back.ip.clone();
+    let direct = in_netns(&w.front.path(), move || {
+        std::net::TcpStream::connect_timeout(
+            &format!("{back_ip}:{APP_PORT}").parse().expect("addr"),
+            Duration::from_millis(500),
+        )
+        .is_ok()
+    });
+    assert!(!direct, "deny-all must still drop front → back directly");
+}
+
+fn save(p: &Pod, body: &str) -> Msg {
+    p.call(
+        "POST",
+        "/v1.0/state/statestore",
+        &[("content-type", "application/json")],
+        body.as_bytes(),
+    )
+}
+
+#[test]
+fn state_on_the_embedded_store_with_etags_scoping_transactions_bulk_and_ttl() {
+    let w = world("", "");
+    let r = save(
+        &w.front,
+        r#"[{"key":"k1","value":{"b":1,"a":2}},{"key":"k2","value":"two"}]"#,
+    );
+    assert_eq!(r.status(), 204, "{}", r.text());
+    let r = w.front.call("GET", "/v1.0/state/statestore/k1", &[], b"");
+    assert_eq!((r.status(), r.text().as_str()), (200, r#"{"b":1,"a":2}"#));
+    let etag = r.header("etag").expect("etag").to_string();
+
+    // Keys are per app id: back does not see front's k1.
+    assert_eq!(
+        w.back
+            .call("GET", "/v1.0/state/statestore/k1", &[], b"")
+            .status(),
+        204
+    );
+
+    // First-write with a stale etag loses; the right etag wins.
+    let stale = format!(
+        r#"[{{"key":"k1","value":3,"etag":"{etag}","options":{{"concurrency":"first-write"}}}}]"#
+    );
+    assert_eq!(save(&w.front, &stale).status(), 204);
+    let r = save(&w.front, &stale);
+    assert_eq!(r.status(), 409, "{}", r.text());
+    assert_eq!(r.json()["errorCode"], "ERR_STATE_SAVE");
+
+    // Two concurrent first-write writers with the same etag: one wins.
+    let etag = w
+        .front
+        .call("GET", "/v1.0/state/statestore/k1", &[], b"")
+        .header("etag")
+        .unwrap_or("")
+        .to_string();
+    let body = format!(
+        r#"[{{"key":"k1","value":"w","etag":"{etag}","options":{{"concurrency":"first-write"}}}}]"#
+    );
+    let handles: Vec<_> = (0..2)
+        .map(|_| {
+            let (p, b) = (w.front.path(), body.clone());
+            std::thread::spawn(move || {
+                runtime_in(&p, "POST", "/v1.0/state/statestore", &[], b.as_bytes())
+                    .map(|m| m.status())
+            })
+        })
+        .collect();
+    let mut codes: Vec<u16> = handles
+        .into_iter()
+        .map(|h| h.join().expect("writer").expect("request"))
+        .collect();
+    codes.sort();
+    assert_eq!(codes, [204, 409]);
+
+    // Delete with a wrong If-Match: 409, nothing deleted.
+    let r = w.front.call(
+        "DELETE",
+        "/v1.0/state/statestore/k2",
+        &[("if-match", "999999")],
+        b"",
+    );
+    assert_eq!(r.status(), 409, "{}", r.text());
+    assert_eq!(
+        w.front
+            .call("GET", "/v1.0/state/statestore/k2", &[], b"")
+            .text(),
+        r#""two""#
+    );
+
+    // Bulk get, in order, missing keys without data.
+    let r = w.front.call(
+        "POST",
+        "/v1.0/state/statestore/bulk",
+        &[],
+        br#"{"keys":["k2","nope","k1"]}"#,
+    );
+    let v = r.json();
+    assert_eq!(v[0]["data"], "two");
+    assert_eq!(v[1]["key"], "nope");
+    assert!(v[1].get("data").is_none());
+    assert_eq!(v[2]["data"], "w");
+
+    // A transaction with one bad etag changes nothing; a good one all.
+    let bad = r#"{"operations":[{"operation":"upsert","request":{"key":"t1","value":1}},{"operation":"delete","request":{"key":"k2","etag":"424242","options":{"concurrency":"first-write"}}}]}"#;
+    let r = w.front.call(
+        "POST",
+        "/v1.0/state/statestore/transaction",
+        &[],
+        bad.as_bytes(),
+    );
+    assert_eq!(r.status(), 500, "{}", r.text());
+    assert_eq!(r.json()["errorCode"], "ERR_STATE_TRANSACTION");
+    assert_eq!(
+        w.front
+            .call("GET", "/v1.0/state/statestore/t1", &[], b"")
+            .status(),
+        204
+    );
+    let good = r#"{"operations":[{"operation":"upsert","request":{"key":"t1","value":1}},{"operation":"delete","request":{"key":"k2"}}]}"#;
+    assert_eq!(
+        w.front
+            .call(
+                "POST",
+                "/v1.0/state/statestore/transaction",
+                &[],
+                good.as_bytes()
+            )
+            .status(),
+        204
+    );
+    assert_eq!(
+        w.front
+            .call("GET", "/v1.0/state/statestore/t1", &[], b"")
+            .text(),
+        "1"
+    );
+    assert_eq!(
+        w.front
+            .call("GET", "/v1.0/state/statestore/k2", &[], b"")
+            .status(),
+        204
+    );
+
+    // TTL: gone after it expires.
+    assert_eq!(
+        save(
+            &w.front,
+            r#"[{"key":"tmp","value":1,"metadata":{"ttlInSeconds":"1"}}]"#
+        )
+        .status(),
+        204
+    );
+    assert_eq!(
+        w.front
+            .call("GET", "/v1.0/state/statestore/tmp", &[], b"")
+            .status(),
+        200
+    );
+    let start = Instant::now();
+    while w
+        .front
+        .call("GET", "/v1.0/state/statestore/tmp", &[], b"")
+        .status()
+        != 204
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "ttl 1 s: still there after 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Errors: unknown store, malformed body, bad ttl.
+    let r = w.front.call(
+        "POST",
+        "/v1.0/state/nostore",
+        &[],
+        br#"[{"key":"k","value":1}]"#,
+    );
+    assert_eq!(
+        (r.status(), r.json()["errorCode"].as_str()),
+        (400, Some("ERR_STATE_STORE_NOT_FOUND"))
+    );
+    let r = save(&w.front, "{not json");
+    assert_eq!(
+        (r.status(), r.json()["errorCode"].as_str()),
+        (400, Some("ERR_MALFORMED_REQUEST"))
+    );
+    let r = save(
+        &w.front,
+        r#"[{"key":"k","value":1,"metadata":{"ttlInSeconds":"soon"}}]"#,
+    );
+    assert_eq!(r.status(), 400);
+
+    // The demo app keeps its counter through the runtime (invoked by front).
+    for want in 1..=3 {
+        let r = w
+            .front
+            .call("POST", "/v1.0/invoke/back/method/count", &[], b"");
+        assert_eq!((r.status(), r.text()), (200, want.to_string()));
+    }
+}
+
+#[test]
+fn agent_kill9_loses_no_acknowledged_state_and_inflight_invocations_end_cleanly() {
+    let mut w = world("", "");
+    let mut acked = Vec::new();
+    for i in 0..50 {
+        let r = save(&w.front, &format!(r#"[{{"key":"d{i}","value":{i}}}]"#));
+        assert_eq!(r.status(), 204);
+        acked.push(i);
+    }
+    // An invocation in flight when the agent dies ends with an error, not
+    // a hang.
+    let p = w.front.path();
+    let inflight = std::thread::spawn(move || {
+        let start = Instant::now();
+        let r = runtime_in(&p, "GET", "/v1.0/invoke/back/method/slow/5000", &[], b"");
+        (r.map(|m| m.status()).ok(), start.elapsed())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    w.agent.kill9();
+    let (status, took) = inflight.join().expect("in-flight caller");
+    assert!(
+        status.is_none() || status != Some(200),
+        "in flight across kill -9: {status:?}"
+    );
+    assert!(
+        took < Duration::from_secs(5),
+        "the in-flight call hung for {took:?}"
+    );
+    w.agent.restart(&w.node.ns);
+    w.wait_known();
+    for i in acked {
+        let r = w
+            .front
+            .call("GET", &format!("/v1.0/state/statestore/d{i}"), &[], b"");
+        assert_eq!(
+            (r.status(), r.text()),
+            (200, i.to_string()),
+            "key d{i} after kill -9"
+        );
+    }
+    let r = w
+        .front
+        .call("GET", "/v1.0/invoke/back/method/after", &[], b"");
+    assert_eq!(r.status(), 200);
+}
