@@ -79,6 +79,15 @@ pub struct Args {
     )]
     pub runtime_socket_name: String,
 
+    /// The app runtime's TCP address as pods reach it (the agent's
+    /// --runtime-listen), injected as DAPR_HTTP_ENDPOINT and friends.
+    #[arg(
+        long,
+        env = "NODEPLANE_CRI_RUNTIME_HTTP_ADDRESS",
+        default_value = "169.254.1.1:3500"
+    )]
+    pub runtime_http_address: String,
+
     /// Turn injection off for every pod.
     #[arg(long, env = "NODEPLANE_CRI_NO_INJECT")]
     pub no_inject: bool,
@@ -124,6 +133,9 @@ pub struct Injection {
     pub host_dir: PathBuf,
     pub container_dir: PathBuf,
     pub socket_name: String,
+    /// The app runtime's HTTP address as pods reach it (host:port), given
+    /// to Dapr SDKs through their environment variables.
+    pub http_address: String,
 }
 
 impl Injection {
@@ -189,10 +201,21 @@ impl Args {
                     self.runtime_socket_name
                 )));
             }
+            if self
+                .runtime_http_address
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+            {
+                return Err(Error::Config(format!(
+                    "--runtime-http-address {:?} must be address:port (e.g. 169.254.1.1:3500)",
+                    self.runtime_http_address
+                )));
+            }
             Some(Injection {
                 host_dir: self.runtime_dir,
                 container_dir,
                 socket_name: self.runtime_socket_name,
+                http_address: self.runtime_http_address,
             })
         };
         Ok(Config {

@@ -28,6 +28,14 @@ pub const ENV_NAMESPACE: &str = "NODEPLANE_POD_NAMESPACE";
 pub const ENV_NAME: &str = "NODEPLANE_POD_NAME";
 pub const ENV_UID: &str = "NODEPLANE_POD_UID";
 pub const ENV_APP_ID: &str = "NODEPLANE_APP_ID";
+/// What Dapr SDKs read to find the runtime (Go, Java, .NET and Python
+/// take the endpoint; JavaScript and older SDKs host and port), and the
+/// app id Dapr's injector gives app containers.
+pub const ENV_DAPR_ENDPOINT: &str = "DAPR_HTTP_ENDPOINT";
+pub const ENV_DAPR_HOST: &str = "DAPR_HOST";
+pub const ENV_DAPR_RUNTIME_HOST: &str = "DAPR_RUNTIME_HOST";
+pub const ENV_DAPR_PORT: &str = "DAPR_HTTP_PORT";
+pub const ENV_DAPR_APP_ID: &str = "APP_ID";
 
 /// `CreateContainerRequest.config`.
 const FIELD_CONFIG: u32 = 2;
@@ -74,8 +82,19 @@ pub fn additions(inj: &Injection, req: &CreateContainerRequest) -> ContainerConf
         (ENV_NAME, meta.name.clone()),
         (ENV_UID, meta.uid.clone()),
     ];
+    let (host, port) = inj
+        .http_address
+        .rsplit_once(':')
+        .unwrap_or((inj.http_address.as_str(), ""));
+    envs.extend([
+        (ENV_DAPR_ENDPOINT, format!("http://{}", inj.http_address)),
+        (ENV_DAPR_HOST, host.to_string()),
+        (ENV_DAPR_RUNTIME_HOST, host.to_string()),
+        (ENV_DAPR_PORT, port.to_string()),
+    ]);
     if let Some(id) = app_id(&sandbox) {
         envs.push((ENV_APP_ID, id.to_string()));
+        envs.push((ENV_DAPR_APP_ID, id.to_string()));
     }
     let envs = envs
         .into_iter()
@@ -147,6 +166,7 @@ mod tests {
             host_dir: PathBuf::from("/run/nodeplane/runtime"),
             container_dir: PathBuf::from("/var/run/nodeplane"),
             socket_name: "runtime.sock".into(),
+            http_address: "169.254.1.1:3500".into(),
         }
     }
 
@@ -287,6 +307,12 @@ mod tests {
         assert_eq!(env[ENV_NAME], "web-0");
         assert_eq!(env[ENV_UID], "uid-1");
         assert_eq!(env[ENV_APP_ID], "cart");
+        assert_eq!(env[ENV_DAPR_ENDPOINT], "http://169.254.1.1:3500");
+        assert_eq!(
+            (env[ENV_DAPR_HOST], env[ENV_DAPR_PORT]),
+            ("169.254.1.1", "3500")
+        );
+        assert_eq!(env[ENV_DAPR_APP_ID], "cart");
         assert_eq!(c.mounts.len(), 2);
         assert_eq!(c.mounts[0].container_path, "/data");
         let m = &c.mounts[1];

@@ -258,6 +258,10 @@ async fn cri_shim_pod_lifecycle_hooks_and_injection() {
         "NODEPLANE_POD_NAME=web-0".to_string(),
         format!("NODEPLANE_POD_UID={uid}"),
         "NODEPLANE_APP_ID=cart".to_string(),
+        // What Dapr SDKs read to find the node runtime.
+        "DAPR_HTTP_ENDPOINT=http://169.254.1.1:3500".to_string(),
+        "DAPR_HTTP_PORT=3500".to_string(),
+        "APP_ID=cart".to_string(),
     ] {
         assert!(
             env.lines().any(|l| l == want),
