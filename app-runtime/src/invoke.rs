@@ -133,23 +133,72 @@ async fn route(
         req.method().as_str(),
         method,
     )?;
-    let local: Vec<&Arc<AppPod>> = endpoints.iter().filter(|p| p.local).collect();
-    if local.is_empty() {
+    let (parts, body) = req.into_parts();
+    let mut req = Request::from_parts(parts, body.boxed_unsync());
+    prepare(&mut req, caller.app_id(), caller.namespace(), app, method)?;
+    send(rt, app, &endpoints, req).await
+}
+
+/// An invocation another node's agent sent for a pod of this node: the
+/// caller headers it set stay, the rest is prepared as for a local caller.
+pub async fn forward_local(
+    rt: &Runtime,
+    app: &str,
+    method: &str,
+    pods: &[Arc<AppPod>],
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    if pods.is_empty() {
         return Err(invoke_error(
             StatusCode::SERVICE_UNAVAILABLE,
             app,
-            format!(
-                "every pod of {app} runs on another node, and agent-to-agent invocation (mTLS) is not built yet"
-            ),
+            "no ready pod of the app on this node (it moved or stopped)",
         ));
     }
+    let h = req.headers();
+    let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let (caller_app, caller_ns) = (get(CALLER_APP), get(CALLER_NS));
     let (parts, body) = req.into_parts();
     let mut req = Request::from_parts(parts, body.boxed_unsync());
-    prepare(&mut req, caller, app, method)?;
-    let candidates: Vec<&Arc<AppPod>> = local
+    req.headers_mut().remove(crate::mesh::TARGET_NS);
+    prepare(
+        &mut req,
+        caller_app.as_deref(),
+        caller_ns.as_deref(),
+        app,
+        method,
+    )?;
+    send(rt, app, pods, req).await
+}
+
+/// Where an endpoint is reached: a pod of this node directly, a pod
+/// elsewhere through its node's agent (None: not reachable from here).
+fn target(rt: &Runtime, p: &AppPod) -> Option<SocketAddr> {
+    match (p.local, p.host_ip, &rt.peers) {
+        (true, _, _) => Some(endpoint(p)),
+        (false, Some(host), Some(peers)) => Some(peers.addr(host)),
+        _ => None,
+    }
+}
+
+/// Sends a prepared request to the first endpoint that takes it.
+async fn send(
+    rt: &Runtime,
+    app: &str,
+    endpoints: &[Arc<AppPod>],
+    req: Request<Body>,
+) -> Result<Response<Body>, ApiError> {
+    if !endpoints.iter().any(|p| target(rt, p).is_some()) {
+        return Err(invoke_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            app,
+            "every pod of the app runs on another node, and this agent cannot reach it (the pod's status.hostIP is unknown, or --peer-listen is off)",
+        ));
+    }
+    let candidates: Vec<(&Arc<AppPod>, SocketAddr)> = endpoints
         .iter()
-        .copied()
-        .filter(|p| !rt.pool.is_open(endpoint(p)))
+        .filter_map(|p| target(rt, p).map(|a| (p, a)))
+        .filter(|(_, a)| !rt.pool.is_open(*a))
         .collect();
     if candidates.is_empty() {
         return Err(invoke_error(
@@ -158,72 +207,152 @@ async fn route(
             "every pod of the app failed its recent connections (circuit open; retried after 5 s)",
         ));
     }
+    let mut req = req;
     let mut tried = Vec::new();
-    for pod in candidates
+    for (pod, addr) in candidates
         .iter()
         .cycle()
         .take(ATTEMPTS.max(candidates.len()))
     {
-        let addr = endpoint(pod);
-        let mut sender = match rt.pool.idle(addr).await {
-            Some(s) => s,
-            None => match rt.pool.connect(addr).await {
-                Ok(s) => s,
-                Err(e) => {
-                    // Nothing was sent: the next endpoint gets the request.
-                    tried.push(format!("{} ({addr}): {e}", pod.key()));
-                    tokio::time::sleep(Duration::from_millis(5 << tried.len().min(4))).await;
-                    continue;
-                }
-            },
+        let attempt = if pod.local {
+            to_pod(rt, app, pod, *addr, req).await
+        } else {
+            to_peer(rt, app, pod, *addr, req).await
         };
-        let limit = rt.opts.invoke_timeout;
-        let timed_out = || {
-            invoke_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                app,
-                format!("{} did not answer within {limit:?}", pod.key()),
-            )
-        };
-        let sent = tokio::time::timeout(limit, sender.try_send_request(req))
-            .await
-            .map_err(|_| timed_out())?;
-        let resp = match sent {
-            Ok(resp) => resp,
-            Err(mut e) => match e.take_message() {
-                // Not sent (the pooled connection had closed meanwhile):
-                // once more on a fresh connection.
-                Some(back) => {
-                    sender = rt
-                        .pool
-                        .connect(addr)
-                        .await
-                        .map_err(|e| invoke_error(StatusCode::BAD_GATEWAY, app, e))?;
-                    tokio::time::timeout(limit, sender.send_request(back))
-                        .await
-                        .map_err(|_| timed_out())?
-                        .map_err(|e| invoke_error(StatusCode::BAD_GATEWAY, app, e))?
-                }
-                // Sent, or partly: never repeated (it may not be idempotent).
-                None => {
-                    return Err(invoke_error(
-                        StatusCode::BAD_GATEWAY,
-                        app,
-                        format!("{} failed mid-request: {}", pod.key(), e.into_error()),
-                    ))
-                }
-            },
-        };
-        let (mut parts, body) = resp.into_parts();
-        strip_hop(&mut parts.headers);
-        let body = rt.pool.body(addr, sender, body);
-        return Ok(Response::from_parts(parts, body));
+        match attempt {
+            Attempt::Done(r) => return r,
+            // Nothing was sent: the next endpoint gets the request.
+            Attempt::NotSent(back, why) => {
+                req = back;
+                tried.push(why);
+                tokio::time::sleep(Duration::from_millis(5 << tried.len().min(4))).await;
+            }
+        }
     }
     Err(invoke_error(
         StatusCode::SERVICE_UNAVAILABLE,
         app,
         format!("no endpoint reachable: {}", tried.join("; ")),
     ))
+}
+
+/// One attempt's outcome: an answer (or a failure after sending, never
+/// repeated since the method may not be idempotent), or the request back.
+enum Attempt {
+    Done(Result<Response<Body>, ApiError>),
+    NotSent(Request<Body>, String),
+}
+
+fn timed_out(app: &str, pod: &AppPod, limit: Duration) -> ApiError {
+    invoke_error(
+        StatusCode::GATEWAY_TIMEOUT,
+        app,
+        format!("{} did not answer within {limit:?}", pod.key()),
+    )
+}
+
+async fn to_pod(
+    rt: &Runtime,
+    app: &str,
+    pod: &AppPod,
+    addr: SocketAddr,
+    req: Request<Body>,
+) -> Attempt {
+    let limit = rt.opts.invoke_timeout;
+    let mut sender = match rt.pool.idle(addr).await {
+        Some(s) => s,
+        None => match rt.pool.connect(addr).await {
+            Ok(s) => s,
+            Err(e) => return Attempt::NotSent(req, format!("{} ({addr}): {e}", pod.key())),
+        },
+    };
+    let resp = match tokio::time::timeout(limit, sender.try_send_request(req)).await {
+        Err(_) => return Attempt::Done(Err(timed_out(app, pod, limit))),
+        Ok(Ok(resp)) => resp,
+        Ok(Err(mut e)) => match e.take_message() {
+            // The pooled connection had closed meanwhile: once more on a
+            // fresh one.
+            Some(back) => {
+                sender = match rt.pool.connect(addr).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        return Attempt::NotSent(back, format!("{} ({addr}): {e}", pod.key()))
+                    }
+                };
+                match tokio::time::timeout(limit, sender.send_request(back)).await {
+                    Err(_) => return Attempt::Done(Err(timed_out(app, pod, limit))),
+                    Ok(Err(e)) => {
+                        return Attempt::Done(Err(invoke_error(StatusCode::BAD_GATEWAY, app, e)))
+                    }
+                    Ok(Ok(r)) => r,
+                }
+            }
+            None => {
+                return Attempt::Done(Err(invoke_error(
+                    StatusCode::BAD_GATEWAY,
+                    app,
+                    format!("{} failed mid-request: {}", pod.key(), e.into_error()),
+                )))
+            }
+        },
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_hop(&mut parts.headers);
+    let body = rt.pool.body(addr, sender, body);
+    Attempt::Done(Ok(Response::from_parts(parts, body)))
+}
+
+async fn to_peer(
+    rt: &Runtime,
+    app: &str,
+    pod: &AppPod,
+    addr: SocketAddr,
+    mut req: Request<Body>,
+) -> Attempt {
+    let Some(peers) = &rt.peers else {
+        return Attempt::NotSent(req, format!("{}: no peer connections", pod.key()));
+    };
+    let mut sender = match peers.conn(addr).await {
+        Ok(s) => {
+            rt.pool.record(addr, true);
+            s
+        }
+        Err(e) => {
+            rt.pool.record(addr, false);
+            return Attempt::NotSent(req, format!("{} via peer {addr}: {e}", pod.key()));
+        }
+    };
+    // The peer gets the invoke path again (and the target's namespace);
+    // it prepares the request for its pod.
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map_or("", |p| p.as_str())
+        .trim_start_matches('/')
+        .to_string();
+    let uri = format!(
+        "https://{}/v1.0/invoke/{app}/method/{pq}",
+        crate::mesh::PEER_NAME
+    );
+    match uri.parse() {
+        Ok(u) => *req.uri_mut() = u,
+        Err(e) => {
+            return Attempt::Done(Err(ApiError::malformed(format!("method path {pq:?}: {e}"))))
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&pod.namespace) {
+        req.headers_mut()
+            .insert(HeaderName::from_static(crate::mesh::TARGET_NS), v);
+    }
+    let limit = rt.opts.invoke_timeout;
+    match tokio::time::timeout(limit, sender.send_request(req)).await {
+        Err(_) => Attempt::Done(Err(timed_out(app, pod, limit))),
+        Ok(Err(e)) => Attempt::Done(Err(crate::mesh::peer_error(app, addr, e))),
+        Ok(Ok(resp)) => {
+            let (parts, body) = resp.into_parts();
+            Attempt::Done(Ok(Response::from_parts(parts, body.boxed_unsync())))
+        }
+    }
 }
 
 /// Where a pod's app listens.
@@ -272,7 +401,8 @@ fn check_access(
 /// hop-by-hop and identity headers replaced, trace context carried on.
 fn prepare(
     req: &mut Request<Body>,
-    caller: &Caller,
+    caller_app: Option<&str>,
+    caller_ns: Option<&str>,
     app: &str,
     method: &str,
 ) -> Result<(), ApiError> {
@@ -288,13 +418,10 @@ fn prepare(
     for k in [CALLER_APP, CALLER_NS, CALLEE_APP] {
         h.remove(k);
     }
-    if let Some(id) = caller.app_id().and_then(|a| HeaderValue::from_str(a).ok()) {
+    if let Some(id) = caller_app.and_then(|a| HeaderValue::from_str(a).ok()) {
         h.insert(HeaderName::from_static(CALLER_APP), id);
     }
-    if let Some(ns) = caller
-        .namespace()
-        .and_then(|a| HeaderValue::from_str(a).ok())
-    {
+    if let Some(ns) = caller_ns.and_then(|a| HeaderValue::from_str(a).ok()) {
         h.insert(HeaderName::from_static(CALLER_NS), ns);
     }
     if let Ok(v) = HeaderValue::from_str(app) {

@@ -15,6 +15,7 @@ pub mod dapr;
 pub mod directory;
 mod error;
 pub mod invoke;
+pub mod mesh;
 pub mod metrics;
 pub mod peer;
 pub mod pool;
@@ -69,6 +70,8 @@ pub struct Runtime {
     pub opts: Options,
     ready: AtomicBool,
     containers: Option<Arc<dyn Containers>>,
+    /// Connections to other nodes' agents (None: same-node only).
+    pub peers: Option<mesh::Peers>,
 }
 
 impl Runtime {
@@ -76,6 +79,7 @@ impl Runtime {
         opts: Options,
         directory: watch::Receiver<Arc<Directory>>,
         containers: Option<Arc<dyn Containers>>,
+        peers: Option<mesh::Peers>,
     ) -> Arc<Runtime> {
         Arc::new(Runtime {
             directory,
@@ -85,6 +89,7 @@ impl Runtime {
             opts,
             ready: AtomicBool::new(false),
             containers,
+            peers,
         })
     }
 

@@ -59,7 +59,7 @@ impl Pool {
             .is_some_and(|t| Instant::now() < t)
     }
 
-    fn record(&self, addr: SocketAddr, ok: bool) {
+    pub fn record(&self, addr: SocketAddr, ok: bool) {
         let mut all = self.breakers.lock().unwrap_or_else(|e| e.into_inner());
         if ok {
             all.remove(&addr);

@@ -96,6 +96,22 @@ pub struct Args {
     /// Do not serve the app runtime at all.
     #[arg(long, env = "NODEPLANE_NO_RUNTIME")]
     pub no_runtime: bool,
+    /// Where other nodes' agents reach this one for cross-node invocation
+    /// (mutual TLS; default 0.0.0.0:3501); `off` for same-node only.
+    #[arg(long, env = "NODEPLANE_PEER_LISTEN")]
+    pub peer_listen: Option<String>,
+    /// The cluster CA certificate (PEM) that node certificates chain to
+    /// (default: one generated in <state-dir>/tls on first start).
+    #[arg(long, env = "NODEPLANE_PEER_CA")]
+    pub peer_ca: Option<PathBuf>,
+    /// The CA's key: the agent issues its own node certificate from it.
+    #[arg(long, env = "NODEPLANE_PEER_CA_KEY")]
+    pub peer_ca_key: Option<PathBuf>,
+    /// This node's certificate and key (PEM), issued by --peer-ca.
+    #[arg(long, env = "NODEPLANE_PEER_CERT")]
+    pub peer_cert: Option<PathBuf>,
+    #[arg(long, env = "NODEPLANE_PEER_KEY")]
+    pub peer_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Subcommand)]
@@ -184,6 +200,9 @@ pub struct RuntimeConfig {
     pub listen: Option<SocketAddr>,
     pub dir: PathBuf,
     pub components_dir: PathBuf,
+    /// Agent-to-agent listener (None: no cross-node invocation).
+    pub peer_listen: Option<SocketAddr>,
+    pub tls: nodeplane_runtime::mesh::TlsSources,
 }
 
 /// The pods' IPv4 gateway (the CNI plugin's default) on Dapr's port.
@@ -277,7 +296,26 @@ impl Config {
                     ))
                 })?),
             };
+            let peer_listen = match args.peer_listen.as_deref().map(str::trim) {
+                Some("off") => None,
+                None => Some(SocketAddr::from((
+                    [0, 0, 0, 0],
+                    nodeplane_runtime::mesh::DEFAULT_PEER_PORT,
+                ))),
+                Some(l) => Some(l.parse::<SocketAddr>().map_err(|e| {
+                    Error::Config(format!(
+                        "--peer-listen `{l}` is not an address:port ({e}); e.g. 0.0.0.0:3501, or `off`"
+                    ))
+                })?),
+            };
             Some(RuntimeConfig {
+                peer_listen,
+                tls: nodeplane_runtime::mesh::TlsSources {
+                    ca_cert: args.peer_ca,
+                    ca_key: args.peer_ca_key,
+                    cert: args.peer_cert,
+                    key: args.peer_key,
+                },
                 listen,
                 dir: args
                     .runtime_dir

@@ -72,9 +72,16 @@ pub async fn run(cfg: Config) -> Result<()> {
     let shim = lifecycle.clone();
     let (dir_tx, dir_rx) = tokio::sync::watch::channel(Arc::new(Default::default()));
     let runtime = match &cfg.runtime {
-        Some(rc) => {
-            Some(crate::runtime::start(rc, &cfg.state_dir, dir_rx, lifecycle.clone()).await?)
-        }
+        Some(rc) => Some(
+            crate::runtime::start(
+                rc,
+                &cfg.state_dir,
+                dir_rx,
+                lifecycle.clone(),
+                &cfg.node_name,
+            )
+            .await?,
+        ),
         None => None,
     };
     let http_status = status.clone();

@@ -94,16 +94,34 @@ pub async fn start(
     state_dir: &std::path::Path,
     directory: watch::Receiver<Arc<Directory>>,
     shim: Arc<Lifecycle>,
+    node_name: &str,
 ) -> Result<Arc<Runtime>> {
+    let connect_timeout = Duration::from_secs(2);
+    let tls = match cfg.peer_listen {
+        Some(_) => Some(
+            nodeplane_runtime::mesh::tls(&cfg.tls, &state_dir.join("tls"), node_name)
+                .map_err(|e| Error::Config(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let peers = match (&tls, cfg.peer_listen) {
+        (Some(t), Some(l)) => Some(nodeplane_runtime::mesh::Peers::new(
+            t,
+            l.port(),
+            connect_timeout,
+        )),
+        _ => None,
+    };
     let rt = Runtime::new(
         Options {
             components_dir: cfg.components_dir.clone(),
             state_dir: state_dir.join("runtime"),
             invoke_timeout: Duration::from_secs(60),
-            connect_timeout: Duration::from_secs(2),
+            connect_timeout,
         },
         directory,
         Some(Arc::new(ShimContainers(shim))),
+        peers,
     );
     rt.start_components(Duration::from_millis(500)).await;
     let sock = cfg.dir.join(nodeplane_runtime::SOCKET_NAME);
@@ -120,7 +138,19 @@ pub async fn start(
             nodeplane_runtime::server::serve_tcp(rt.clone(), tcp),
         ));
     }
-    tracing::info!(socket = %sock.display(), listen = ?cfg.listen, components = %cfg.components_dir.display(), "app runtime serving");
+    if let (Some(addr), Some(tls)) = (cfg.peer_listen, tls) {
+        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            Error::io(
+                format!("app runtime: peer listener on {addr} (--peer-listen)"),
+                e,
+            )
+        })?;
+        tokio::spawn(log_end(
+            "app runtime peer listener",
+            nodeplane_runtime::mesh::serve(rt.clone(), l, tls),
+        ));
+    }
+    tracing::info!(socket = %sock.display(), listen = ?cfg.listen, peers = ?cfg.peer_listen, components = %cfg.components_dir.display(), "app runtime serving");
     Ok(rt)
 }
 
