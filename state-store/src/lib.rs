@@ -13,7 +13,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+mod embedded;
 mod error;
+mod expect;
+mod postgres;
+mod redis_store;
+mod sweep;
 pub use error::{Error, Result};
 
 /// Dapr's `options.concurrency`.
@@ -97,11 +102,14 @@ pub const KINDS: &[&str] = &["state.embedded", "state.redis", "state.postgresql"
 /// Opens the store a component describes. `state_dir` is where embedded
 /// stores keep their files (one per component name).
 pub async fn open(spec: &ComponentSpec, state_dir: &Path) -> Result<Arc<dyn Store>> {
-    let _ = state_dir;
-    Err(Error::Config(format!(
-        "component {}: spec.type {} is not supported (supported: {})",
-        spec.name,
-        spec.kind,
-        KINDS.join(", ")
-    )))
+    match spec.kind.as_str() {
+        "state.embedded" => Ok(Arc::new(embedded::Embedded::open(spec, state_dir).await?)),
+        "state.redis" => Ok(Arc::new(redis_store::RedisStore::open(spec).await?)),
+        "state.postgresql" => Ok(Arc::new(postgres::Postgres::open(spec).await?)),
+        other => Err(Error::Config(format!(
+            "component {}: spec.type {other} is not supported; use one of: {}",
+            spec.name,
+            KINDS.join(", ")
+        ))),
+    }
 }
