@@ -163,10 +163,11 @@ impl Embedded {
                         Op::Upsert(s) => s.key.as_str(),
                         Op::Delete(d) => d.key.as_str(),
                     };
-                    let current = data
-                        .get(key)
-                        .map_err(|e| backend(&name, e))?
-                        .and_then(|g| decode(g.value()).filter(|r| live(r, now)).map(|r| r.version));
+                    let current = data.get(key).map_err(|e| backend(&name, e))?.and_then(|g| {
+                        decode(g.value())
+                            .filter(|r| live(r, now))
+                            .map(|r| r.version)
+                    });
                     if !expect::satisfied(*want, current) {
                         // Dropping the uncommitted transaction aborts it.
                         return Err(expect::mismatch(key));

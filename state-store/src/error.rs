@@ -3,7 +3,9 @@
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The etag given does not match the stored one (Dapr answers 409).
-    #[error("possible etag mismatch for key {key}: the item was changed or deleted since it was read")]
+    #[error(
+        "possible etag mismatch for key {key}: the item was changed or deleted since it was read"
+    )]
     EtagMismatch { key: String },
     /// The etag given is not one this store could have issued (Dapr answers 400).
     #[error("invalid etag {etag:?} for key {key}")]

@@ -93,10 +93,19 @@ mod tests {
     #[test]
     fn rules() {
         use Concurrency::*;
-        assert_eq!(for_save(&save(Some("x"), LastWrite)).ok(), Some(Expect::Any));
+        assert_eq!(
+            for_save(&save(Some("x"), LastWrite)).ok(),
+            Some(Expect::Any)
+        );
         assert_eq!(for_save(&save(None, FirstWrite)).ok(), Some(Expect::Absent));
-        assert_eq!(for_save(&save(Some(""), FirstWrite)).ok(), Some(Expect::Absent));
-        assert_eq!(for_save(&save(Some("7"), FirstWrite)).ok(), Some(Expect::Version(7)));
+        assert_eq!(
+            for_save(&save(Some(""), FirstWrite)).ok(),
+            Some(Expect::Absent)
+        );
+        assert_eq!(
+            for_save(&save(Some("7"), FirstWrite)).ok(),
+            Some(Expect::Version(7))
+        );
         assert!(matches!(
             for_save(&save(Some("+7"), FirstWrite)),
             Err(Error::EtagInvalid { .. })

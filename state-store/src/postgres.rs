@@ -100,16 +100,19 @@ fn db_error(e: &tokio_postgres::Error) -> String {
 impl Postgres {
     pub(crate) async fn open(spec: &ComponentSpec) -> Result<Self> {
         let name = spec.name.clone();
-        let bad = |msg: String| Error::Config(format!("component {name} (state.postgresql): {msg}"));
+        let bad =
+            |msg: String| Error::Config(format!("component {name} (state.postgresql): {msg}"));
         let conn_str = spec
             .metadata
             .get("connectionString")
             .map(|s| s.trim())
             .filter(|s| !s.is_empty())
             .ok_or_else(|| {
-                bad("metadata connectionString is required: set it to a libpq string such as \
+                bad(
+                    "metadata connectionString is required: set it to a libpq string such as \
                      \"host=db port=5432 user=dapr password=... dbname=dapr\" or a postgres:// URL"
-                    .into())
+                        .into(),
+                )
             })?;
         let table = spec
             .metadata
@@ -294,10 +297,7 @@ impl Store for Postgres {
             .prepare_cached(&self.sql.bulk_get)
             .await
             .map_err(|e| self.backend(&e))?;
-        let rows = c
-            .query(&st, &[&keys])
-            .await
-            .map_err(|e| self.backend(&e))?;
+        let rows = c.query(&st, &[&keys]).await.map_err(|e| self.backend(&e))?;
         let found: std::collections::HashMap<String, Item> = rows
             .into_iter()
             .map(|r| {

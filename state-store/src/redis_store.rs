@@ -90,7 +90,9 @@ impl RedisStore {
             Some((h, p)) => (
                 h.trim_start_matches('[').trim_end_matches(']'),
                 p.parse::<u16>().map_err(|_| {
-                    bad(format!("metadata redisHost {host:?}: the port is not a number; write host:port"))
+                    bad(format!(
+                        "metadata redisHost {host:?}: the port is not a number; write host:port"
+                    ))
                 })?,
             ),
             None => (host, 6379),
@@ -103,7 +105,9 @@ impl RedisStore {
         let mut settings = RedisConnectionInfo::default();
         if let Some(db) = field(spec, "redisDB") {
             let db = db.parse::<i64>().map_err(|_| {
-                bad(format!("metadata redisDB {db:?} is not a number; write a database index such as 0"))
+                bad(format!(
+                    "metadata redisDB {db:?} is not a number; write a database index such as 0"
+                ))
             })?;
             settings = settings.set_db(db);
         }
@@ -117,9 +121,14 @@ impl RedisStore {
             None => None,
             Some(t) => {
                 let secs = t.parse::<i64>().map_err(|_| {
-                    bad(format!("metadata ttlInSeconds {t:?} is not a whole number of seconds"))
+                    bad(format!(
+                        "metadata ttlInSeconds {t:?} is not a whole number of seconds"
+                    ))
                 })?;
-                u64::try_from(secs).ok().filter(|s| *s > 0).map(Duration::from_secs)
+                u64::try_from(secs)
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .map(Duration::from_secs)
             }
         };
         let info = ConnectionAddr::Tcp(h.to_owned(), port)
@@ -134,7 +143,9 @@ impl RedisStore {
         let conn = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| {
-                Error::Backend(format!("component {name} (state.redis): cannot connect to {host}: {e}"))
+                Error::Backend(format!(
+                    "component {name} (state.redis): cannot connect to {host}: {e}"
+                ))
             })?;
         Ok(RedisStore {
             name: name.clone(),

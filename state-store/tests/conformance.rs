@@ -67,7 +67,10 @@ async fn round_trip(s: &dyn Store) {
         ..save("rt-bin", "")
     };
     s.save(raw).await.expect("save binary");
-    assert_eq!(must_get(s, "rt-bin").await.value, Bytes::from_static(b"\x00\xff{\"a\":1}"));
+    assert_eq!(
+        must_get(s, "rt-bin").await.value,
+        Bytes::from_static(b"\x00\xff{\"a\":1}")
+    );
     s.delete(delete("rt", None, Concurrency::LastWrite))
         .await
         .expect("delete");
@@ -104,7 +107,9 @@ async fn etag_bump(s: &dyn Store) {
 }
 
 async fn first_write_without_etag(s: &dyn Store) {
-    s.save(first_write("fw", "a", None)).await.expect("absent key");
+    s.save(first_write("fw", "a", None))
+        .await
+        .expect("absent key");
     let again = s.save(first_write("fw", "b", None)).await;
     assert!(is_mismatch(&again), "existing key: {again:?}");
     // An empty etag is no etag (Dapr's HTTP API sends "" for none).
@@ -123,9 +128,9 @@ async fn first_write_race(s: Arc<dyn Store>) {
             .into_iter()
             .map(|who| {
                 let (s, key, etag) = (s.clone(), key.clone(), etag.clone());
-                tokio::spawn(async move {
-                    (who, s.save(first_write(&key, who, Some(&etag))).await)
-                })
+                tokio::spawn(
+                    async move { (who, s.save(first_write(&key, who, Some(&etag))).await) },
+                )
             })
             .collect();
         let mut won = Vec::new();
@@ -170,12 +175,16 @@ async fn last_write(s: &dyn Store) {
         etag: Some("987654321".into()),
         ..save("lw", "b")
     };
-    s.save(wrong).await.expect("last-write ignores a wrong etag");
+    s.save(wrong)
+        .await
+        .expect("last-write ignores a wrong etag");
     let junk = Save {
         etag: Some("not-a-number".into()),
         ..save("lw", "c")
     };
-    s.save(junk).await.expect("last-write ignores an invalid etag");
+    s.save(junk)
+        .await
+        .expect("last-write ignores an invalid etag");
     assert_eq!(value_of(s, "lw").await.as_deref(), Some("c"));
     s.delete(delete("lw", Some("987654321"), Concurrency::LastWrite))
         .await
@@ -187,9 +196,17 @@ async fn etag_invalid(s: &dyn Store) {
     s.save(save("ei", "a")).await.expect("save");
     for bad in ["abc", "-1", "1.5", " 7"] {
         let r = s.save(first_write("ei", "b", Some(bad))).await;
-        assert!(matches!(r, Err(Error::EtagInvalid { .. })), "save etag {bad:?}: {r:?}");
-        let r = s.delete(delete("ei", Some(bad), Concurrency::FirstWrite)).await;
-        assert!(matches!(r, Err(Error::EtagInvalid { .. })), "delete etag {bad:?}: {r:?}");
+        assert!(
+            matches!(r, Err(Error::EtagInvalid { .. })),
+            "save etag {bad:?}: {r:?}"
+        );
+        let r = s
+            .delete(delete("ei", Some(bad), Concurrency::FirstWrite))
+            .await;
+        assert!(
+            matches!(r, Err(Error::EtagInvalid { .. })),
+            "delete etag {bad:?}: {r:?}"
+        );
     }
     assert_eq!(value_of(s, "ei").await.as_deref(), Some("a"));
 }
@@ -198,14 +215,18 @@ async fn delete_with_etag(s: &dyn Store) {
     s.save(save("de", "a")).await.expect("save");
     let etag = must_get(s, "de").await.etag;
     let wrong = format!("{}", etag.parse::<u64>().expect("decimal") + 1000);
-    let r = s.delete(delete("de", Some(&wrong), Concurrency::FirstWrite)).await;
+    let r = s
+        .delete(delete("de", Some(&wrong), Concurrency::FirstWrite))
+        .await;
     assert!(is_mismatch(&r), "wrong etag: {r:?}");
     assert_eq!(value_of(s, "de").await.as_deref(), Some("a"));
     s.delete(delete("de", Some(&etag), Concurrency::FirstWrite))
         .await
         .expect("right etag");
     assert_eq!(value_of(s, "de").await, None);
-    let r = s.delete(delete("de", Some(&etag), Concurrency::FirstWrite)).await;
+    let r = s
+        .delete(delete("de", Some(&etag), Concurrency::FirstWrite))
+        .await;
     assert!(is_mismatch(&r), "etag on a deleted key: {r:?}");
 }
 
@@ -218,10 +239,17 @@ async fn ttl_expires(s: &dyn Store) {
     assert_eq!(value_of(s, "ttl").await.as_deref(), Some("short"));
     let start = Instant::now();
     while value_of(s, "ttl").await.is_some() {
-        assert!(start.elapsed() < Duration::from_secs(5), "still there after 5 s");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "still there after 5 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(start.elapsed() >= Duration::from_millis(700), "gone too early: {:?}", start.elapsed());
+    assert!(
+        start.elapsed() >= Duration::from_millis(700),
+        "gone too early: {:?}",
+        start.elapsed()
+    );
     let bulk = s.bulk_get(&["ttl".into()]).await.expect("bulk_get");
     assert_eq!(bulk, vec![None], "bulk_get hides expired items too");
     // An expired item is absent for first-write, too.
@@ -236,7 +264,9 @@ async fn ttl_cleared_by_later_save(s: &dyn Store) {
         ..save("ttl-clear", "short")
     };
     s.save(ttl).await.expect("save with ttl");
-    s.save(save("ttl-clear", "kept")).await.expect("save without ttl");
+    s.save(save("ttl-clear", "kept"))
+        .await
+        .expect("save without ttl");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(value_of(s, "ttl-clear").await.as_deref(), Some("kept"));
 }
@@ -341,9 +371,12 @@ async fn conformance_redis() {
     let redis = Redis::start();
     let dir = TempDir::new("redis-unused");
     let host = redis.host();
-    let s = nodeplane_state::open(&spec("cache", "state.redis", &[("redisHost", &host)]), dir.path())
-        .await
-        .expect("open redis");
+    let s = nodeplane_state::open(
+        &spec("cache", "state.redis", &[("redisHost", &host)]),
+        dir.path(),
+    )
+    .await
+    .expect("open redis");
     suite(s).await;
 }
 
@@ -353,7 +386,11 @@ async fn conformance_postgresql() {
     let dir = TempDir::new("pg-unused");
     let conn = pg.connection_string();
     let s = nodeplane_state::open(
-        &spec("pgstore", "state.postgresql", &[("connectionString", &conn)]),
+        &spec(
+            "pgstore",
+            "state.postgresql",
+            &[("connectionString", &conn)],
+        ),
         dir.path(),
     )
     .await
@@ -364,7 +401,10 @@ async fn conformance_postgresql() {
         &spec(
             "pgother",
             "state.postgresql",
-            &[("connectionString", &conn), ("tableName", "public.other_state")],
+            &[
+                ("connectionString", &conn),
+                ("tableName", "public.other_state"),
+            ],
         ),
         dir.path(),
     )

@@ -70,7 +70,10 @@ fn wait_ready(child: &mut Child, what: &str, log: &Path, mut ready: impl FnMut()
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited during start-up ({status}):\n{}", log_tail(log));
+            panic!(
+                "{what} exited during start-up ({status}):\n{}",
+                log_tail(log)
+            );
         }
         if ready() {
             return;
@@ -191,7 +194,17 @@ impl Postgres {
         };
         let log = dir.path().join("pg.log");
         let init = cmd("initdb")
-            .args(["-U", "postgres", "-A", "trust", "-E", "UTF8", "--locale=C", "--no-sync", "-D"])
+            .args([
+                "-U",
+                "postgres",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--locale=C",
+                "--no-sync",
+                "-D",
+            ])
             .arg(&data)
             .stdin(Stdio::null())
             .stdout(File::create(&log).expect("pg log"))
@@ -207,7 +220,14 @@ impl Postgres {
             .arg("-c")
             .arg(format!("unix_socket_directories={}", dir.path().display()))
             // A throwaway server: durability is not what these tests measure.
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(File::options().append(true).open(&log).expect("pg log"))
@@ -219,9 +239,14 @@ impl Postgres {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(Some(status)) = pg.child.try_wait() {
-                panic!("postgres exited during start-up ({status}):\n{}", log_tail(&log));
+                panic!(
+                    "postgres exited during start-up ({status}):\n{}",
+                    log_tail(&log)
+                );
             }
-            if let Ok((client, connection)) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+            if let Ok((client, connection)) =
+                tokio_postgres::connect(&conn, tokio_postgres::NoTls).await
+            {
                 drop(client);
                 let _ = connection.await;
                 return pg;
