@@ -92,13 +92,31 @@ impl Embedded {
                     dir.display()
                 ))
             })?;
-            let db = Database::create(&p).map_err(|e| match e {
-                redb::DatabaseError::DatabaseAlreadyOpen => Error::Backend(format!(
-                    "component {n}: {} is already open (another agent, or this component opened twice)",
-                    p.display()
-                )),
-                e => Error::Backend(format!("component {n}: cannot open {}: {e}", p.display())),
-            })?;
+            // A store dropped a moment ago may still have a blocking call in
+            // flight (its caller gave up) that holds the file: wait a little.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            let db = loop {
+                match Database::create(&p) {
+                    Ok(db) => break db,
+                    Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(std::time::Duration::from_millis(50));
+                    }
+                    Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                        return Err(Error::Backend(format!(
+                            "component {n}: {} is already open (another agent, or this component opened twice)",
+                            p.display()
+                        )))
+                    }
+                    Err(e) => {
+                        return Err(Error::Backend(format!(
+                            "component {n}: cannot open {}: {e}",
+                            p.display()
+                        )))
+                    }
+                }
+            };
             // Create both tables so readers never meet a missing one.
             let txn = db.begin_write().map_err(|e| backend(&n, e))?;
             txn.open_table(DATA).map_err(|e| backend(&n, e))?;

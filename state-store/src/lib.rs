@@ -26,7 +26,11 @@ pub use error::{Error, Result};
 pub enum Concurrency {
     /// An etag, when given, must match; with no etag the key must not exist.
     FirstWrite,
-    /// The write wins whatever is stored; a given etag is ignored.
+    /// The write wins whatever is stored; a given etag is ignored (by save
+    /// and delete alike). Dapr's own stores disagree on this: state.redis
+    /// ignores it on save but checks it on delete, state.postgresql checks
+    /// it whenever given, state.sqlite ignores it; this crate follows the
+    /// documented first-write/last-write split in every backend.
     #[default]
     LastWrite,
 }
@@ -45,7 +49,10 @@ pub struct Save {
     pub value: Bytes,
     pub etag: Option<String>,
     pub concurrency: Concurrency,
-    /// From metadata `ttlInSeconds`; `None` keeps the item until deleted.
+    /// From metadata `ttlInSeconds`; `None` keeps the item until deleted
+    /// (or, in state.redis, applies the component's own `ttlInSeconds`
+    /// default if it has one); `Some(Duration::ZERO)` means no expiry even
+    /// then (Dapr's `ttlInSeconds: -1`).
     pub ttl: Option<Duration>,
 }
 

@@ -65,20 +65,33 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
-/// Waits until `ready` holds, failing if the server exits or 20 s pass.
-fn wait_ready(child: &mut Child, what: &str, log: &Path, mut ready: impl FnMut() -> bool) {
+/// Tries to start a server up to three times, on a fresh free port each
+/// time: another process may take the port between our probe and the
+/// server's bind, and the server then exits at once.
+const ATTEMPTS: usize = 3;
+
+/// Waits until `ready` holds. `Err` if the server exited (worth another
+/// port); panics after 20 s.
+fn wait_ready(
+    child: &mut Child,
+    what: &str,
+    log: &Path,
+    mut ready: impl FnMut() -> bool,
+) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         if let Ok(Some(status)) = child.try_wait() {
-            panic!(
+            return Err(format!(
                 "{what} exited during start-up ({status}):\n{}",
                 log_tail(log)
-            );
+            ));
         }
         if ready() {
-            return;
+            return Ok(());
         }
         if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
             panic!("{what} not ready after 20 s:\n{}", log_tail(log));
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -101,22 +114,28 @@ impl Redis {
             bin.display()
         );
         let dir = TempDir::new("redis");
-        let port = free_port();
         let log = dir.path().join("redis.log");
-        let mut child = Command::new(bin)
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir.path())
-            .stdin(Stdio::null())
-            .stdout(File::create(&log).expect("redis log"))
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn redis-server");
-        wait_ready(&mut child, "redis-server", &log, || {
-            TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
-        Redis { child, port, dir }
+        let mut failures = Vec::new();
+        for _ in 0..ATTEMPTS {
+            let port = free_port();
+            let mut child = Command::new(bin)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.path())
+                .stdin(Stdio::null())
+                .stdout(File::create(&log).expect("redis log"))
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn redis-server");
+            match wait_ready(&mut child, "redis-server", &log, || {
+                TcpStream::connect(("127.0.0.1", port)).is_ok()
+            }) {
+                Ok(()) => return Redis { child, port, dir },
+                Err(e) => failures.push(e),
+            }
+        }
+        panic!("{}", failures.join("\n"));
     }
 
     pub fn host(&self) -> String {
@@ -141,6 +160,10 @@ pub struct Postgres {
 fn id_of(flag: &str) -> Option<u32> {
     let out = Command::new("id").args([flag, "postgres"]).output().ok()?;
     String::from_utf8(out.stdout).ok()?.trim().parse().ok()
+}
+
+fn connection_string(port: u16) -> String {
+    format!("host=127.0.0.1 port={port} user=postgres dbname=postgres connect_timeout=5")
 }
 
 /// The newest /usr/lib/postgresql/<major>/bin.
@@ -212,57 +235,54 @@ impl Postgres {
             .status()
             .expect("run initdb");
         assert!(init.success(), "initdb failed:\n{}", log_tail(&log));
-        let port = free_port();
-        let child = cmd("postgres")
-            .arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
-            .arg("-c")
-            .arg(format!("unix_socket_directories={}", dir.path().display()))
-            // A throwaway server: durability is not what these tests measure.
-            .args([
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-            ])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(File::options().append(true).open(&log).expect("pg log"))
-            .spawn()
-            .expect("spawn postgres");
-        let mut pg = Postgres { child, port, dir };
-        // Accepting TCP is not ready ("the database system is starting up"): log in.
-        let conn = pg.connection_string();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(Some(status)) = pg.child.try_wait() {
-                panic!(
-                    "postgres exited during start-up ({status}):\n{}",
-                    log_tail(&log)
-                );
+        let mut failures = Vec::new();
+        for _ in 0..ATTEMPTS {
+            let port = free_port();
+            let mut child = cmd("postgres")
+                .arg("-D")
+                .arg(&data)
+                .args(["-p", &port.to_string(), "-c", "listen_addresses=127.0.0.1"])
+                .arg("-c")
+                .arg(format!("unix_socket_directories={}", dir.path().display()))
+                // A throwaway server: durability is not what these tests measure.
+                .args(["-c", "fsync=off", "-c", "synchronous_commit=off"])
+                .args(["-c", "full_page_writes=off"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(File::options().append(true).open(&log).expect("pg log"))
+                .spawn()
+                .expect("spawn postgres");
+            // Accepting TCP is not ready ("the database system is starting up"): log in.
+            let conn = connection_string(port);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    failures.push(format!(
+                        "postgres exited during start-up ({status}):\n{}",
+                        log_tail(&log)
+                    ));
+                    break;
+                }
+                if let Ok((client, connection)) =
+                    tokio_postgres::connect(&conn, tokio_postgres::NoTls).await
+                {
+                    drop(client);
+                    let _ = connection.await;
+                    return Postgres { child, port, dir };
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("postgres not ready after 20 s:\n{}", log_tail(&log));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if let Ok((client, connection)) =
-                tokio_postgres::connect(&conn, tokio_postgres::NoTls).await
-            {
-                drop(client);
-                let _ = connection.await;
-                return pg;
-            }
-            if Instant::now() > deadline {
-                panic!("postgres not ready after 20 s:\n{}", log_tail(&log));
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        panic!("{}", failures.join("\n"));
     }
 
     pub fn connection_string(&self) -> String {
-        format!(
-            "host=127.0.0.1 port={} user=postgres dbname=postgres connect_timeout=5",
-            self.port
-        )
+        connection_string(self.port)
     }
 }
 
