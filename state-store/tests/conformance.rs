@@ -378,6 +378,34 @@ async fn conformance_redis() {
     .await
     .expect("open redis");
     suite(s).await;
+
+    // ttlInSeconds: the component's default TTL for saves that carry none;
+    // an explicit zero TTL (Dapr's -1) keeps the item anyway.
+    let s = nodeplane_state::open(
+        &spec(
+            "ttlcache",
+            "state.redis",
+            &[("redisHost", &host), ("ttlInSeconds", "1")],
+        ),
+        dir.path(),
+    )
+    .await
+    .expect("open redis with ttlInSeconds");
+    s.save(save("dflt", "goes")).await.expect("save");
+    let kept = Save {
+        ttl: Some(Duration::ZERO),
+        ..save("dflt-kept", "stays")
+    };
+    s.save(kept).await.expect("save");
+    let start = Instant::now();
+    while value_of(&*s, "dflt").await.is_some() {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "default TTL not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(value_of(&*s, "dflt-kept").await.as_deref(), Some("stays"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
