@@ -13,7 +13,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+mod embedded;
 mod error;
+mod expect;
+mod postgres;
+mod redis_store;
+mod sweep;
 pub use error::{Error, Result};
 
 /// Dapr's `options.concurrency`.
@@ -21,7 +26,11 @@ pub use error::{Error, Result};
 pub enum Concurrency {
     /// An etag, when given, must match; with no etag the key must not exist.
     FirstWrite,
-    /// The write wins whatever is stored; a given etag is ignored.
+    /// The write wins whatever is stored; a given etag is ignored (by save
+    /// and delete alike). Dapr's own stores disagree on this: state.redis
+    /// ignores it on save but checks it on delete, state.postgresql checks
+    /// it whenever given, state.sqlite ignores it; this crate follows the
+    /// documented first-write/last-write split in every backend.
     #[default]
     LastWrite,
 }
@@ -40,7 +49,10 @@ pub struct Save {
     pub value: Bytes,
     pub etag: Option<String>,
     pub concurrency: Concurrency,
-    /// From metadata `ttlInSeconds`; `None` keeps the item until deleted.
+    /// From metadata `ttlInSeconds`; `None` keeps the item until deleted
+    /// (or, in state.redis, applies the component's own `ttlInSeconds`
+    /// default if it has one); `Some(Duration::ZERO)` means no expiry even
+    /// then (Dapr's `ttlInSeconds: -1`).
     pub ttl: Option<Duration>,
 }
 
@@ -97,11 +109,14 @@ pub const KINDS: &[&str] = &["state.embedded", "state.redis", "state.postgresql"
 /// Opens the store a component describes. `state_dir` is where embedded
 /// stores keep their files (one per component name).
 pub async fn open(spec: &ComponentSpec, state_dir: &Path) -> Result<Arc<dyn Store>> {
-    let _ = state_dir;
-    Err(Error::Config(format!(
-        "component {}: spec.type {} is not supported (supported: {})",
-        spec.name,
-        spec.kind,
-        KINDS.join(", ")
-    )))
+    match spec.kind.as_str() {
+        "state.embedded" => Ok(Arc::new(embedded::Embedded::open(spec, state_dir).await?)),
+        "state.redis" => Ok(Arc::new(redis_store::RedisStore::open(spec).await?)),
+        "state.postgresql" => Ok(Arc::new(postgres::Postgres::open(spec).await?)),
+        other => Err(Error::Config(format!(
+            "component {}: spec.type {other} is not supported; use one of: {}",
+            spec.name,
+            KINDS.join(", ")
+        ))),
+    }
 }
