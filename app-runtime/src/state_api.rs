@@ -259,7 +259,8 @@ impl Scope {
     }
 
     fn save(&self, it: Item) -> Result<Save, ApiError> {
-        let concurrency = concurrency(it.options.as_ref())?;
+        let etag = it.etag.filter(|e| !e.is_empty());
+        let concurrency = concurrency(it.options.as_ref(), etag.is_some())?;
         let ttl = ttl(&it.metadata)?;
         let value = it
             .value
@@ -268,7 +269,7 @@ impl Scope {
         Ok(Save {
             key: self.key(&it.key)?,
             value,
-            etag: it.etag.filter(|e| !e.is_empty()),
+            etag,
             concurrency,
             ttl,
         })
@@ -280,15 +281,20 @@ impl Scope {
         etag: Option<String>,
         options: Option<Options>,
     ) -> Result<Delete, ApiError> {
+        let etag = etag.filter(|e| !e.is_empty());
         Ok(Delete {
             key: self.key(&key)?,
-            etag: etag.filter(|e| !e.is_empty()),
-            concurrency: concurrency(options.as_ref())?,
+            concurrency: concurrency(options.as_ref(), etag.is_some())?,
+            etag,
         })
     }
 }
 
-fn concurrency(o: Option<&Options>) -> Result<Concurrency, ApiError> {
+/// The store's concurrency for a request. Unspecified, Dapr's runtime
+/// leaves the option empty and its stores then check an etag that is
+/// given (and write unconditionally without one); only an explicit
+/// `last-write` ignores the etag.
+fn concurrency(o: Option<&Options>, has_etag: bool) -> Result<Concurrency, ApiError> {
     if let Some(c) = o.and_then(|o| o.consistency.as_deref()) {
         if !matches!(c, "" | "eventual" | "strong") {
             return Err(ApiError::malformed(format!(
@@ -297,6 +303,7 @@ fn concurrency(o: Option<&Options>) -> Result<Concurrency, ApiError> {
         }
     }
     match o.and_then(|o| o.concurrency.as_deref()) {
+        None | Some("") if has_etag => Ok(Concurrency::FirstWrite),
         None | Some("") | Some("last-write") => Ok(Concurrency::LastWrite),
         Some("first-write") => Ok(Concurrency::FirstWrite),
         Some(other) => Err(ApiError::malformed(format!(
@@ -395,11 +402,16 @@ mod tests {
             consistency: None,
         };
         assert_eq!(
-            concurrency(Some(&o("first-write"))).expect("c"),
+            concurrency(Some(&o("first-write")), false).expect("c"),
             Concurrency::FirstWrite
         );
-        assert_eq!(concurrency(None).expect("c"), Concurrency::LastWrite);
-        assert!(concurrency(Some(&o("first"))).is_err());
+        assert_eq!(concurrency(None, false).expect("c"), Concurrency::LastWrite);
+        assert_eq!(concurrency(None, true).expect("c"), Concurrency::FirstWrite);
+        assert_eq!(
+            concurrency(Some(&o("last-write")), true).expect("c"),
+            Concurrency::LastWrite
+        );
+        assert!(concurrency(Some(&o("first")), false).is_err());
     }
 
     #[test]

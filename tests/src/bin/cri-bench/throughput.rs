@@ -24,7 +24,7 @@ async fn rate(socket: &Path, clients: usize, secs: u64) -> anyhow::Result<f64> {
         tasks.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let ok = if i % 2 == 0 {
+                let ok = if i.is_multiple_of(2) {
                     c.version(VersionRequest::default()).await.is_ok()
                 } else {
                     let f = Some(k8s_cri::v1::ContainerFilter {

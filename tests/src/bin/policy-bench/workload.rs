@@ -256,7 +256,12 @@ fn pod(namespace: &str, name: String, w: usize, ip: Option<Ipv4Addr>, local: boo
         ("tier", tier.to_string()),
         (
             "track",
-            if w % 10 == 0 { "canary" } else { "stable" }.to_string(),
+            if w.is_multiple_of(10) {
+                "canary"
+            } else {
+                "stable"
+            }
+            .to_string(),
         ),
     ]
     .into_iter()
@@ -284,7 +289,7 @@ fn policy(ns: &str, i: usize, j: usize, nns: usize) -> Value {
     let name = format!("np-{j:02}");
     let app = |n: usize| format!("app-{:02}", n % 25);
     let spec = match j % 25 {
-        0 if i % 2 == 0 => json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+        0 if i.is_multiple_of(2) => json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
         0 => json!({"podSelector": {}, "ingress": [{"from": [{"podSelector": {}}]}]}),
         1..=12 => json!({
             "podSelector": {"matchLabels": {"app": app(j)}},
