@@ -8,6 +8,7 @@
 //! install, never a silent skip.
 
 pub mod agent;
+pub mod apps;
 pub mod cni;
 pub mod containerd;
 pub mod cri;

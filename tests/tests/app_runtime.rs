@@ -4,88 +4,24 @@
 //! unix socket. Invocation, identity from the kernel, access control,
 //! state on the embedded store, kill -9 and restart of the agent.
 
-use std::io::Read;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use nodeplane_tests::agent::{in_netns, Agent};
-use nodeplane_tests::fixture::{ip_of, Node};
+use nodeplane_tests::apps::{self, AppPod, APP_PORT};
+use nodeplane_tests::fixture::Node;
 use nodeplane_tests::http1::{runtime_in, Conn, Msg, RUNTIME};
-use nodeplane_tests::{prereq, Netns};
+use nodeplane_tests::prereq;
 
 const CIDR: &str = "10.244.0.0/24";
-const APP_PORT: u16 = 8080;
 
-/// A pod running np-app on APP_PORT.
-struct Pod {
-    ns: Netns,
-    ip: String,
-    app: Option<Child>,
-}
-
-impl Drop for Pod {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.app.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Pod {
-    fn path(&self) -> std::path::PathBuf {
-        self.ns.path()
-    }
-
-    fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Msg {
-        runtime_in(&self.path(), method, path, headers, body)
-            .unwrap_or_else(|e| panic!("{method} {path} from {}: {e}", self.ns.name))
-    }
-}
+type Pod = AppPod;
 
 fn pod_yaml(name: &str, app: Option<&str>, extra_annotations: &str) -> String {
-    let mut ann = String::new();
-    if let Some(a) = app {
-        ann = format!("dapr.io/app-id: {a}, dapr.io/app-port: \"{APP_PORT}\"");
-    }
-    if !extra_annotations.is_empty() {
-        if !ann.is_empty() {
-            ann.push_str(", ");
-        }
-        ann.push_str(extra_annotations);
-    }
-    format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{pod: {name}}}, annotations: {{{ann}}}}}\nspec: {{containers: [{{name: c, image: i}}]}}\n---\n"
-    )
-}
-
-fn start_app(ns: &Netns) -> Child {
-    let mut c = ns
-        .command(env!("CARGO_BIN_EXE_np-app"))
-        .args(["serve", &APP_PORT.to_string(), "--exit-on-stdin-eof"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn np-app");
-    let mut line = [0u8; 6];
-    if let Some(out) = c.stdout.as_mut() {
-        let _ = out.read_exact(&mut line);
-    }
-    assert_eq!(&line, b"ready\n", "np-app did not start in {}", ns.name);
-    c
+    apps::pod_yaml("shop", name, app, extra_annotations, "")
 }
 
 fn add(node: &Node, name: &str) -> Pod {
-    let ns = Netns::new(&format!("npr{name}"));
-    let res = node.add_pod(&format!("shop-{name}"), &ns, "shop", name);
-    let ip = ip_of(&res, 0)
-        .split('/')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    let app = Some(start_app(&ns));
-    Pod { ns, ip, app }
+    AppPod::add(node, "shop", name)
 }
 
 const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n";

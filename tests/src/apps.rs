@@ -1,0 +1,115 @@
+//! App pods for the app runtime's tests and benchmark: a pod namespace
+//! wired by nodeplane-cni with np-app serving in it, and the manifests
+//! that give it an app id.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+
+use crate::fixture::{ip_of, Node};
+use crate::http1::{runtime_in, Msg};
+use crate::Netns;
+
+/// Where np-app listens in every app pod.
+pub const APP_PORT: u16 = 8080;
+
+/// A pod running np-app on [`APP_PORT`]; the app is stopped on drop.
+#[derive(Debug)]
+pub struct AppPod {
+    pub ns: Netns,
+    pub ip: String,
+    app: Option<Child>,
+}
+
+impl Drop for AppPod {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.app.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl AppPod {
+    /// ADDs pod `namespace/name` on `node` (CNI_ARGS naming it) and starts np-app in it.
+    pub fn add(node: &Node, namespace: &str, name: &str) -> AppPod {
+        let ns = Netns::new(&format!("npr{name}"));
+        let res = node.add_pod(&format!("{namespace}-{name}"), &ns, namespace, name);
+        let ip = ip_of(&res, 0)
+            .split('/')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        let app = Some(start_app(&ns));
+        AppPod { ns, ip, app }
+    }
+
+    pub fn path(&self) -> PathBuf {
+        self.ns.path()
+    }
+
+    /// One request to the node runtime from this pod; panics on I/O errors.
+    pub fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Msg {
+        runtime_in(&self.path(), method, path, headers, body)
+            .unwrap_or_else(|e| panic!("{method} {path} from {}: {e}", self.ns.name))
+    }
+}
+
+/// The np-app binary next to the running test or bench.
+pub fn np_app_bin() -> PathBuf {
+    let p = crate::target_dir().join("np-app");
+    assert!(
+        p.exists(),
+        "{} is missing: build it with `cargo build -p nodeplane-tests --bin np-app`",
+        p.display()
+    );
+    p
+}
+
+/// np-app serving on [`APP_PORT`] in `ns` (returns once it listens).
+pub fn start_app(ns: &Netns) -> Child {
+    let mut c = ns
+        .command(np_app_bin())
+        .args(["serve", &APP_PORT.to_string(), "--exit-on-stdin-eof"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn np-app");
+    let mut line = [0u8; 6];
+    if let Some(out) = c.stdout.as_mut() {
+        let _ = out.read_exact(&mut line);
+    }
+    assert_eq!(&line, b"ready\n", "np-app did not start in {}", ns.name);
+    c
+}
+
+/// A Pod manifest with `dapr.io/app-id` / `dapr.io/app-port` (when `app`
+/// is given), more annotations (`k: v, ...` flow-map entries), and the
+/// rest of the pod's YAML after `metadata` (e.g. spec and status).
+pub fn pod_yaml(
+    namespace: &str,
+    name: &str,
+    app: Option<&str>,
+    annotations: &str,
+    rest: &str,
+) -> String {
+    let mut ann = String::new();
+    if let Some(a) = app {
+        ann = format!("dapr.io/app-id: {a}, dapr.io/app-port: \"{APP_PORT}\"");
+    }
+    if !annotations.is_empty() {
+        if !ann.is_empty() {
+            ann.push_str(", ");
+        }
+        ann.push_str(annotations);
+    }
+    let rest = if rest.is_empty() {
+        "spec: {containers: [{name: c, image: i}]}\n"
+    } else {
+        rest
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{pod: {name}}}, annotations: {{{ann}}}}}\n{rest}---\n"
+    )
+}
