@@ -7,7 +7,10 @@
 # three pods into it with the example network configuration
 # deploy/cni/10-nodeplane.conflist, shows their addresses, pings and TCP
 # between them and the node over IPv4 and IPv6, then applies the example
-# NetworkPolicy and shows an allowed and a denied connection. Then the CSI
+# NetworkPolicy and shows an allowed and a denied connection. Then the app
+# runtime: two demo apps (np-app) in pods a and b invoke each other and keep
+# state through the node's runtime (Dapr's HTTP API at 169.254.1.1:3500),
+# and a pod without an app id is refused app-scoped state. Then the CSI
 # driver: `nodeplane-agent csi` in standalone mode on a pool image it makes
 # in a temp dir (a loop-mounted xfs, in a private mount namespace, so neither
 # the host disk nor the host's mounts are used), provisions a 64 MiB volume
@@ -34,8 +37,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-echo "==> building nodeplane-cni, nodeplane-agent and nodeplane-csictl (release; the first build takes a few minutes)"
+echo "==> building nodeplane-cni, nodeplane-agent, nodeplane-csictl and the demo app np-app (release; the first build takes a few minutes)"
 cargo build --release -q -p nodeplane-cni -p nodeplane-agent -p nodeplane-csi
+cargo build --release -q -p nodeplane-tests --bin np-app
 # .cargo/config.toml builds for the explicit host tuple (static binaries).
 BIN="$PWD/target/$(rustc -vV | sed -n 's/^host: //p')/release"
 TOOL="$BIN/nodeplane-cnitool"
@@ -109,7 +113,7 @@ mkdir -p "$MANIFESTS"
 cp deploy/standalone/cluster.yaml "$MANIFESTS/"
 ip netns exec "$NODE" "$BIN/nodeplane-agent" --manifests-dir "$MANIFESTS" \
   --state-dir /run/nodeplane-demo/agent --cni-state-dir "$NODEPLANE_STATE_DIR" \
-  --socket "$NODEPLANE_AGENT_SOCKET" --listen 127.0.0.1:9650 \
+  --socket "$NODEPLANE_AGENT_SOCKET" --listen 127.0.0.1:9650 --runtime-dir /run/nodeplane-demo/runtime \
   --pod-cidr 10.244.0.0/24,fd00:10:244::/64 --node-name demo-node \
   > /run/nodeplane-demo/agent.log 2>&1 &
 echo $! > /run/nodeplane-demo/agent.pid
@@ -156,6 +160,27 @@ DESC="allowed: pod c -> pod a (not selected by any policy)"; check ip netns exec
 kill $srv 2>/dev/null || true
 echo "    per-policy counter: $(agent_get /metrics | grep '^nodeplane_policy_allowed_packets_total' | head -1)"
 echo "    dropped:            $(agent_get /metrics | grep '^nodeplane_dropped_packets_total{reason="denied_ingress"}')"
+
+echo "==> app runtime: pod a is app \"orders\", pod b app \"stock\" (np-app on :8080); they call the node runtime at 169.254.1.1:3500"
+APPS=()
+for p in a b; do ip netns exec "np-demo-$p" "$BIN/np-app" serve 8080 > /dev/null & APPS+=($!); done
+sleep 0.3
+rt_call() { ip netns exec "np-demo-$1" "$BIN/np-app" call "${@:2}"; }
+for _ in $(seq 1 50); do rt_call a GET /v1.0/metadata 2>/dev/null | grep -q '"id":"orders"' && break; sleep 0.1; done
+out=$(rt_call a POST /v1.0/invoke/stock/method/reserve '{"item":"apple"}' 2>&1 || true)
+echo "    orders -> stock  POST /reserve: $out"
+DESC="invoke: orders -> stock through the runtime, the app sees caller orders"; check grep -q '^200 {"item":"apple"} (caller orders)' <<<"$out"
+for i in 1 2 3; do out=$(rt_call b POST /v1.0/invoke/orders/method/count 2>&1 || true); echo "    stock -> orders  POST /count: $out"; done
+DESC="orders keeps a counter in the embedded state store (third call answers 3)"; check grep -q '^200 3' <<<"$out"
+out=$(rt_call a GET /v1.0/state/statestore/count 2>&1 || true)
+echo "    orders reads its state key count: $out"
+DESC="state: orders reads count = 3"; check grep -q '^200 3' <<<"$out"
+out=$(rt_call b GET /v1.0/state/statestore/count 2>&1 || true)
+DESC="state keys are per app: stock's own count is empty (204)"; check grep -q '^204' <<<"$out"
+out=$(rt_call c POST /v1.0/state/statestore '[{"key":"k","value":1}]' 2>&1 || true)
+echo "    pod c (no app id) saving state: $out"
+DESC="identity: pod c has no app id, app-scoped state is refused (403)"; check grep -q '^403' <<<"$out"
+kill "${APPS[@]}" 2>/dev/null || true
 
 echo "==> CSI driver, standalone: nodeplane-agent csi on a 1 GiB xfs pool image (loop device, private mount namespace)"
 CSI_DIR=$(mktemp -d /tmp/nodeplane-csi-demo.XXXXXX)

@@ -207,7 +207,10 @@ fn call(args: &[String]) -> ExitCode {
         .unwrap_or_default();
     match request(method, &url, &[("content-type", "application/json")], &body) {
         Ok(m) => {
-            println!("{} {}", m.status(), m.text());
+            match m.header("x-echo-caller") {
+                Some(c) => println!("{} {} (caller {c})", m.status(), m.text()),
+                None => println!("{} {}", m.status(), m.text()),
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
