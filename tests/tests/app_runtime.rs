@@ -611,3 +611,129 @@ fn agent_kill9_loses_no_acknowledged_state_and_inflight_invocations_end_cleanly(
         .call("GET", "/v1.0/invoke/back/method/after", &[], b"");
     assert_eq!(r.status(), 200);
 }
+
+/// redis-server in the node's namespace (the agent reaches it on its own
+/// loopback), killed on drop.
+struct NodeRedis {
+    child: std::process::Child,
+    port: u16,
+    _dir: nodeplane_tests::TempDir,
+}
+
+impl Drop for NodeRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn node_redis(node: &Node) -> NodeRedis {
+    prereq::require_tool("redis-server", "redis-server");
+    let dir = nodeplane_tests::TempDir::new("redis");
+    let port = 16379;
+    let child = node
+        .ns
+        .command("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn redis-server");
+    let r = NodeRedis {
+        child,
+        port,
+        _dir: dir,
+    };
+    let path = node.ns.path();
+    let start = Instant::now();
+    while !in_netns(&path, move || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    }) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "redis-server did not listen"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    r
+}
+
+#[test]
+fn state_on_a_redis_component_hot_loaded_with_app_scoped_keys() {
+    let w = world("", "");
+    let redis = node_redis(&w.node);
+    let component = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {{name: cache}}\nspec:\n  type: state.redis\n  version: v1\n  metadata:\n  - {{name: redisHost, value: \"127.0.0.1:{}\"}}\n",
+        redis.port
+    );
+    std::fs::write(w.agent.manifests.path().join("cache.yaml"), component)
+        .expect("write component");
+    let start = Instant::now();
+    loop {
+        let m = w.front.call("GET", "/v1.0/metadata", &[], b"").json();
+        let names: Vec<String> = m["components"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|c| c["name"].as_str().map(str::to_string))
+            .collect();
+        if names.iter().any(|n| n == "cache") {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "component cache not loaded: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let save = |p: &Pod, body: &str| {
+        p.call("POST", "/v1.0/state/cache", &[], body.as_bytes())
+            .status()
+    };
+    assert_eq!(save(&w.front, r#"[{"key":"k","value":"from-front"}]"#), 204);
+    assert_eq!(save(&w.back, r#"[{"key":"k","value":"from-back"}]"#), 204);
+    let r = w.front.call("GET", "/v1.0/state/cache/k", &[], b"");
+    assert_eq!((r.status(), r.text().as_str()), (200, r#""from-front""#));
+    let etag = r.header("etag").expect("etag").to_string();
+    assert_eq!(
+        w.back.call("GET", "/v1.0/state/cache/k", &[], b"").text(),
+        r#""from-back""#
+    );
+    // Dapr's key layout in Redis: app-id||key.
+    let out = w.node.ns.sh(&format!(
+        "redis-cli -p {} --raw hget 'front||k' data",
+        redis.port
+    ));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        r#""from-front""#
+    );
+    // Etags and transactions on this engine too.
+    let stale = format!(r#"[{{"key":"k","value":1,"etag":"{etag}"}}]"#);
+    assert_eq!(save(&w.front, &stale), 204);
+    assert_eq!(save(&w.front, &stale), 409);
+    let tx = r#"{"operations":[{"operation":"upsert","request":{"key":"a","value":1}},{"operation":"delete","request":{"key":"k","etag":"0"}}]}"#;
+    let r = w
+        .front
+        .call("POST", "/v1.0/state/cache/transaction", &[], tx.as_bytes());
+    assert_eq!(r.status(), 500, "{}", r.text());
+    assert_eq!(
+        w.front
+            .call("GET", "/v1.0/state/cache/a", &[], b"")
+            .status(),
+        204
+    );
+    let r = w.front.call("GET", "/v1.0/healthz/outbound", &[], b"");
+    assert_eq!(r.status(), 204);
+}
