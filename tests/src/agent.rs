@@ -139,6 +139,20 @@ impl Agent {
         self.wait_ready();
     }
 
+    /// One request on the agent's local API socket (as the plugin and the
+    /// CRI shim send them), and its reply.
+    pub fn request(&self, req: nodeplane_proto::agent::Request) -> nodeplane_proto::agent::Reply {
+        use nodeplane_proto::prost::Message;
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).expect("agent socket");
+        s.write_all(&req.encode_length_delimited_to_vec())
+            .expect("send");
+        let mut buf = Vec::new();
+        s.read_to_end(&mut buf).expect("reply");
+        nodeplane_proto::agent::Reply::decode_length_delimited(buf.as_slice())
+            .expect("decode reply")
+    }
+
     /// The agent's log so far (for failure messages).
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

@@ -555,19 +555,6 @@ fn fail_mode_open_lets_an_unprogrammed_pod_through() {
 }
 
 /// Sends one request to the agent's local API and returns its reply.
-fn agent_request(
-    agent: &Agent,
-    req: nodeplane_proto::agent::Request,
-) -> nodeplane_proto::agent::Reply {
-    use nodeplane_proto::prost::Message;
-    let mut s = std::os::unix::net::UnixStream::connect(&agent.socket).expect("agent socket");
-    s.write_all(&req.encode_length_delimited_to_vec())
-        .expect("send");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).expect("reply");
-    nodeplane_proto::agent::Reply::decode_length_delimited(buf.as_slice()).expect("decode reply")
-}
-
 /// The CRI shim reports a pod's labels at RunPodSandbox, before the CNI
 /// ADD. A pod the sources do not know yet gets its policy from those
 /// labels at once: here the allow rule for `pod: b` only matches if the
@@ -586,19 +573,16 @@ fn labels_from_the_cri_shim_select_a_pod_the_sources_do_not_know_yet() {
         ),
         ("p.yaml", both),
     ]);
-    let reply = agent_request(
-        &agent,
-        Request {
-            what: Some(What::Lifecycle(PodLifecycle {
-                kind: Kind::SandboxStarting as i32,
-                pod_namespace: "x".into(),
-                pod_name: "b".into(),
-                pod_uid: "uid-b".into(),
-                labels: [("pod".to_string(), "b".to_string())].into(),
-                ..Default::default()
-            })),
-        },
-    );
+    let reply = agent.request(Request {
+        what: Some(What::Lifecycle(PodLifecycle {
+            kind: Kind::SandboxStarting as i32,
+            pod_namespace: "x".into(),
+            pod_name: "b".into(),
+            pod_uid: "uid-b".into(),
+            labels: [("pod".to_string(), "b".to_string())].into(),
+            ..Default::default()
+        })),
+    });
     assert!(
         reply.error.is_empty(),
         "lifecycle event refused: {}",

@@ -737,3 +737,77 @@ fn state_on_a_redis_component_hot_loaded_with_app_scoped_keys() {
     let r = w.front.call("GET", "/v1.0/healthz/outbound", &[], b"");
     assert_eq!(r.status(), 204);
 }
+
+/// A cgroup (in the cpu hierarchy) named like a container, removed on drop.
+struct FakeContainerCgroup(std::path::PathBuf);
+
+impl Drop for FakeContainerCgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+#[test]
+fn a_unix_socket_caller_is_the_pod_whose_container_holds_the_process() {
+    use nodeplane_proto::agent::{pod_lifecycle::Kind, request::What, PodLifecycle, Request};
+    let w = world("", "");
+    // A process in a cgroup whose path names container `id`, as runc puts
+    // a container's processes; the CRI shim reported `id` as pod
+    // shop/front's sandbox.
+    let id = format!("{:064x}", u128::from(std::process::id()) << 64 | 0xfeed);
+    let root = std::path::Path::new("/sys/fs/cgroup/cpu");
+    assert!(
+        root.join("cgroup.procs").exists(),
+        "no cgroup v1 cpu hierarchy at {}",
+        root.display()
+    );
+    let dir = root
+        .join(format!("nodeplane-test-{}", std::process::id()))
+        .join(&id);
+    std::fs::create_dir_all(&dir).expect("create the test cgroup");
+    let _cg = FakeContainerCgroup(dir.clone());
+    let reply = w.agent.request(Request {
+        what: Some(What::Lifecycle(PodLifecycle {
+            kind: Kind::SandboxReady as i32,
+            pod_namespace: "shop".into(),
+            pod_name: "front".into(),
+            pod_uid: "uid-front".into(),
+            sandbox_id: id.clone(),
+            ..Default::default()
+        })),
+    });
+    assert!(reply.error.is_empty(), "lifecycle refused: {}", reply.error);
+    let sock = w.agent.state.path().join("runtime").join("runtime.sock");
+    let call = |in_cgroup: bool| {
+        let script = format!(
+            "{}exec {} call GET unix:{}:/v1.0/metadata",
+            if in_cgroup {
+                format!("echo $$ > {}/cgroup.procs && ", dir.display())
+            } else {
+                String::new()
+            },
+            apps::np_app_bin().display(),
+            sock.display()
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .expect("sh");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let inside = call(true);
+    assert!(inside.starts_with("200 "), "{inside}");
+    let v: serde_json::Value = serde_json::from_str(inside[4..].trim()).expect("metadata JSON");
+    assert_eq!(v["id"], "front", "{inside}");
+    assert_eq!(v["extended"]["caller"], "pod shop/front");
+    // The same call from a process in no container is the node's.
+    let outside = call(false);
+    let v: serde_json::Value = serde_json::from_str(outside[4..].trim()).expect("metadata JSON");
+    assert_eq!(
+        (v["id"].as_str(), v["extended"]["caller"].as_str()),
+        (Some(""), Some("a process of the node"))
+    );
+}
