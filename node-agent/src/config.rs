@@ -107,6 +107,9 @@ pub struct Args {
     /// The CA's key: the agent issues its own node certificate from it.
     #[arg(long, env = "NODEPLANE_PEER_CA_KEY")]
     pub peer_ca_key: Option<PathBuf>,
+    /// How long an invocation waits for the target app's response headers.
+    #[arg(long, env = "NODEPLANE_INVOKE_TIMEOUT_MS")]
+    pub invoke_timeout_ms: Option<u64>,
     /// This node's certificate and key (PEM), issued by --peer-ca.
     #[arg(long, env = "NODEPLANE_PEER_CERT")]
     pub peer_cert: Option<PathBuf>,
@@ -202,6 +205,7 @@ pub struct RuntimeConfig {
     pub components_dir: PathBuf,
     /// Agent-to-agent listener (None: no cross-node invocation).
     pub peer_listen: Option<SocketAddr>,
+    pub invoke_timeout: std::time::Duration,
     pub tls: nodeplane_runtime::mesh::TlsSources,
 }
 
@@ -308,8 +312,18 @@ impl Config {
                     ))
                 })?),
             };
+            let invoke_timeout = match args.invoke_timeout_ms {
+                Some(0) => {
+                    return Err(Error::Config(
+                        "--invoke-timeout-ms must be at least 1".into(),
+                    ))
+                }
+                Some(ms) => std::time::Duration::from_millis(ms),
+                None => std::time::Duration::from_secs(60),
+            };
             Some(RuntimeConfig {
                 peer_listen,
+                invoke_timeout,
                 tls: nodeplane_runtime::mesh::TlsSources {
                     ca_cert: args.peer_ca,
                     ca_key: args.peer_ca_key,

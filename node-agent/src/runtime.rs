@@ -116,7 +116,7 @@ pub async fn start(
         Options {
             components_dir: cfg.components_dir.clone(),
             state_dir: state_dir.join("runtime"),
-            invoke_timeout: Duration::from_secs(60),
+            invoke_timeout: cfg.invoke_timeout,
             connect_timeout,
         },
         directory,

@@ -39,7 +39,7 @@ struct World {
 fn world(back_annotations: &str, extra: &str) -> World {
     prereq::require_root();
     let mut node = Node::new(&[CIDR]);
-    let agent = Agent::start(&mut node, &[CIDR], &[]);
+    let agent = Agent::start(&mut node, &[CIDR], &["--invoke-timeout-ms", "2000"]);
     let cluster = format!(
         "{NS}{}{}{}",
         pod_yaml("front", Some("front"), ""),
@@ -152,6 +152,18 @@ fn invocation_between_pods_keeps_method_path_query_headers_status_and_bodies() {
         .call("GET", "/v1.0/invoke/nobody/method/x", &[], b"");
     assert_eq!(r.status(), 500);
     assert_eq!(r.json()["errorCode"], "ERR_DIRECT_INVOKE", "{}", r.text());
+
+    // An app slower than --invoke-timeout-ms (2 s here): 504, no hang.
+    let t = Instant::now();
+    let r = w
+        .front
+        .call("GET", "/v1.0/invoke/back/method/slow/4000", &[], b"");
+    assert_eq!(r.status(), 504, "{}", r.text());
+    assert!(
+        t.elapsed() < Duration::from_millis(3500),
+        "{:?}",
+        t.elapsed()
+    );
 
     // Many requests over one kept-alive connection.
     let path = w.front.path();
