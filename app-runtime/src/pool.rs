@@ -158,7 +158,15 @@ impl hyper::body::Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(None) = r {
+        // The end is either a final `None` or, for a body of known length,
+        // the frame after which the body reports its end (a server may
+        // never poll again once it sees that).
+        let done = match &r {
+            Poll::Ready(None) => true,
+            Poll::Ready(Some(Ok(_))) => self.inner.is_end_stream(),
+            _ => false,
+        };
+        if done {
             if let Some((pool, addr, s)) = self.back.take() {
                 pool.put_back(addr, s);
             }

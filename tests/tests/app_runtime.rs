@@ -823,3 +823,38 @@ fn a_unix_socket_caller_is_the_pod_whose_container_holds_the_process() {
         (Some(""), Some("a process of the node"))
     );
 }
+
+/// The runtime keeps its connections to an app: many invocations over
+/// one kept-alive caller connection reuse a few upstream connections
+/// (counted as established TCP connections to the app's port in the
+/// node namespace) instead of opening one per request.
+#[test]
+fn invocations_reuse_pooled_connections_to_the_app() {
+    let w = world("", "");
+    let path = w.front.path();
+    let ok = in_netns(&path, || {
+        let s = std::net::TcpStream::connect(RUNTIME).expect("connect");
+        let mut c = Conn::new(s);
+        (0..300)
+            .filter(|_| {
+                c.request("POST", "/v1.0/invoke/back/method/p", &[], &[b'x'; 1024])
+                    .is_ok_and(|m| m.status() == 200 && m.body.len() == 1024)
+            })
+            .count()
+    });
+    assert_eq!(ok, 300);
+    // Connections the agent opened to back:8080 (any state: a closed one
+    // lingers in TIME-WAIT on the agent's side).
+    let out = w.node.ns.sh(&format!(
+        "ss -tan 'dst {}:{APP_PORT}' | tail -n +2 | wc -l",
+        w.back.ip
+    ));
+    let n: usize = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(usize::MAX);
+    assert!(
+        n <= 4,
+        "300 sequential invocations used {n} connections to the app"
+    );
+}
