@@ -84,7 +84,9 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
         targets[1].addr,
         targets[1].uri
     );
+    let opens_before = passive_opens(&w.pods[b].ns);
     let out = load::run(&w.pods[a].path(), targets, &plan, w.agent.pid);
+    let opens_after = passive_opens(&w.pods[b].ns);
     let after = w.agent.sample()?;
 
     let [direct, runtime] = &out;
@@ -137,6 +139,17 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
             ));
         }
     }
+    per_pair(direct, runtime);
+    let late = direct.late_sends + runtime.late_sends;
+    let sent = direct.from_schedule.len() + runtime.from_schedule.len();
+    if late * 100 > sent {
+        println!(
+            "  NOTE: {late} of {sent} sends ({:.1} %) left more than 1 ms after their scheduled instant: the machine was busy \
+             (load average {}), and the figures above carry that noise",
+            late as f64 * 100.0 / sent.max(1) as f64,
+            crate::loadavg()
+        );
+    }
     let added = diff_secs(d.q(0.99), r.q(0.99));
     report.target(
         "same node: added p99 ≤ 0.5 ms (a Dapr sidecar pair adds 2.1 ms)",
@@ -148,9 +161,10 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
     for (label, x) in [("runtime", runtime), ("direct", direct)] {
         let n = x.from_schedule.len().max(1) as f64;
         println!(
-            "  during the {label} blocks: {:.2} s agent CPU (utime+stime) over {:.2} s wall (blocks and gaps) = {:.3} vCPU; \
+            "  during the {label} blocks: {:.2} s agent CPU (utime+stime, {:.2} s of it stime) over {:.2} s wall (blocks and gaps) = {:.3} vCPU; \
              {} requests completed, {:.1} µs agent CPU per request",
             x.agent_cpu,
+            x.agent_sys,
             x.agent_wall,
             x.agent_cpu / x.agent_wall.max(1e-9),
             x.from_schedule.len(),
@@ -177,6 +191,37 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
         mib(after.rss_kib.saturating_sub(idle.rss_kib))
     );
     runtime_metrics(&w);
+    match (opens_before, opens_after) {
+        (Some(x), Some(y)) => {
+            let n = runtime.from_schedule.len() + runtime.errors;
+            println!(
+                "  TCP connections accepted by B during the timed run: {} (the direct path's {} were opened during warm-up; \
+                 {n} requests went through the runtime){}",
+                y - x,
+                plan.conns,
+                if (y - x) as usize > n / 10 {
+                    " — SUSPICIOUS: the runtime is not reusing its connections to B"
+                } else {
+                    ""
+                }
+            );
+            if (y - x) as usize > n / 10 {
+                report.errors.push(format!(
+                    "invoke: B accepted {} TCP connections for {n} requests through the runtime (pool not reused?)",
+                    y - x
+                ));
+            }
+        }
+        _ => println!("  TCP connections accepted by B: could not read B's /proc/net/snmp"),
+    }
+    let tw = w.node.ns.sh("ss -tan state time-wait | tail -n +2 | wc -l");
+    let ports =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    println!(
+        "  sockets in TIME-WAIT in the node namespace after the run: {} (local port range {})",
+        String::from_utf8_lossy(&tw.stdout).trim(),
+        ports.split_whitespace().collect::<Vec<_>>().join("-")
+    );
     let warnings = w.agent.log_warnings();
     if !warnings.is_empty() {
         println!("  agent log warnings ({}), last ones:", warnings.len());
@@ -244,4 +289,55 @@ fn runtime_metrics(w: &World) {
         ),
         _ => println!("  runtime metrics: no invoke duration for a → b in /metrics"),
     }
+}
+
+/// Added p50 / p99 per adjacent pair of blocks (one direct, one runtime,
+/// about a second apart): the median over pairs is robust to bursts of
+/// outside load that hit only some pairs.
+fn per_pair(direct: &PathResult, runtime: &PathResult) {
+    let mut added50 = Vec::new();
+    let mut added99 = Vec::new();
+    for (k, rv) in &runtime.blocks {
+        let pair = k / 2;
+        let Some((_, dv)) = direct.blocks.iter().find(|(j, _)| j / 2 == pair) else {
+            continue;
+        };
+        let (dd, rd) = (Dist::new(dv.clone()), Dist::new(rv.clone()));
+        if let (Some(a), Some(b)) = (
+            diff_secs(dd.q(0.5), rd.q(0.5)),
+            diff_secs(dd.q(0.99), rd.q(0.99)),
+        ) {
+            added50.push(a);
+            added99.push(b);
+        }
+    }
+    if added99.is_empty() {
+        return;
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    let (m50, lo50, hi50) = med(&mut added50);
+    let (m99, lo99, hi99) = med(&mut added99);
+    println!(
+        "  per block pair ({} pairs): added p50 median {:+.1} µs (range {:+.1} .. {:+.1}), added p99 median {:+.1} µs (range {:+.1} .. {:+.1})",
+        added99.len(),
+        m50 * 1e6,
+        lo50 * 1e6,
+        hi50 * 1e6,
+        m99 * 1e6,
+        lo99 * 1e6,
+        hi99 * 1e6
+    );
+}
+
+/// TCP PassiveOpens of a namespace (connections it accepted so far).
+fn passive_opens(ns: &nodeplane_tests::Netns) -> Option<u64> {
+    let out = ns.sh("cat /proc/net/snmp");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut tcp = text.lines().filter(|l| l.starts_with("Tcp:"));
+    let (names, values) = (tcp.next()?, tcp.next()?);
+    let i = names.split_whitespace().position(|n| n == "PassiveOpens")?;
+    values.split_whitespace().nth(i)?.parse().ok()
 }

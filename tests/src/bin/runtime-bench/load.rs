@@ -53,9 +53,14 @@ pub struct PathResult {
     pub errors: usize,
     /// The first few distinct error descriptions.
     pub error_samples: Vec<String>,
-    /// Agent CPU seconds and wall seconds over this path's blocks.
+    /// Agent CPU seconds (of which in the kernel) and wall seconds over
+    /// this path's blocks.
     pub agent_cpu: f64,
+    pub agent_sys: f64,
     pub agent_wall: f64,
+    /// Scheduled-instant latencies per block (block index, samples), for
+    /// per-pair comparisons that shrug off bursts of outside load.
+    pub blocks: Vec<(usize, Vec<Duration>)>,
 }
 
 impl PathResult {
@@ -67,6 +72,12 @@ impl PathResult {
     }
 
     fn merge(&mut self, o: PathResult) {
+        for (k, v) in o.blocks {
+            match self.blocks.iter_mut().find(|(b, _)| *b == k) {
+                Some((_, mine)) => mine.extend(v),
+                None => self.blocks.push((k, v)),
+            }
+        }
         self.from_schedule.extend(o.from_schedule);
         self.from_send.extend(o.from_send);
         self.late_sends += o.late_sends;
@@ -124,7 +135,7 @@ pub fn run(pod: &Path, paths: [Target; 2], plan: &Plan, agent_pid: u32) -> [Path
     go.wait();
 
     // Agent CPU per block, sampled mid-gap before and after each block.
-    let mut cpu = [(0.0f64, 0.0f64); 2];
+    let mut cpu = [(0.0f64, 0.0f64, 0.0f64); 2];
     let slot = plan.block + plan.gap;
     let sample = || ProcSample::of(agent_pid).ok();
     sleep_until(t0 - plan.gap / 2);
@@ -136,7 +147,8 @@ pub fn run(pod: &Path, paths: [Target; 2], plan: &Plan, agent_pid: u32) -> [Path
         if let (Some(b), Some(a)) = (before, after) {
             let p = path_of_block(k);
             cpu[p].0 += a.cpu - b.cpu;
-            cpu[p].1 += (a.at - b.at).as_secs_f64();
+            cpu[p].1 += a.sys - b.sys;
+            cpu[p].2 += (a.at - b.at).as_secs_f64();
         }
         before = after;
     }
@@ -151,9 +163,11 @@ pub fn run(pod: &Path, paths: [Target; 2], plan: &Plan, agent_pid: u32) -> [Path
             Err(_) => out[0].error("a load worker panicked".into()),
         }
     }
-    for (p, (c, w)) in cpu.into_iter().enumerate() {
+    for (p, (c, s, w)) in cpu.into_iter().enumerate() {
         out[p].agent_cpu = c;
+        out[p].agent_sys = s;
         out[p].agent_wall = w;
+        out[p].blocks.sort_by_key(|(k, _)| *k);
     }
     out
 }
@@ -202,6 +216,7 @@ fn worker(
     for k in 0..plan.blocks * 2 {
         let p = path_of_block(k);
         let start = t0 + slot * k as u32 + phase;
+        let mut mine = Vec::with_capacity(per_block);
         for i in 0..per_block {
             let sched = start + period * i as u32;
             sleep_until(sched);
@@ -215,11 +230,13 @@ fn worker(
                 Ok(()) => {
                     let done = Instant::now();
                     res[p].from_schedule.push(done - sched);
+                    mine.push(done - sched);
                     res[p].from_send.push(done - sent);
                 }
                 Err(e) => res[p].error(e),
             }
         }
+        res[p].blocks.push((k, mine));
     }
     res
 }

@@ -385,6 +385,9 @@ pub struct ProcSample {
     pub at: Instant,
     /// utime + stime of all its threads, in seconds (clock-tick resolution).
     pub cpu: f64,
+    /// The stime part (in the kernel: syscalls, and the network stack's
+    /// work done on the agent's behalf).
+    pub sys: f64,
     pub rss_kib: u64,
     pub hwm_kib: u64,
     pub anon_kib: u64,
@@ -406,6 +409,7 @@ impl ProcSample {
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let cpu = (ticks(11) + ticks(12)) as f64 / hz;
+        let sys = ticks(12) as f64 / hz;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
         let field = |name: &str| -> u64 {
@@ -419,6 +423,7 @@ impl ProcSample {
         Ok(ProcSample {
             at,
             cpu,
+            sys,
             rss_kib: field("VmRSS:"),
             hwm_kib: field("VmHWM:"),
             anon_kib: field("RssAnon:"),
