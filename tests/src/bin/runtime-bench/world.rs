@@ -32,7 +32,9 @@ pub fn bin(name: &str) -> Result<PathBuf, String> {
         Ok(p)
     } else {
         Err(format!(
-            "{} is missing: build it with `cargo build --release -p nodeplane-agent -p nodeplane-cni -p nodeplane-tests --bin runtime-bench --bin np-app`",
+            // With --bin, cargo builds only the bins named, so all four are.
+            "{} is missing: build it with `cargo build --release -p nodeplane-agent -p nodeplane-cni -p nodeplane-tests \
+             --bin nodeplane-agent --bin nodeplane-cni --bin np-app --bin runtime-bench`",
             p.display()
         ))
     }
