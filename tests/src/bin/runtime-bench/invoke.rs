@@ -232,7 +232,7 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
     Ok(())
 }
 
-fn print_table(rows: &[(&str, &PathResult, &Dist)]) {
+pub fn print_table(rows: &[(&str, &PathResult, &Dist)]) {
     println!(
         "  {:<22} {:>10} {:>10} {:>10} {:>10} {:>8} {:>7} {:>6}",
         "", "p50", "p90", "p99", "max", "n", "errors", "late"
@@ -294,7 +294,7 @@ fn runtime_metrics(w: &World) {
 /// Added p50 / p99 per adjacent pair of blocks (one direct, one runtime,
 /// about a second apart): the median over pairs is robust to bursts of
 /// outside load that hit only some pairs.
-fn per_pair(direct: &PathResult, runtime: &PathResult) {
+pub fn per_pair(direct: &PathResult, runtime: &PathResult) {
     let mut added50 = Vec::new();
     let mut added99 = Vec::new();
     for (k, rv) in &runtime.blocks {

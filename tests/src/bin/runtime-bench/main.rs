@@ -160,7 +160,7 @@ fn main() {
         state::section(&opts, &mut report);
     }
     if run("cross") {
-        cross::section(&mut report);
+        cross::section(&opts, &mut report);
     }
     println!("\n== summary ==");
     for t in &report.targets {

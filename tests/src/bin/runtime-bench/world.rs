@@ -66,9 +66,18 @@ pub struct World {
 impl World {
     /// A node and a running, ready agent with `manifests` in force.
     pub fn new(manifests: &[(&str, String)]) -> Result<World, String> {
-        let mut node = Node::new(&[CIDR]);
+        World::with(CIDR, &[], manifests)
+    }
+
+    /// A node with pod CIDR `cidr` whose agent gets `extra` flags.
+    pub fn with(
+        cidr: &str,
+        extra: &[String],
+        manifests: &[(&str, String)],
+    ) -> Result<World, String> {
+        let mut node = Node::new(&[cidr]);
         let reg = Reg::new(&node.ns.name, node.state.path());
-        let mut agent = BenchAgent::new(&node)?;
+        let mut agent = BenchAgent::new(&node, cidr, extra)?;
         node.base["agentSocket"] = Value::String(agent.socket.display().to_string());
         agent.start(&node)?;
         agent.wait_ready(Duration::from_secs(20))?;
@@ -224,7 +233,7 @@ pub struct BenchAgent {
 }
 
 impl BenchAgent {
-    fn new(node: &Node) -> Result<Self, String> {
+    fn new(node: &Node, cidr: &str, extra: &[String]) -> Result<Self, String> {
         let root = Dir::new("rtbench");
         let manifests = root.path().join("manifests");
         let state = root.path().join("state");
@@ -248,12 +257,14 @@ impl BenchAgent {
             "--listen",
             &format!("127.0.0.1:{AGENT_PORT}"),
             "--pod-cidr",
-            CIDR,
+            cidr,
             "--log-level",
             "info",
         ]
         .map(String::from)
-        .to_vec();
+        .into_iter()
+        .chain(extra.iter().cloned())
+        .collect();
         Ok(BenchAgent {
             child: None,
             pid: 0,
