@@ -72,6 +72,8 @@ pub struct Runtime {
     containers: Option<Arc<dyn Containers>>,
     /// Connections to other nodes' agents (None: same-node only).
     pub peers: Option<mesh::Peers>,
+    /// What the runtime could not set up (a listener, TLS), for status.
+    problems: std::sync::Mutex<Vec<String>>,
 }
 
 impl Runtime {
@@ -90,6 +92,7 @@ impl Runtime {
             ready: AtomicBool::new(false),
             containers,
             peers,
+            problems: std::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -114,6 +117,22 @@ impl Runtime {
                 tracing::error!(error = %e, "app runtime components no longer reloaded");
             }
         });
+    }
+
+    /// Records something the runtime could not set up.
+    pub fn report_problem(&self, p: String) {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(p);
+    }
+
+    /// What the runtime could not set up.
+    pub fn problems(&self) -> Vec<String> {
+        self.problems
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The pod running container `id`, by the shim's report.

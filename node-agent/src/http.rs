@@ -103,6 +103,7 @@ async fn status_json(State(ctx): State<Ctx>) -> String {
             "pods": rt.directory().len(),
             "stores": rt.registry().stores.keys().collect::<Vec<_>>(),
             "componentErrors": rt.registry().errors,
+            "problems": rt.problems(),
         })),
     })
     .to_string()

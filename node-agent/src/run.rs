@@ -80,7 +80,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 lifecycle.clone(),
                 &cfg.node_name,
             )
-            .await?,
+            .await,
         ),
         None => None,
     };

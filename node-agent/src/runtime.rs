@@ -89,19 +89,23 @@ impl nodeplane_runtime::Containers for ShimContainers {
 }
 
 /// Starts the runtime's listeners and component reader.
+/// Starts the runtime's listeners and component reader. Nothing here can
+/// stop the agent: policy enforcement does not depend on the runtime, so a
+/// listener that cannot be opened (or TLS material that cannot be read) is
+/// logged, shown in /status (`runtime.problems`), and left out.
 pub async fn start(
     cfg: &RuntimeConfig,
     state_dir: &std::path::Path,
     directory: watch::Receiver<Arc<Directory>>,
     shim: Arc<Lifecycle>,
     node_name: &str,
-) -> Result<Arc<Runtime>> {
+) -> Arc<Runtime> {
     let connect_timeout = Duration::from_secs(2);
+    let mut problems = Vec::new();
     let tls = match cfg.peer_listen {
-        Some(_) => Some(
-            nodeplane_runtime::mesh::tls(&cfg.tls, &state_dir.join("tls"), node_name)
-                .map_err(|e| Error::Config(e.to_string()))?,
-        ),
+        Some(_) => nodeplane_runtime::mesh::tls(&cfg.tls, &state_dir.join("tls"), node_name)
+            .map_err(|e| problems.push(format!("no cross-node invocation: {e}")))
+            .ok(),
         None => None,
     };
     let peers = match (&tls, cfg.peer_listen) {
@@ -125,33 +129,43 @@ pub async fn start(
     );
     rt.start_components(Duration::from_millis(500)).await;
     let sock = cfg.dir.join(nodeplane_runtime::SOCKET_NAME);
-    let unix = nodeplane_runtime::server::bind_unix(&sock)
-        .map_err(|e| Error::Config(format!("app runtime socket: {e}")))?;
-    tokio::spawn(log_end(
-        "app runtime socket",
-        nodeplane_runtime::server::serve_unix(rt.clone(), unix),
-    ));
+    match nodeplane_runtime::server::bind_unix(&sock) {
+        Ok(unix) => {
+            tokio::spawn(log_end(
+                "app runtime socket",
+                nodeplane_runtime::server::serve_unix(rt.clone(), unix),
+            ));
+        }
+        Err(e) => problems.push(format!("no unix socket: {e}")),
+    }
     if let Some(addr) = cfg.listen {
-        let tcp = bind_tcp(addr).await?;
-        tokio::spawn(log_end(
-            "app runtime TCP listener",
-            nodeplane_runtime::server::serve_tcp(rt.clone(), tcp),
-        ));
+        match bind_tcp(addr).await {
+            Ok(tcp) => {
+                tokio::spawn(log_end(
+                    "app runtime TCP listener",
+                    nodeplane_runtime::server::serve_tcp(rt.clone(), tcp),
+                ));
+            }
+            Err(e) => problems.push(format!("no TCP listener: {e}")),
+        }
     }
     if let (Some(addr), Some(tls)) = (cfg.peer_listen, tls) {
-        let l = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-            Error::io(
-                format!("app runtime: peer listener on {addr} (--peer-listen)"),
-                e,
-            )
-        })?;
-        tokio::spawn(log_end(
-            "app runtime peer listener",
-            nodeplane_runtime::mesh::serve(rt.clone(), l, tls),
-        ));
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => {
+                tokio::spawn(log_end(
+                    "app runtime peer listener",
+                    nodeplane_runtime::mesh::serve(rt.clone(), l, tls),
+                ));
+            }
+            Err(e) => problems.push(format!("no peer listener on {addr} (--peer-listen): {e}")),
+        }
+    }
+    for p in problems {
+        tracing::error!(problem = %p, "app runtime degraded");
+        rt.report_problem(p);
     }
     tracing::info!(socket = %sock.display(), listen = ?cfg.listen, peers = ?cfg.peer_listen, components = %cfg.components_dir.display(), "app runtime serving");
-    Ok(rt)
+    rt
 }
 
 async fn log_end(

@@ -858,3 +858,24 @@ fn invocations_reuse_pooled_connections_to_the_app() {
         "300 sequential invocations used {n} connections to the app"
     );
 }
+
+/// A runtime listener that cannot be opened degrades the runtime, never
+/// the agent: policy is still programmed, /status names the problem.
+#[test]
+fn an_unusable_runtime_address_leaves_the_agent_running() {
+    prereq::require_root();
+    let mut node = Node::new(&[CIDR]);
+    // Someone else holds the address the runtime is told to use.
+    let busy = "127.0.0.1:3599";
+    let _held = in_netns(&node.ns.path(), move || {
+        std::net::TcpListener::bind(busy).expect("hold the port")
+    });
+    let agent = Agent::start(&mut node, &[CIDR], &["--runtime-listen", busy]);
+    let st = agent.status();
+    assert_eq!(st["programmed"], true, "{st}");
+    let problems = st["runtime"]["problems"].to_string();
+    assert!(
+        problems.contains("no TCP listener") && problems.contains(busy),
+        "{st}"
+    );
+}
