@@ -391,6 +391,49 @@ mod tests {
     use super::*;
 
     #[test]
+    fn runtime_flags_are_checked_and_errors_name_the_flag() {
+        let bad = |args: Args, want: &str| {
+            let e = Config::resolve(args).expect_err("must be refused");
+            assert!(e.to_string().contains(want), "{e}");
+        };
+        bad(
+            Args {
+                runtime_listen: Some("169.254.1.1".into()),
+                ..Args::default()
+            },
+            "runtimeListen `169.254.1.1`",
+        );
+        bad(
+            Args {
+                peer_listen: Some("everywhere".into()),
+                ..Args::default()
+            },
+            "--peer-listen `everywhere`",
+        );
+        bad(
+            Args {
+                invoke_timeout_ms: Some(0),
+                ..Args::default()
+            },
+            "--invoke-timeout-ms",
+        );
+        let off = Config::resolve(Args {
+            runtime_listen: Some("off".into()),
+            peer_listen: Some("off".into()),
+            ..Args::default()
+        })
+        .expect("off is allowed");
+        let rt = off.runtime.expect("runtime still on (socket only)");
+        assert_eq!((rt.listen, rt.peer_listen), (None, None));
+        let none = Config::resolve(Args {
+            no_runtime: true,
+            ..Args::default()
+        })
+        .expect("no runtime");
+        assert!(none.runtime.is_none());
+    }
+
+    #[test]
     fn flags_override_file_and_errors_name_the_key() {
         let dir = std::env::temp_dir().join(format!("np-agent-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("mkdir");

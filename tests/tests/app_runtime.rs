@@ -748,6 +748,30 @@ fn state_on_a_redis_component_hot_loaded_with_app_scoped_keys() {
     );
     let r = w.front.call("GET", "/v1.0/healthz/outbound", &[], b"");
     assert_eq!(r.status(), 204);
+
+    // A broken component is reported (naming the field), the others stay.
+    let broken = "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: broken}\nspec: {type: state.redis, version: v1}\n";
+    std::fs::write(w.agent.manifests.path().join("broken.yaml"), broken).expect("write component");
+    let start = Instant::now();
+    loop {
+        let m = w.front.call("GET", "/v1.0/metadata", &[], b"").json();
+        let errors = m["extended"]["componentErrors"].to_string();
+        if errors.contains("broken") {
+            assert!(errors.contains("redisHost"), "{errors}");
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "no error for component broken: {m}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        w.front
+            .call("GET", "/v1.0/state/cache/k", &[], b"")
+            .status(),
+        200
+    );
 }
 
 /// A cgroup (in the cpu hierarchy) named like a container, removed on drop.
