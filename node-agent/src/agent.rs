@@ -193,7 +193,6 @@ impl Agent {
                 _ = resync.tick() => dirty |= self.read_attachments(),
                 _ = &mut stop => break,
             }
-            self.publish_directory();
             // Never program a half-received relist: it would put a mix of
             // the old and new state into the kernel, then program again.
             if dirty && self.model.is_synced() && !self.model.is_relisting() {
@@ -202,6 +201,8 @@ impl Agent {
                 // worker instead of waiting behind it.
                 dirty = !tokio::task::block_in_place(|| self.program());
             }
+            // After programming: a pod waiting in ADD is answered first.
+            self.publish_directory();
         }
         // Drain: the rules stay in the kernel (traffic keeps flowing with
         // the last programmed policy); only waiting plugins are answered.
