@@ -296,10 +296,7 @@ impl Store for Embedded {
         let ops = ops
             .into_iter()
             .map(|op| {
-                let want = match &op {
-                    Op::Upsert(s) => expect::for_save(s)?,
-                    Op::Delete(d) => expect::for_delete(d)?,
-                };
+                let want = expect::for_op(&op)?;
                 Ok((op, want))
             })
             .collect::<Result<Vec<_>>>()?;

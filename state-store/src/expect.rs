@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::{Concurrency, Delete, Error, Result, Save};
+use crate::{Concurrency, Delete, Error, Op, Result, Save};
 
 /// What the stored item must be for a write to go ahead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +49,14 @@ pub(crate) fn for_delete(delete: &Delete) -> Result<Expect> {
         (Concurrency::FirstWrite, Some(etag)) => Ok(Expect::Version(parse(&delete.key, etag)?)),
         // Deleting without an etag is unconditional (an absent key is fine).
         _ => Ok(Expect::Any),
+    }
+}
+
+/// What one transaction operation needs of the stored item.
+pub(crate) fn for_op(op: &Op) -> Result<Expect> {
+    match op {
+        Op::Upsert(s) => for_save(s),
+        Op::Delete(d) => for_delete(d),
     }
 }
 

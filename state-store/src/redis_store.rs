@@ -259,15 +259,7 @@ impl Store for RedisStore {
     async fn transact(&self, ops: Vec<Op>) -> Result<()> {
         let checked = ops
             .iter()
-            .map(|op| {
-                Ok((
-                    op,
-                    match op {
-                        Op::Upsert(s) => expect::for_save(s)?,
-                        Op::Delete(d) => expect::for_delete(d)?,
-                    },
-                ))
-            })
+            .map(|op| Ok((op, expect::for_op(op)?)))
             .collect::<Result<Vec<_>>>()?;
         if checked.is_empty() {
             return Ok(());
