@@ -312,16 +312,19 @@ pub async fn load(dir: &Path, state_dir: &Path, prev: &Registry) -> Registry {
     reg
 }
 
-/// Keeps `target` current with `dir`: reads it now, then again whenever a
-/// file's size or mtime changes (checked every `every`).
+/// Keeps `target` current with `dir`: reads it now (then fires `loaded`),
+/// then again whenever a file's size or mtime changes (checked every
+/// `every`).
 pub async fn watch(
     dir: PathBuf,
     state_dir: PathBuf,
     target: Arc<std::sync::RwLock<Arc<Registry>>>,
     every: Duration,
+    loaded: tokio::sync::oneshot::Sender<()>,
 ) -> Result<()> {
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| Error::io(format!("create {}", state_dir.display()), e))?;
+    let mut loaded = Some(loaded);
     let mut seen: Option<Vec<Stamp>> = None;
     loop {
         let now = stamps(&dir);
@@ -336,6 +339,9 @@ pub async fn watch(
             );
             *target.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
             seen = Some(now);
+            if let Some(tx) = loaded.take() {
+                let _ = tx.send(());
+            }
         }
         tokio::time::sleep(every).await;
     }

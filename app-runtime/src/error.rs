@@ -7,6 +7,9 @@ pub enum Error {
     /// names the file, the document and the field.
     #[error("{0}")]
     Manifest(String),
+    /// The node's TLS material for agent-to-agent calls is unusable.
+    #[error("peer TLS: {0}")]
+    Tls(String),
     #[error("{what}: {source}")]
     Io {
         what: String,

@@ -99,24 +99,20 @@ impl Runtime {
     /// Reads the components now and keeps them current; the runtime is
     /// ready once the first read is done.
     pub async fn start_components(self: &Arc<Self>, every: Duration) {
-        let reg = components::load(
-            &self.opts.components_dir,
-            &self.opts.state_dir,
-            &Registry::default(),
-        )
-        .await;
-        *self.registry.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(reg);
-        self.ready.store(true, Ordering::SeqCst);
         let (dir, state, target) = (
             self.opts.components_dir.clone(),
             self.opts.state_dir.clone(),
             self.registry.clone(),
         );
+        let (tx, loaded) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if let Err(e) = components::watch(dir, state, target, every).await {
+            if let Err(e) = components::watch(dir, state, target, every, tx).await {
                 tracing::error!(error = %e, "app runtime components no longer reloaded");
             }
         });
+        // Ready once the first read is in (or the reader failed to start).
+        let _ = loaded.await;
+        self.ready.store(true, Ordering::SeqCst);
     }
 
     /// Records something the runtime could not set up.

@@ -57,7 +57,7 @@ fn read(p: &Path) -> Result<String> {
 }
 
 fn tls_err(what: &str, e: impl std::fmt::Display) -> Error {
-    Error::Manifest(format!("peer TLS: {what}: {e}"))
+    Error::Tls(format!("{what}: {e}"))
 }
 
 /// The CA (cert PEM, key PEM): given, or made once under `dir`.
