@@ -4,7 +4,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -35,7 +35,6 @@ pub fn agent_bin() -> PathBuf {
     p
 }
 
-/// Runs `f` on a thread that has entered `ns` (only that thread moves).
 /// GET `path` from 127.0.0.1:`port` inside the network namespace `ns`:
 /// (status code, body); None if nothing answers within 5 s.
 pub fn http_get_in(ns: &Path, port: u16, path: &str) -> Option<(u16, String)> {
@@ -59,6 +58,7 @@ pub fn http_get_in(ns: &Path, port: u16, path: &str) -> Option<(u16, String)> {
     })
 }
 
+/// Runs `f` on a thread that has entered `ns` (only that thread moves).
 pub fn in_netns<T: Send + 'static>(ns: &Path, f: impl FnOnce() -> T + Send + 'static) -> T {
     let ns = ns.to_path_buf();
     std::thread::spawn(move || {
@@ -258,18 +258,8 @@ impl Agent {
 impl Drop for Agent {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SIGTERM first: the agent drains (and leaves its table, which
-            // goes away with the test's node namespace).
-            let _ = Command::new("kill").arg(c.id().to_string()).status();
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(3) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            // Its table goes away with the test's node namespace.
+            crate::terminate(&mut c, Duration::from_secs(3));
         }
     }
 }

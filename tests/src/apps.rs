@@ -3,8 +3,9 @@
 //! that give it an app id.
 
 use std::io::Read;
-use std::path::PathBuf;
-use std::process::{Child, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use crate::fixture::{ip_of, Node};
 use crate::http1::{runtime_in, Msg};
@@ -112,4 +113,49 @@ pub fn pod_yaml(
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {namespace}, labels: {{pod: {name}}}, annotations: {{{ann}}}}}\n{rest}---\n"
     )
+}
+
+/// A redis-server for a node namespace, where the agent reaches it on its
+/// own loopback: 127.0.0.1:`port`, no persistence, files in `dir`.
+pub fn redis_command(ns: &Netns, port: u16, dir: &Path) -> Command {
+    let mut c = ns.command("redis-server");
+    c.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args([
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    c
+}
+
+/// Waits until redis answers PING on 127.0.0.1:`port` in the namespace at
+/// `ns`; false after `limit`.
+pub fn redis_ready(ns: &Path, port: u16, limit: Duration) -> bool {
+    crate::agent::in_netns(ns, move || {
+        use std::io::Write;
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                let mut buf = [0u8; 7];
+                if s.write_all(b"PING\r\n").is_ok()
+                    && s.read_exact(&mut buf).is_ok()
+                    && &buf == b"+PONG\r\n"
+                {
+                    return true;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    })
 }

@@ -122,18 +122,9 @@ pub fn write_request<W: Write>(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> io::Result<()> {
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: runtime\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    let mut buf = head.into_bytes();
-    buf.extend_from_slice(body);
-    w.write_all(&buf)?;
-    w.flush()
+    let mut all = vec![("host", "runtime")];
+    all.extend_from_slice(headers);
+    write_msg(w, &format!("{method} {path} HTTP/1.1"), &all, body)
 }
 
 /// Writes a response with a Content-Length body.
@@ -143,7 +134,21 @@ pub fn write_response<W: Write>(
     headers: &[(String, String)],
     body: &[u8],
 ) -> io::Result<()> {
-    let mut head = format!("HTTP/1.1 {status} X\r\ncontent-length: {}\r\n", body.len());
+    let h: Vec<(&str, &str)> = headers
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    write_msg(w, &format!("HTTP/1.1 {status} X"), &h, body)
+}
+
+/// One message in one write: start line, Content-Length, headers, body.
+fn write_msg<W: Write>(
+    w: &mut W,
+    start: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> io::Result<()> {
+    let mut head = format!("{start}\r\ncontent-length: {}\r\n", body.len());
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }

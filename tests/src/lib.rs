@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod apps;
+pub mod bench;
 pub mod cni;
 pub mod containerd;
 pub mod cri;
@@ -80,4 +81,22 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// Stops a child the polite way: SIGTERM (an agent drains and leaves its
+/// table), up to `grace` for it to exit, then SIGKILL; reaped either way.
+pub fn terminate(child: &mut std::process::Child, grace: std::time::Duration) {
+    // SAFETY: kill has no memory-safety preconditions.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let start = std::time::Instant::now();
+    while start.elapsed() < grace {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }

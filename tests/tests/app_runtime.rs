@@ -643,23 +643,7 @@ fn node_redis(node: &Node) -> NodeRedis {
     prereq::require_tool("redis-server", "redis-server");
     let dir = nodeplane_tests::TempDir::new("redis");
     let port = 16379;
-    let child = node
-        .ns
-        .command("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+    let child = apps::redis_command(&node.ns, port, dir.path())
         .spawn()
         .expect("spawn redis-server");
     let r = NodeRedis {
@@ -667,17 +651,10 @@ fn node_redis(node: &Node) -> NodeRedis {
         port,
         _dir: dir,
     };
-    let path = node.ns.path();
-    let start = Instant::now();
-    while !in_netns(&path, move || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    }) {
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "redis-server did not listen"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    assert!(
+        apps::redis_ready(&node.ns.path(), port, Duration::from_secs(10)),
+        "redis-server did not answer PING"
+    );
     r
 }
 

@@ -1,4 +1,5 @@
-//! Clean-up that also happens when the bench dies (adapted from cni-bench).
+//! Clean-up that also happens when a benchmark dies (cni-bench,
+//! policy-bench and runtime-bench share it).
 //!
 //! The workspace's release profile sets `panic = "abort"`, so a panic never
 //! unwinds and ordinary `Drop` guards would not run. Every namespace,
@@ -13,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use nodeplane_tests::{Netns, TempDir};
+use crate::{Netns, TempDir};
 
 #[derive(Default)]
 struct Registry {
@@ -58,6 +59,18 @@ fn kill(pid: u32) {
     }
 }
 
+/// The running bench's name (its executable's), for messages.
+fn me() -> String {
+    std::env::args()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+        .unwrap_or_else(|| "bench".into())
+}
+
 static SIGNALLED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int) {
@@ -71,7 +84,10 @@ pub fn install() {
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
         default_hook(info);
-        eprintln!("policy-bench: panicked, removing the namespaces and directories it created");
+        eprintln!(
+            "{}: panicked, removing the namespaces and directories it created",
+            me()
+        );
         // The guard is leaked on purpose: the process aborts right after.
         std::mem::forget(cleanup_and_hold());
     }));
@@ -86,7 +102,7 @@ pub fn install() {
     std::thread::spawn(|| loop {
         std::thread::sleep(Duration::from_millis(100));
         if SIGNALLED.load(Ordering::SeqCst) {
-            eprintln!("policy-bench: interrupted, cleaning up");
+            eprintln!("{}: interrupted, cleaning up", me());
             let _held = cleanup_and_hold();
             std::process::exit(130);
         }
@@ -94,7 +110,7 @@ pub fn install() {
         let mut reg = registry();
         for (pid, deadline) in reg.pids.iter_mut() {
             if deadline.is_some_and(|d| d < now) {
-                eprintln!("policy-bench: child {pid} exceeded its time limit, killing it");
+                eprintln!("{}: child {pid} exceeded its time limit, killing it", me());
                 kill(*pid);
                 *deadline = None;
             }
@@ -187,7 +203,7 @@ pub fn unwatch(pid: u32) {
 }
 
 /// Registers a namespace and a directory made by the harness elsewhere
-/// (e.g. [`nodeplane_tests::fixture::Node`]) for abort-time clean-up; the
+/// (e.g. [`crate::fixture::Node`]) for abort-time clean-up; the
 /// owner still removes them on the normal path. Unregisters on drop, so
 /// declare it after the owner in a struct (fields drop in order).
 #[derive(Debug)]

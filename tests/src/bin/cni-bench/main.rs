@@ -8,7 +8,7 @@
 //! the bench creates; everything it creates is removed at the end, on panic
 //! and on SIGINT/SIGTERM (see `guard`).
 
-mod guard;
+use nodeplane_tests::bench::guard;
 mod iperf;
 mod latency;
 mod sections;

@@ -17,7 +17,7 @@
 
 mod agent;
 mod control;
-mod guard;
+use nodeplane_tests::bench::guard;
 mod inproc;
 mod stats;
 mod throughput;
@@ -129,21 +129,7 @@ fn parse_args() -> Result<Opts, String> {
     Ok(o)
 }
 
-/// Verdicts and errors collected for the summary.
-#[derive(Debug, Default)]
-pub struct Report {
-    pub targets: Vec<String>,
-    pub errors: Vec<String>,
-}
-
-impl Report {
-    /// Prints and records one target verdict.
-    pub fn target(&mut self, what: &str, value: String, pass: bool) {
-        let line = format!("{what}: {value} → {}", if pass { "PASS" } else { "MISS" });
-        println!("  target  {line}");
-        self.targets.push(line);
-    }
-}
+pub use nodeplane_tests::bench::Report;
 
 fn main() {
     guard::install();

@@ -8,9 +8,9 @@
 
 use std::time::Duration;
 
-use crate::invoke::{per_pair, print_table};
+use crate::invoke::{compare, per_pair};
 use crate::load::{self, Plan, Target};
-use crate::stats::{diff_secs, diff_us, Dist};
+use crate::stats::diff_secs;
 use crate::world::{self, World, APP_PORT, K8S_NS};
 use crate::{Opts, Report};
 
@@ -112,20 +112,8 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
     println!("  direct: {a_ip} → {b_ip}:{APP_PORT}/echo (routed across the nodes)   runtime: {a_ip} → {}/v1.0/invoke/b/method/echo", world::runtime_addr());
     let out = load::run(&n1.pods[a].path(), targets, &plan, n1.agent.pid);
     let [direct, runtime] = &out;
-    let (d, r) = (
-        Dist::new(direct.from_schedule.clone()),
-        Dist::new(runtime.from_schedule.clone()),
-    );
     println!("\n  latency from the scheduled send instant to the end of the response:");
-    print_table(&[("direct", direct, &d), ("runtime", runtime, &r)]);
-    println!(
-        "  {:<22} {:>10} {:>10} {:>10} {:>10}",
-        "added (runtime−direct)",
-        diff_us(d.q(0.5), r.q(0.5)),
-        diff_us(d.q(0.9), r.q(0.9)),
-        diff_us(d.q(0.99), r.q(0.99)),
-        diff_us(d.max(), r.max()),
-    );
+    let (d, r) = compare(direct, runtime, |p| &p.from_schedule);
     per_pair(direct, runtime);
     for (label, x) in [("direct", direct), ("runtime", runtime)] {
         if x.errors > 0 {

@@ -90,34 +90,10 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
     let after = w.agent.sample()?;
 
     let [direct, runtime] = &out;
-    let (d, r) = (
-        Dist::new(direct.from_schedule.clone()),
-        Dist::new(runtime.from_schedule.clone()),
-    );
     println!("\n  latency from the scheduled send instant to the end of the response:");
-    print_table(&[("direct", direct, &d), ("runtime", runtime, &r)]);
-    println!(
-        "  {:<22} {:>10} {:>10} {:>10} {:>10}",
-        "added (runtime−direct)",
-        diff_us(d.q(0.5), r.q(0.5)),
-        diff_us(d.q(0.9), r.q(0.9)),
-        diff_us(d.q(0.99), r.q(0.99)),
-        diff_us(d.max(), r.max()),
-    );
-    let (ds, rs) = (
-        Dist::new(direct.from_send.clone()),
-        Dist::new(runtime.from_send.clone()),
-    );
+    let (d, r) = compare(direct, runtime, |p| &p.from_schedule);
     println!("  the same from the actual send (service time only):");
-    print_table(&[("direct", direct, &ds), ("runtime", runtime, &rs)]);
-    println!(
-        "  {:<22} {:>10} {:>10} {:>10} {:>10}",
-        "added (runtime−direct)",
-        diff_us(ds.q(0.5), rs.q(0.5)),
-        diff_us(ds.q(0.9), rs.q(0.9)),
-        diff_us(ds.q(0.99), rs.q(0.99)),
-        diff_us(ds.max(), rs.max()),
-    );
+    compare(direct, runtime, |p| &p.from_send);
     for (label, x) in [("direct", &d), ("runtime", &r)] {
         println!(
             "  {label}: {} of {} above 1 ms, {} above 5 ms, {} above 10 ms",
@@ -232,7 +208,30 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
     Ok(())
 }
 
-pub fn print_table(rows: &[(&str, &PathResult, &Dist)]) {
+/// Prints both paths' quantiles of the samples `pick` chooses, and the
+/// latency the runtime adds at each; returns the two distributions.
+pub fn compare(
+    direct: &PathResult,
+    runtime: &PathResult,
+    pick: impl Fn(&PathResult) -> &Vec<Duration>,
+) -> (Dist, Dist) {
+    let (d, r) = (
+        Dist::new(pick(direct).clone()),
+        Dist::new(pick(runtime).clone()),
+    );
+    print_table(&[("direct", direct, &d), ("runtime", runtime, &r)]);
+    println!(
+        "  {:<22} {:>10} {:>10} {:>10} {:>10}",
+        "added (runtime−direct)",
+        diff_us(d.q(0.5), r.q(0.5)),
+        diff_us(d.q(0.9), r.q(0.9)),
+        diff_us(d.q(0.99), r.q(0.99)),
+        diff_us(d.max(), r.max()),
+    );
+    (d, r)
+}
+
+fn print_table(rows: &[(&str, &PathResult, &Dist)]) {
     println!(
         "  {:<22} {:>10} {:>10} {:>10} {:>10} {:>8} {:>7} {:>6}",
         "", "p50", "p90", "p99", "max", "n", "errors", "late"

@@ -6,7 +6,7 @@
 //! app is invoked from pod A over a few concurrent connections before the
 //! memory is read, so the runtime holds a pooled connection set per app.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::stats::mib;
 use crate::world::{self, spawn_in, World};
@@ -113,17 +113,9 @@ fn invoke_all(w: &World, a: usize, n: usize) -> Vec<String> {
                 let body = vec![b'x'; 1024];
                 for _ in 0..PER_APP {
                     for i in 0..n {
-                        if conn.is_none() {
-                            match world::connect(world::runtime_addr()) {
-                                Ok(c) => conn = Some(c),
-                                Err(e) => {
-                                    errors.push(format!("connect: {e}"));
-                                    std::thread::sleep(Duration::from_millis(10));
-                                    continue;
-                                }
-                            }
-                        }
-                        let Some(c) = conn.as_mut() else { continue };
+                        let Some(c) = world::runtime_conn(&mut conn, &mut errors) else {
+                            continue;
+                        };
                         let uri = format!("/v1.0/invoke/{}/method/echo", app(i));
                         match c.request("POST", &uri, &[], &body) {
                             Ok(m) if m.status() == 200 && m.body == body => {}

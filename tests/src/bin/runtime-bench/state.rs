@@ -7,7 +7,6 @@
 //! Values are 1 KB JSON strings over 1,000 keys, prefilled before timing;
 //! every GET checks the value it got back.
 
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use crate::guard::Proc;
@@ -250,17 +249,9 @@ fn closed_loop(
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(1442695040888963407);
                     let k = ((x >> 33) as usize) % KEYS;
-                    if conn.is_none() {
-                        match world::connect(world::runtime_addr()) {
-                            Ok(c) => conn = Some(c),
-                            Err(e) => {
-                                errors.push(format!("connect: {e}"));
-                                std::thread::sleep(Duration::from_millis(10));
-                                continue;
-                            }
-                        }
-                    }
-                    let Some(cn) = conn.as_mut() else { continue };
+                    let Some(cn) = world::runtime_conn(&mut conn, &mut errors) else {
+                        continue;
+                    };
                     let t = Instant::now();
                     let got = if save {
                         let body = format!(r#"[{{"key":"k{k}","value":{}}}]"#, value(k));
@@ -355,53 +346,11 @@ fn start_redis(w: &World) -> Result<Proc, String> {
     {
         return Err("redis-server not found: install the Debian package redis-server".into());
     }
-    let child = w
-        .node
-        .ns
-        .command(bin)
-        .args([
-            "--port",
-            &REDIS_PORT.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--daemonize",
-            "no",
-            "--protected-mode",
-            "no",
-            "--dir",
-            &w.agent.state.display().to_string(),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+    let child = nodeplane_tests::apps::redis_command(&w.node.ns, REDIS_PORT, &w.agent.state)
         .spawn()
         .map_err(|e| format!("spawn redis-server: {e}"))?;
     let proc = Proc::new(child, Duration::from_secs(3600));
-    let ns = w.node.ns.path();
-    let up = spawn_in(&ns, || {
-        use std::io::{Read, Write};
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", REDIS_PORT)) {
-                let mut buf = [0u8; 7];
-                if s.write_all(b"PING\r\n").is_ok()
-                    && s.read_exact(&mut buf).is_ok()
-                    && &buf == b"+PONG\r\n"
-                {
-                    return true;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    })
-    .join()
-    .unwrap_or(false);
-    if !up {
+    if !nodeplane_tests::apps::redis_ready(&w.node.ns.path(), REDIS_PORT, Duration::from_secs(10)) {
         return Err(format!(
             "redis-server did not answer PING on 127.0.0.1:{REDIS_PORT} within 10 s"
         ));

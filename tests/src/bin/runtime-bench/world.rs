@@ -215,6 +215,26 @@ pub fn connect(addr: &str) -> std::io::Result<Conn<std::net::TcpStream>> {
     Ok(Conn::new(s))
 }
 
+/// The kept-alive connection to the runtime held in `conn`, opened when
+/// there is none; a failed connect is recorded in `errors` and paced, and
+/// gives None (the caller skips that request).
+pub fn runtime_conn<'a>(
+    conn: &'a mut Option<Conn<std::net::TcpStream>>,
+    errors: &mut Vec<String>,
+) -> Option<&'a mut Conn<std::net::TcpStream>> {
+    if conn.is_none() {
+        match connect(runtime_addr()) {
+            Ok(c) => *conn = Some(c),
+            Err(e) => {
+                errors.push(format!("connect: {e}"));
+                std::thread::sleep(Duration::from_millis(10));
+                return None;
+            }
+        }
+    }
+    conn.as_mut()
+}
+
 pub fn runtime_addr() -> &'static str {
     RUNTIME
 }
@@ -373,20 +393,7 @@ impl BenchAgent {
 impl Drop for BenchAgent {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            // SIGTERM first: the agent drains and leaves its table.
-            // SAFETY: kill has no memory-safety preconditions.
-            unsafe {
-                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
-            }
-            let start = Instant::now();
-            while start.elapsed() < Duration::from_secs(3) {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            nodeplane_tests::terminate(&mut c, Duration::from_secs(3));
             guard::unwatch(c.id());
         }
     }

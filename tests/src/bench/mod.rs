@@ -1,0 +1,20 @@
+//! What the benchmarks (`tests/src/bin/*-bench`) share: clean-up when they
+//! die ([`guard`]), and the target verdicts they print ([`Report`]).
+
+pub mod guard;
+
+/// Target verdicts and errors collected for a bench's summary.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub targets: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+impl Report {
+    /// Prints and records one target verdict.
+    pub fn target(&mut self, what: &str, value: String, pass: bool) {
+        let line = format!("{what}: {value} → {}", if pass { "PASS" } else { "MISS" });
+        println!("  target  {line}");
+        self.targets.push(line);
+    }
+}
