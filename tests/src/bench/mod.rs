@@ -17,4 +17,18 @@ impl Report {
         println!("  target  {line}");
         self.targets.push(line);
     }
+
+    /// The closing summary: every verdict again, then the errors.
+    pub fn print_summary(&self) {
+        println!("\n== summary ==");
+        for t in &self.targets {
+            println!("  {t}");
+        }
+        if !self.errors.is_empty() {
+            println!("\n== errors ==");
+            for e in &self.errors {
+                println!("  {e}");
+            }
+        }
+    }
 }

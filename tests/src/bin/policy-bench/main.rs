@@ -170,16 +170,7 @@ fn main() {
     if opts.throughput {
         throughput::section(&opts, &mut report);
     }
-    println!("\n== summary ==");
-    for t in &report.targets {
-        println!("  {t}");
-    }
-    if !report.errors.is_empty() {
-        println!("\n== errors ==");
-        for e in &report.errors {
-            println!("{e}\n");
-        }
-    }
+    report.print_summary();
     println!(
         "\ntotal bench time {:.1} s",
         started.elapsed().as_secs_f64()

@@ -148,16 +148,7 @@ fn main() {
     if run("cross") {
         cross::section(&opts, &mut report);
     }
-    println!("\n== summary ==");
-    for t in &report.targets {
-        println!("  {t}");
-    }
-    if !report.errors.is_empty() {
-        println!("\n== errors ==");
-        for e in &report.errors {
-            println!("  {e}");
-        }
-    }
+    report.print_summary();
     println!(
         "\ntotal bench time {:.1} s, load average at the end {}",
         started.elapsed().as_secs_f64(),
