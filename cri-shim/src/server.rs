@@ -56,6 +56,12 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 
 /// Runs the shim until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> Result<()> {
+    // Handlers first: once the socket exists a supervisor may stop us, and
+    // a SIGTERM before the handler would take the default action, killing
+    // the shim with its socket file left behind.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
     if let Some(inj) = &cfg.inject {
         // The bind mount's source must exist or every CreateContainer fails.
         std::fs::create_dir_all(&inj.host_dir).map_err(|e| {
@@ -89,9 +95,6 @@ pub async fn run(cfg: Config) -> Result<()> {
     tracing::info!(listen = %cfg.listen.display(), runtime = %cfg.runtime.display(),
         agent = ?cfg.agent, inject = cfg.inject.is_some(), "nodeplane-cri-shim relaying");
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
     let active = Arc::new(AtomicUsize::new(0));
     tokio::select! {
         _ = accept(listener, relay, active.clone()) => {}

@@ -25,6 +25,11 @@ pub fn init_logging(cfg: &Config) {
 
 /// Runs the agent until SIGTERM or SIGINT.
 pub async fn run(cfg: Config) -> Result<()> {
+    // Handlers before any socket exists: a SIGTERM that arrived earlier
+    // would take the default action and skip the drain and clean-up.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;
+    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
     std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
         Error::io(
             format!("create state directory {}", cfg.state_dir.display()),
@@ -105,9 +110,6 @@ pub async fn run(cfg: Config) -> Result<()> {
             .run(ev_rx, call_rx, stop_rx),
     );
 
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).map_err(|e| Error::io("SIGTERM handler", e))?;
-    let mut int = signal(SignalKind::interrupt()).map_err(|e| Error::io("SIGINT handler", e))?;
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
