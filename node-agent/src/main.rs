@@ -17,7 +17,7 @@ fn main() -> std::process::ExitCode {
     };
     nodeplane_agent::run::init_logging(&cfg);
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(cfg.worker_threads)
         .enable_all()
         .build()
     {
