@@ -276,4 +276,35 @@ mod tests {
         assert_eq!(doc["spec"]["type"], "state.redis");
         assert_eq!(doc["scopes"][0], "orders");
     }
+
+    #[test]
+    fn problems_say_what_to_install_and_broken_watches_are_none() {
+        let api = |code| {
+            kube::Error::Api(
+                kube::core::Status::failure("x", "y")
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        let list = |code| watcher::Error::InitialListFailed(api(code));
+        let p = problem(DaprKind::Component, &list(404)).expect("a problem");
+        assert!(
+            p.starts_with("dapr.io/v1alpha1 components: not served") && p.contains(CRD_MANIFEST),
+            "{p}"
+        );
+        let p = problem(DaprKind::Configuration, &list(403)).expect("a problem");
+        assert!(
+            p.starts_with("dapr.io/v1alpha1 configurations:") && p.contains(RBAC_MANIFEST),
+            "{p}"
+        );
+        let p = problem(DaprKind::Component, &list(500)).expect("a problem");
+        assert!(p.contains("cannot be listed"), "{p}");
+        let p = problem(
+            DaprKind::Component,
+            &watcher::Error::WatchStartFailed(api(404)),
+        );
+        assert!(p.is_some_and(|p| p.contains("not served")));
+        let broken = watcher::Error::WatchFailed(api(500));
+        assert_eq!(problem(DaprKind::Component, &broken), None);
+    }
 }
