@@ -474,7 +474,7 @@ pub async fn watch(
             if let Some((settled, api_docs)) = &seen_api {
                 if !settled {
                     errors.push(format!(
-                        "the Kubernetes API has not answered the lists of Dapr Components and Configurations in {} s; serving without them until it does",
+                        "the Kubernetes API has not answered every list of Dapr Components and Configurations in {} s; serving what it has sent until it does",
                         API_WAIT.as_secs()
                     ));
                 }
