@@ -1,5 +1,8 @@
 //! Dapr `Component` and `Configuration` manifests (apiVersion
-//! `dapr.io/v1alpha1`) from a directory, re-read when a file changes.
+//! `dapr.io/v1alpha1`) from a directory, re-read when a file changes, and
+//! from the Kubernetes API (the agent watches the objects and hands them
+//! over as [`ApiComponents`]). Both go through the same reading
+//! ([`reload`]), so a manifest means the same wherever it comes from.
 //!
 //! Other documents in the directory (the agent's Pods, Namespaces,
 //! NetworkPolicies) are left to the agent. A state component keeps its
@@ -104,9 +107,13 @@ enum Doc {
     },
 }
 
-/// Parses the Dapr documents of one file's text; other documents are
-/// skipped. Errors name the document and the field.
-fn parse_docs(path: &Path, text: &str) -> (Vec<Doc>, Vec<String>) {
+/// A document to read and the label its errors carry: a file's
+/// "PATH document N", or the API's "API Component shop/cache".
+pub type Labelled = (String, Value);
+
+/// The Dapr documents of one file's text, labelled; other documents are
+/// skipped.
+fn file_docs(path: &Path, text: &str) -> (Vec<Labelled>, Vec<String>) {
     let (mut docs, mut errors) = (Vec::new(), Vec::new());
     let mut options = serde_saphyr::Options::default();
     options.strict_booleans = true;
@@ -123,17 +130,25 @@ fn parse_docs(path: &Path, text: &str) -> (Vec<Doc>, Vec<String>) {
     };
     for (i, v) in values.into_iter().enumerate() {
         let api = v.get("apiVersion").and_then(Value::as_str).unwrap_or("");
-        if !api.starts_with("dapr.io/") {
-            continue;
+        if api.starts_with("dapr.io/") {
+            docs.push((format!("{} document {}", path.display(), i + 1), v));
         }
-        let at = format!("{} document {}", path.display(), i + 1);
+    }
+    (docs, errors)
+}
+
+/// Interprets documents, whatever their source, keeping their labels.
+/// Errors name the document and the field.
+fn interpret(docs: Vec<Labelled>) -> (Vec<(String, Doc)>, Vec<String>) {
+    let (mut out, mut errors) = (Vec::new(), Vec::new());
+    for (at, v) in docs {
         match doc(&v) {
-            Ok(Some(d)) => docs.push(d),
+            Ok(Some(d)) => out.push((at, d)),
             Ok(None) => {}
             Err(m) => errors.push(format!("{at}: {m}")),
         }
     }
-    (docs, errors)
+    (out, errors)
 }
 
 fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
@@ -234,37 +249,112 @@ fn stamps(dir: &Path) -> Vec<Stamp> {
     v
 }
 
-/// Reads the directory into a registry, reusing `prev`'s open stores whose
-/// spec is unchanged.
-pub async fn load(dir: &Path, state_dir: &Path, prev: &Registry) -> Registry {
-    let mut reg = Registry::default();
-    let mut docs = Vec::new();
+/// The Dapr documents of the directory's files, in file name order, and
+/// the problems reading them.
+fn dir_docs(dir: &Path) -> (Vec<Labelled>, Vec<String>) {
+    let (mut docs, mut errors) = (Vec::new(), Vec::new());
     for (path, _, _) in stamps(dir) {
         match std::fs::read_to_string(&path) {
             Ok(text) => {
-                let (d, e) = parse_docs(&path, &text);
+                let (d, e) = file_docs(&path, &text);
                 docs.extend(d);
-                reg.errors.extend(e);
+                errors.extend(e);
             }
-            Err(e) => reg.errors.push(format!("{}: {e}", path.display())),
+            Err(e) => errors.push(format!("{}: {e}", path.display())),
         }
     }
+    (docs, errors)
+}
+
+/// Replaces `target`'s registry with one built from `docs`, whatever their
+/// source (a directory's files, the Kubernetes API's objects as JSON with
+/// their `apiVersion` and `kind`); `errors` are the sources' own problems,
+/// kept in the registry's. The first definition of a name is used; the
+/// default store is added when no document defines it; an open store is
+/// kept while its spec is unchanged.
+///
+/// A store whose spec changed is taken out of service before its new
+/// definition is opened: an embedded store's file can be open only once,
+/// and the old store closes when the last request still using it ends
+/// (the embedded store's open waits a little for that).
+pub async fn reload(
+    target: &std::sync::RwLock<Arc<Registry>>,
+    docs: Vec<Labelled>,
+    mut errors: Vec<String>,
+    state_dir: &Path,
+) -> Arc<Registry> {
+    let (mut docs, e) = interpret(docs);
+    errors.extend(e);
     if !docs
         .iter()
-        .any(|d| matches!(d, Doc::State { spec, .. } if spec.name == DEFAULT_STORE))
+        .any(|(_, d)| matches!(d, Doc::State { spec, .. } if spec.name == DEFAULT_STORE))
     {
-        docs.push(Doc::State {
-            spec: ComponentSpec {
-                name: DEFAULT_STORE.into(),
-                kind: "state.embedded".into(),
-                version: "v1".into(),
-                metadata: BTreeMap::new(),
+        docs.push((
+            "the default store".into(),
+            Doc::State {
+                spec: ComponentSpec {
+                    name: DEFAULT_STORE.into(),
+                    kind: "state.embedded".into(),
+                    version: "v1".into(),
+                    metadata: BTreeMap::new(),
+                },
+                namespace: None,
+                scopes: Vec::new(),
             },
-            namespace: None,
-            scopes: Vec::new(),
-        });
+        ));
     }
-    for d in docs {
+    // Where each name was first defined, for the "defined twice" message.
+    let mut first: BTreeMap<(bool, String), String> = BTreeMap::new();
+    docs.retain(|(at, d)| {
+        let (is_store, name) = match d {
+            Doc::State { spec, .. } => (true, &spec.name),
+            Doc::Config { name, .. } => (false, name),
+        };
+        if let Some(used) = first.get(&(is_store, name.clone())) {
+            let what = if is_store {
+                "component"
+            } else {
+                "configuration"
+            };
+            errors.push(format!(
+                "{at}: {what} {name} is defined twice; the first definition ({used}) is used"
+            ));
+            return false;
+        }
+        first.insert((is_store, name.clone()), at.clone());
+        true
+    });
+
+    let current = || target.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut prev = current();
+    let changed = |prev: &Registry, name: &str, spec: &ComponentSpec| {
+        prev.stores.get(name).is_some_and(|old| old.spec != *spec)
+    };
+    if docs
+        .iter()
+        .any(|(_, d)| matches!(d, Doc::State { spec, .. } if changed(&prev, &spec.name, spec)))
+    {
+        let mut interim = Registry {
+            stores: prev.stores.clone(),
+            configs: prev.configs.clone(),
+            errors: prev.errors.clone(),
+        };
+        for (_, d) in &docs {
+            if let Doc::State { spec, .. } = d {
+                if changed(&prev, &spec.name, spec) {
+                    interim.stores.remove(&spec.name);
+                }
+            }
+        }
+        *target.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(interim);
+        prev = current();
+    }
+
+    let mut reg = Registry {
+        errors,
+        ..Registry::default()
+    };
+    for (_, d) in docs {
         match d {
             Doc::Config { name, acl } => {
                 reg.configs.insert(name, acl);
@@ -274,13 +364,6 @@ pub async fn load(dir: &Path, state_dir: &Path, prev: &Registry) -> Registry {
                 namespace,
                 scopes,
             } => {
-                if reg.stores.contains_key(&spec.name) {
-                    reg.errors.push(format!(
-                        "component {} is defined twice; the first definition is used",
-                        spec.name
-                    ));
-                    continue;
-                }
                 let store = match prev.stores.get(&spec.name) {
                     Some(old) if old.spec == spec => old.store.clone(),
                     _ => match nodeplane_state::open(&spec, state_dir).await {
@@ -309,14 +392,48 @@ pub async fn load(dir: &Path, state_dir: &Path, prev: &Registry) -> Registry {
     for e in &reg.errors {
         tracing::warn!(error = %e, "app runtime component not used");
     }
+    let reg = Arc::new(reg);
+    *target.write().unwrap_or_else(|e| e.into_inner()) = reg.clone();
     reg
 }
 
-/// Keeps `target` current with `dir`: reads it now (then fires `loaded`),
-/// then again whenever a file's size or mtime changes (checked every
-/// `every`).
+/// The Kubernetes API's `dapr.io/v1alpha1` Components and Configurations
+/// as the agent's watches last saw them (the agent publishes it through a
+/// `tokio::sync::watch` channel; see nodeplane-agent's `source::dapr`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ApiComponents {
+    /// Every object, labelled for errors ("API Component shop/cache"), with
+    /// `apiVersion` and `kind` set, in a stable order.
+    pub docs: Vec<Labelled>,
+    /// Every kind has been listed once, or has failed to be listed once:
+    /// the runtime need not wait for the API any longer to be ready.
+    pub settled: bool,
+    /// Why a kind cannot be listed now (CRD not installed, RBAC), shown in
+    /// the runtime's problems until it can.
+    pub problems: Vec<String>,
+}
+
+/// Where components come from. Both may be given: the directory's
+/// documents come first, so on a name defined in both the file wins.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    pub dir: Option<PathBuf>,
+    pub api: Option<tokio::sync::watch::Receiver<ApiComponents>>,
+}
+
+/// How long the first read waits for the API to answer before the runtime
+/// serves without its components (a list request has no timeout: an API
+/// server that accepts and never answers would otherwise hold readiness,
+/// and the agent's start, forever).
+pub const API_WAIT: Duration = Duration::from_secs(10);
+
+/// Keeps `target` current with `sources`: reads them now (then fires
+/// `loaded`), then again whenever a file's size or mtime changes (checked
+/// every `every`) or the API's documents change. The first read waits for
+/// the API to have answered once, successfully or not, for at most
+/// [`API_WAIT`].
 pub async fn watch(
-    dir: PathBuf,
+    sources: Sources,
     state_dir: PathBuf,
     target: Arc<std::sync::RwLock<Arc<Registry>>>,
     every: Duration,
@@ -324,32 +441,79 @@ pub async fn watch(
 ) -> Result<()> {
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| Error::io(format!("create {}", state_dir.display()), e))?;
+    let Sources { dir, mut api } = sources;
     let mut loaded = Some(loaded);
+    let started = tokio::time::Instant::now();
+    let mut api_closed = false;
     let mut seen: Option<Vec<Stamp>> = None;
+    // (settled, documents) of the API at the last read.
+    let mut seen_api: Option<(bool, Vec<Labelled>)> = None;
     loop {
-        let now = stamps(&dir);
-        if seen.as_ref() != Some(&now) {
-            let prev = target.read().unwrap_or_else(|e| e.into_inner()).clone();
-            let next = load(&dir, &state_dir, &prev).await;
+        let now = dir.as_deref().map(stamps).unwrap_or_default();
+        // Whether the API has answered (or been waited for long enough),
+        // and its documents when they differ from the last read's.
+        let (api_ready, fresh) = match &mut api {
+            None => (true, None),
+            Some(rx) => {
+                let a = rx.borrow_and_update();
+                let ready = a.settled || api_closed || started.elapsed() >= API_WAIT;
+                let same = seen_api
+                    .as_ref()
+                    .is_some_and(|(s, d)| *s == a.settled && *d == a.docs);
+                (ready, (ready && !same).then(|| (a.settled, a.docs.clone())))
+            }
+        };
+        if api_ready && (fresh.is_some() || seen.as_ref() != Some(&now)) {
+            if fresh.is_some() {
+                seen_api = fresh;
+            }
+            let (mut docs, mut errors) = match &dir {
+                Some(d) => dir_docs(d),
+                None => (Vec::new(), Vec::new()),
+            };
+            if let Some((settled, api_docs)) = &seen_api {
+                if !settled {
+                    errors.push(format!(
+                        "the Kubernetes API has not answered every list of Dapr Components and Configurations in {} s; serving what it has sent until it does",
+                        API_WAIT.as_secs()
+                    ));
+                }
+                docs.extend(api_docs.iter().cloned());
+            }
+            let next = reload(&target, docs, errors, &state_dir).await;
             tracing::info!(
                 stores = next.stores.len(),
                 configurations = next.configs.len(),
                 errors = next.errors.len(),
                 "app runtime components loaded"
             );
-            *target.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
             seen = Some(now);
             if let Some(tx) = loaded.take() {
                 let _ = tx.send(());
             }
         }
-        tokio::time::sleep(every).await;
+        match &mut api {
+            Some(rx) if !api_closed => {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    changed = rx.changed() => api_closed = changed.is_err(),
+                }
+            }
+            _ => tokio::time::sleep(every).await,
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse_docs(path: &Path, text: &str) -> (Vec<Doc>, Vec<String>) {
+        let (docs, mut errors) = file_docs(path, text);
+        let (docs, e) = interpret(docs);
+        errors.extend(e);
+        (docs.into_iter().map(|(_, d)| d).collect(), errors)
+    }
 
     #[test]
     fn reads_state_components_and_configurations_and_skips_the_rest() {
@@ -421,5 +585,231 @@ spec: {type: state.redis}
         assert!(
             matches!(&docs[1], Doc::Config { name, acl } if name == "acl" && acl.policies.len() == 1)
         );
+    }
+
+    /// A directory removed on drop.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "np-comp-{tag}-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            ));
+            let _ = std::fs::remove_dir_all(&p);
+            std::fs::create_dir_all(&p).expect("create temp dir");
+            TempDir(p)
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A Component as the agent hands it over from the API.
+    fn api_component(ns: &str, name: &str, kind: &str, metadata: Value) -> Labelled {
+        (
+            format!("API Component {ns}/{name}"),
+            serde_json::json!({
+                "apiVersion": "dapr.io/v1alpha1", "kind": "Component",
+                "metadata": {"name": name, "namespace": ns, "resourceVersion": "7"},
+                "spec": {"type": kind, "version": "v1", "metadata": metadata},
+            }),
+        )
+    }
+
+    fn empty() -> std::sync::RwLock<Arc<Registry>> {
+        std::sync::RwLock::new(Arc::new(Registry::default()))
+    }
+
+    #[tokio::test]
+    async fn api_documents_are_read_like_files_and_the_first_definition_wins() {
+        let state = TempDir::new("first");
+        let (mut docs, errors) = file_docs(
+            Path::new("dir/c.yaml"),
+            "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {name: cache}\nspec: {type: state.embedded}\n",
+        );
+        assert!(errors.is_empty(), "{errors:?}");
+        docs.push(api_component(
+            "shop",
+            "cache",
+            "state.embedded",
+            Value::Null,
+        ));
+        docs.push(api_component(
+            "shop",
+            "orders",
+            "state.embedded",
+            serde_json::json!([{"name": "keyPrefix", "value": "name"}]),
+        ));
+        docs.push((
+            "API Configuration shop/acl".into(),
+            serde_json::json!({
+                "apiVersion": "dapr.io/v1alpha1", "kind": "Configuration",
+                "metadata": {"name": "acl", "namespace": "shop"},
+                "spec": {"accessControl": {"defaultAction": "deny"}},
+            }),
+        ));
+        docs.push((
+            "API Component shop/broken".into(),
+            serde_json::json!({
+                "apiVersion": "dapr.io/v1alpha1", "kind": "Component",
+                "metadata": {"name": "broken", "namespace": "shop"}, "spec": {},
+            }),
+        ));
+        let target = empty();
+        let reg = reload(
+            &target,
+            docs,
+            vec!["a source's own problem".into()],
+            &state.0,
+        )
+        .await;
+        assert!(Arc::ptr_eq(&reg, &target.read().expect("lock")));
+        assert_eq!(
+            reg.stores.keys().collect::<Vec<_>>(),
+            ["cache", "orders", "statestore"]
+        );
+        // The file came first; the API's own namespace stays with its object.
+        assert_eq!(reg.stores["cache"].namespace, None);
+        let orders = &reg.stores["orders"];
+        assert_eq!(orders.namespace.as_deref(), Some("shop"));
+        assert_eq!(orders.key_prefix, KeyPrefix::Name);
+        assert!(orders.visible_to(Some("a"), Some("shop")));
+        assert!(!orders.visible_to(Some("a"), Some("default")));
+        assert_eq!(reg.configs["acl"].default_action, crate::acl::Action::Deny);
+        assert_eq!(reg.errors.len(), 3, "{:?}", reg.errors);
+        assert_eq!(reg.errors[0], "a source's own problem");
+        assert!(
+            reg.errors[1].starts_with("API Component shop/broken: ")
+                && reg.errors[1].contains("spec.type"),
+            "{:?}",
+            reg.errors
+        );
+        assert!(
+            reg.errors[2].starts_with("API Component shop/cache: component cache is defined twice")
+                && reg.errors[2].contains("(dir/c.yaml document 1)"),
+            "{:?}",
+            reg.errors
+        );
+    }
+
+    #[tokio::test]
+    async fn reload_keeps_unchanged_stores_reopens_changed_ones_and_drops_removed_ones() {
+        let state = TempDir::new("reload");
+        let target = empty();
+        let one = vec![api_component(
+            "shop",
+            "cache",
+            "state.embedded",
+            Value::Null,
+        )];
+        let first = reload(&target, one.clone(), Vec::new(), &state.0).await;
+        let store = first.stores["cache"].store.clone();
+        store
+            .save(nodeplane_state::Save {
+                key: "k".into(),
+                value: bytes::Bytes::from_static(b"1"),
+                etag: None,
+                concurrency: nodeplane_state::Concurrency::LastWrite,
+                ttl: None,
+            })
+            .await
+            .expect("save");
+        drop(store);
+
+        let same = reload(&target, one, Vec::new(), &state.0).await;
+        assert!(Arc::ptr_eq(
+            &first.stores["cache"].store,
+            &same.stores["cache"].store
+        ));
+        assert!(Arc::ptr_eq(
+            &first.stores[DEFAULT_STORE].store,
+            &same.stores[DEFAULT_STORE].store
+        ));
+        drop((first, same));
+
+        // A changed spec reopens the same embedded file: the old store is
+        // closed first, or the open would find the file in use.
+        let changed = vec![api_component(
+            "shop",
+            "cache",
+            "state.embedded",
+            serde_json::json!([{"name": "keyPrefix", "value": "none"}]),
+        )];
+        let reopened = reload(&target, changed, Vec::new(), &state.0).await;
+        assert!(reopened.errors.is_empty(), "{:?}", reopened.errors);
+        let c = &reopened.stores["cache"];
+        assert_eq!(c.key_prefix, KeyPrefix::None);
+        let item = c.store.get("k").await.expect("get").expect("kept");
+        assert_eq!(&item.value[..], b"1");
+        drop(reopened);
+
+        let gone = reload(&target, Vec::new(), Vec::new(), &state.0).await;
+        assert_eq!(gone.stores.keys().collect::<Vec<_>>(), [DEFAULT_STORE]);
+    }
+
+    #[tokio::test]
+    async fn watch_reads_the_api_feed_and_follows_its_changes() {
+        let state = TempDir::new("watch");
+        let (tx, rx) = tokio::sync::watch::channel(ApiComponents::default());
+        let target = Arc::new(std::sync::RwLock::new(Arc::new(Registry::default())));
+        let (loaded_tx, loaded) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(watch(
+            Sources {
+                dir: None,
+                api: Some(rx),
+            },
+            state.0.clone(),
+            target.clone(),
+            Duration::from_millis(20),
+            loaded_tx,
+        ));
+        tx.send_replace(ApiComponents {
+            docs: vec![api_component(
+                "shop",
+                "cache",
+                "state.embedded",
+                Value::Null,
+            )],
+            settled: true,
+            problems: Vec::new(),
+        });
+        tokio::time::timeout(Duration::from_secs(10), loaded)
+            .await
+            .expect("the first read is done")
+            .expect("loaded fired");
+        let stores = || {
+            target
+                .read()
+                .expect("lock")
+                .stores
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(stores(), ["cache", DEFAULT_STORE]);
+        tx.send_replace(ApiComponents {
+            docs: vec![api_component(
+                "shop",
+                "other",
+                "state.embedded",
+                Value::Null,
+            )],
+            settled: true,
+            problems: Vec::new(),
+        });
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while stores() != ["other", DEFAULT_STORE] {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the API's change is read");
+        task.abort();
     }
 }

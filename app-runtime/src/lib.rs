@@ -44,8 +44,9 @@ pub const SOCKET_NAME: &str = "runtime.sock";
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    /// Where Component and Configuration manifests are read.
-    pub components_dir: PathBuf,
+    /// A directory of Component and Configuration manifests (None: none;
+    /// the API's objects come through [`Runtime::start_components`]).
+    pub components_dir: Option<PathBuf>,
     /// Where embedded stores keep their files.
     pub state_dir: PathBuf,
     /// How long an invocation waits for the target's response headers.
@@ -74,6 +75,9 @@ pub struct Runtime {
     pub peers: Option<mesh::Peers>,
     /// What the runtime could not set up (a listener, TLS), for status.
     problems: std::sync::Mutex<Vec<String>>,
+    /// The API's components, when they are a source: their current
+    /// problems (CRD not installed) are part of [`Runtime::problems`].
+    api: std::sync::OnceLock<watch::Receiver<components::ApiComponents>>,
 }
 
 impl Runtime {
@@ -93,20 +97,32 @@ impl Runtime {
             containers,
             peers,
             problems: std::sync::Mutex::new(Vec::new()),
+            api: std::sync::OnceLock::new(),
         })
     }
 
-    /// Reads the components now and keeps them current; the runtime is
-    /// ready once the first read is done.
-    pub async fn start_components(self: &Arc<Self>, every: Duration) {
-        let (dir, state, target) = (
-            self.opts.components_dir.clone(),
-            self.opts.state_dir.clone(),
-            self.registry.clone(),
-        );
+    /// Reads the components now and keeps them current, from the
+    /// directory in [`Options::components_dir`] and, when given, the
+    /// Kubernetes API's objects as the agent publishes them. The runtime is
+    /// ready once the first read is done; with the API, that read waits
+    /// for its first answer, success or failure (at most
+    /// [`components::API_WAIT`]).
+    pub async fn start_components(
+        self: &Arc<Self>,
+        every: Duration,
+        api: Option<watch::Receiver<components::ApiComponents>>,
+    ) {
+        if let Some(rx) = &api {
+            let _ = self.api.set(rx.clone());
+        }
+        let sources = components::Sources {
+            dir: self.opts.components_dir.clone(),
+            api,
+        };
+        let (state, target) = (self.opts.state_dir.clone(), self.registry.clone());
         let (tx, loaded) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if let Err(e) = components::watch(dir, state, target, every, tx).await {
+            if let Err(e) = components::watch(sources, state, target, every, tx).await {
                 tracing::error!(error = %e, "app runtime components no longer reloaded");
             }
         });
@@ -123,12 +139,18 @@ impl Runtime {
             .push(p);
     }
 
-    /// What the runtime could not set up.
+    /// What the runtime could not set up, and what keeps a component
+    /// source from being read now.
     pub fn problems(&self) -> Vec<String> {
-        self.problems
+        let mut p = self
+            .problems
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .clone();
+        if let Some(api) = self.api.get() {
+            p.extend(api.borrow().problems.iter().cloned());
+        }
+        p
     }
 
     /// The pod running container `id`, by the shim's report.

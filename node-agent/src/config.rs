@@ -96,8 +96,10 @@ pub struct Args {
     /// CRI shim mounts into containers.
     #[arg(long, env = "NODEPLANE_RUNTIME_DIR")]
     pub runtime_dir: Option<PathBuf>,
-    /// Where Dapr Component and Configuration manifests are read (default:
-    /// the manifests directory).
+    /// A directory of Dapr Component and Configuration manifests. Default
+    /// with source `manifests`: the manifests directory; with source
+    /// `kube`: none (components come from the API's dapr.io objects; given,
+    /// the directory is read too, and its definitions come first).
     #[arg(long, env = "NODEPLANE_COMPONENTS_DIR")]
     pub components_dir: Option<PathBuf>,
     /// Do not serve the app runtime at all.
@@ -211,7 +213,9 @@ pub struct RuntimeConfig {
     /// None: unix socket only.
     pub listen: Option<SocketAddr>,
     pub dir: PathBuf,
-    pub components_dir: PathBuf,
+    /// Manifests read besides (source `kube`) or instead of (source
+    /// `manifests`) the API's; None: none.
+    pub components_dir: Option<PathBuf>,
     /// Agent-to-agent listener (None: no cross-node invocation).
     pub peer_listen: Option<SocketAddr>,
     pub invoke_timeout: std::time::Duration,
@@ -347,7 +351,7 @@ impl Config {
                 components_dir: args
                     .components_dir
                     .or(file.components_dir)
-                    .unwrap_or_else(|| manifests_dir.clone()),
+                    .or_else(|| (source == SourceKind::Manifests).then(|| manifests_dir.clone())),
             })
         };
         let worker_threads = match args.worker_threads.or(file.worker_threads) {
@@ -457,6 +461,40 @@ mod tests {
         })
         .expect("no runtime");
         assert!(none.runtime.is_none());
+    }
+
+    #[test]
+    fn components_dir_defaults_to_the_manifests_only_in_manifests_mode() {
+        let dir_of = |args: Args| {
+            Config::resolve(args)
+                .expect("resolves")
+                .runtime
+                .expect("runtime on")
+                .components_dir
+        };
+        assert_eq!(
+            dir_of(Args {
+                manifests_dir: Some("/m".into()),
+                ..Args::default()
+            }),
+            Some(PathBuf::from("/m"))
+        );
+        assert_eq!(
+            dir_of(Args {
+                source: Some(SourceKind::Kube),
+                manifests_dir: Some("/m".into()),
+                ..Args::default()
+            }),
+            None
+        );
+        assert_eq!(
+            dir_of(Args {
+                source: Some(SourceKind::Kube),
+                components_dir: Some("/c".into()),
+                ..Args::default()
+            }),
+            Some(PathBuf::from("/c"))
+        );
     }
 
     #[test]

@@ -41,6 +41,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     let (call_tx, call_rx) = mpsc::channel(1024);
     let (stop_tx, stop_rx) = oneshot::channel();
 
+    // The API client, shared by the policy source and the app runtime's
+    // components (source `kube` only).
+    let mut kube_client = None;
     match cfg.source {
         SourceKind::Manifests => {
             let dir = cfg.manifests_dir.clone();
@@ -64,6 +67,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 None => crate::source::kube::client_default().await?,
             };
             let node = cfg.node_name.clone();
+            kube_client = Some(client.clone());
             tokio::spawn(async move {
                 if let Err(e) = crate::source::kube::run(client, node, ev_tx).await {
                     tracing::error!(error = %e, "Kubernetes source stopped");
@@ -84,6 +88,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 dir_rx,
                 lifecycle.clone(),
                 &cfg.node_name,
+                kube_client,
             )
             .await,
         ),

@@ -88,8 +88,9 @@ impl nodeplane_runtime::Containers for ShimContainers {
     }
 }
 
-/// Starts the runtime's listeners and component reader.
-/// Starts the runtime's listeners and component reader. Nothing here can
+/// Starts the runtime's listeners and component reader, with the
+/// components of `cfg.components_dir` and, given a client (source `kube`),
+/// of the API's `dapr.io` objects. Nothing here can
 /// stop the agent: policy enforcement does not depend on the runtime, so a
 /// listener that cannot be opened (or TLS material that cannot be read) is
 /// logged, shown in /status (`runtime.problems`), and left out.
@@ -99,6 +100,7 @@ pub async fn start(
     directory: watch::Receiver<Arc<Directory>>,
     shim: Arc<Lifecycle>,
     node_name: &str,
+    api: Option<kube::Client>,
 ) -> Arc<Runtime> {
     let connect_timeout = Duration::from_secs(2);
     let mut problems = Vec::new();
@@ -127,7 +129,13 @@ pub async fn start(
         Some(Arc::new(ShimContainers(shim))),
         peers,
     );
-    rt.start_components(Duration::from_millis(500)).await;
+    let api = api.map(|client| {
+        let (tx, rx) = watch::channel(Default::default());
+        tokio::spawn(crate::source::dapr::run(client, tx));
+        rx
+    });
+    let from_api = api.is_some();
+    rt.start_components(Duration::from_millis(500), api).await;
     let sock = cfg.dir.join(nodeplane_runtime::SOCKET_NAME);
     match nodeplane_runtime::server::bind_unix(&sock) {
         Ok(unix) => {
@@ -164,7 +172,8 @@ pub async fn start(
         tracing::error!(problem = %p, "app runtime degraded");
         rt.report_problem(p);
     }
-    tracing::info!(socket = %sock.display(), listen = ?cfg.listen, peers = ?cfg.peer_listen, components = %cfg.components_dir.display(), "app runtime serving");
+    let components_dir = cfg.components_dir.as_ref().map(|d| d.display().to_string());
+    tracing::info!(socket = %sock.display(), listen = ?cfg.listen, peers = ?cfg.peer_listen, components_dir = components_dir.as_deref().unwrap_or("none"), components_from_api = from_api, "app runtime serving");
     rt
 }
 

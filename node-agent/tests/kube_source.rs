@@ -7,6 +7,10 @@
 //!
 //! The events the source sends are applied to the real `Model`, and the
 //! assertions are on the model and on the requests the double received.
+//! The double also serves Dapr's `dapr.io/v1alpha1` Components and
+//! Configurations (or answers 404 for them, as a cluster without the Dapr
+//! CRDs does) to `source::dapr`, whose output feeds a real app runtime's
+//! component registry with real embedded stores in a temp dir.
 //! Any request the double does not understand (path, method or query
 //! parameter) is printed and makes the test fail.
 
@@ -40,10 +44,19 @@ enum Res {
     Namespaces,
     NetworkPolicies,
     Nodes,
+    Components,
+    Configurations,
 }
 
 impl Res {
+    /// What the policy source (`source::kube`) reads.
     const ALL: [Res; 4] = [Res::Pods, Res::Namespaces, Res::NetworkPolicies, Res::Nodes];
+    /// What the app runtime's component source (`source::dapr`) reads.
+    const DAPR: [Res; 2] = [Res::Components, Res::Configurations];
+
+    fn every() -> impl Iterator<Item = Res> {
+        Res::ALL.into_iter().chain(Res::DAPR)
+    }
 
     fn path(self) -> &'static str {
         match self {
@@ -51,6 +64,8 @@ impl Res {
             Res::Namespaces => "/api/v1/namespaces",
             Res::NetworkPolicies => "/apis/networking.k8s.io/v1/networkpolicies",
             Res::Nodes => "/api/v1/nodes",
+            Res::Components => "/apis/dapr.io/v1alpha1/components",
+            Res::Configurations => "/apis/dapr.io/v1alpha1/configurations",
         }
     }
 
@@ -60,24 +75,26 @@ impl Res {
             Res::Namespaces => "Namespace",
             Res::NetworkPolicies => "NetworkPolicy",
             Res::Nodes => "Node",
+            Res::Components => "Component",
+            Res::Configurations => "Configuration",
         }
     }
 
     fn api_version(self) -> &'static str {
         match self {
             Res::NetworkPolicies => "networking.k8s.io/v1",
+            Res::Components | Res::Configurations => "dapr.io/v1alpha1",
             _ => "v1",
         }
     }
 
     fn from_path(path: &str) -> Option<Res> {
-        Res::ALL.into_iter().find(|r| r.path() == path)
+        Res::every().find(|r| r.path() == path)
     }
 
     fn of(obj: &Value) -> Res {
         let kind = obj["kind"].as_str().expect("test object without kind");
-        Res::ALL
-            .into_iter()
+        Res::every()
             .find(|r| r.kind() == kind)
             .unwrap_or_else(|| panic!("test object of unknown kind {kind}"))
     }
@@ -151,6 +168,8 @@ struct Inner {
     parked: Vec<(Res, oneshot::Sender<()>)>,
     /// Lists to answer with this HTTP status, once each.
     fail_lists: Vec<(Res, u16)>,
+    /// Collections not served (their CRD is not installed): 404 NotFound.
+    absent: BTreeSet<Res>,
     requests: Vec<Request>,
     unknown: Vec<String>,
 }
@@ -185,6 +204,7 @@ impl ApiDouble {
                 held: BTreeSet::new(),
                 parked: Vec::new(),
                 fail_lists: Vec::new(),
+                absent: BTreeSet::new(),
                 requests: Vec::new(),
                 unknown: Vec::new(),
             })),
@@ -215,8 +235,8 @@ impl ApiDouble {
     /// Creates or replaces an object (ADDED or MODIFIED to live watches).
     fn put(&self, mut obj: Value) -> u64 {
         let res = Res::of(&obj);
-        if matches!(res, Res::Pods | Res::NetworkPolicies) && obj["metadata"]["namespace"].is_null()
-        {
+        let namespaced = !matches!(res, Res::Namespaces | Res::Nodes);
+        if namespaced && obj["metadata"]["namespace"].is_null() {
             // As the API server does when an object is created without one.
             obj["metadata"]["namespace"] = json!("default");
         }
@@ -316,6 +336,18 @@ impl ApiDouble {
         inner.compacted = inner.rv;
         inner.gone = gone;
         inner.history.clear();
+    }
+
+    /// Whether `res` is served (its CRD installed). Not served, its lists
+    /// and watches are answered 404 NotFound, as the API server does for a
+    /// resource it does not know; its objects are kept for when it is.
+    fn serve_collection(&self, res: Res, served: bool) {
+        let mut inner = self.lock();
+        if served {
+            inner.absent.remove(&res);
+        } else {
+            inner.absent.insert(res);
+        }
     }
 
     /// The next list of `res` is answered with `status`.
@@ -524,6 +556,16 @@ impl Inner {
         };
         let selected =
             |obj: &Value| name.is_none() || obj["metadata"]["name"].as_str() == name.as_deref();
+        if self.absent.contains(&res) {
+            return Reply::Json(
+                404,
+                status_json(
+                    404,
+                    "NotFound",
+                    "the server could not find the requested resource",
+                ),
+            );
+        }
 
         if !watch {
             if let Some(i) = self.fail_lists.iter().position(|(r, _)| *r == res) {
@@ -1517,4 +1559,375 @@ async fn kube_and_manifests_sources_build_the_same_model() {
         d.assert_no_unknown_requests();
     })
     .await;
+}
+
+// ---------------------------------------------------------------------------
+// The app runtime's components from the API (source::dapr)
+// ---------------------------------------------------------------------------
+
+use nodeplane_runtime::components::{ApiComponents, KeyPrefix, Registry, StateComponent};
+use nodeplane_runtime::Runtime;
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "np-kube-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `source::dapr` against the double, feeding a real runtime (no
+/// listeners: its registry, readiness and problems are what is checked).
+struct Components {
+    rt: Arc<Runtime>,
+    state: TempDir,
+    task: JoinHandle<()>,
+}
+
+impl Components {
+    /// Starts the source and the runtime's component reader, and returns
+    /// once the runtime is ready (as the agent's start does).
+    async fn start(d: &ApiDouble) -> Components {
+        let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+        let client = nodeplane_agent::source::kube::client_from_url(&d.url())
+            .await
+            .expect("client for the double");
+        let (tx, rx) = watch::channel(ApiComponents::default());
+        let task = tokio::spawn(nodeplane_agent::source::dapr::run(client, tx));
+        let state = TempDir::new("components");
+        let (_directory, directory) = watch::channel(Arc::new(Default::default()));
+        let rt = Runtime::new(
+            nodeplane_runtime::Options {
+                components_dir: None,
+                state_dir: state.0.join("runtime"),
+                invoke_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(1),
+            },
+            directory,
+            None,
+            None,
+        );
+        tokio::time::timeout(
+            WAIT,
+            rt.start_components(Duration::from_millis(20), Some(rx)),
+        )
+        .await
+        .expect("the runtime's first component read did not finish");
+        assert!(rt.is_ready());
+        Components { rt, state, task }
+    }
+
+    fn registry(&self) -> Arc<Registry> {
+        self.rt.registry()
+    }
+
+    /// Waits until `pred` holds for the registry.
+    async fn until(&self, what: &str, pred: impl Fn(&Registry) -> bool) -> Arc<Registry> {
+        let found = tokio::time::timeout(WAIT, async {
+            loop {
+                let reg = self.registry();
+                if pred(&reg) {
+                    return reg;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| {
+            panic!(
+                "timed out waiting for {what}\nregistry: {:#?}\nproblems: {:?}",
+                self.registry(),
+                self.rt.problems()
+            )
+        })
+    }
+
+    /// Waits until the problems are as `pred` wants.
+    async fn until_problems(&self, what: &str, pred: impl Fn(&[String]) -> bool) {
+        let done = tokio::time::timeout(WAIT, async {
+            while !pred(&self.rt.problems()) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        if done.is_err() {
+            panic!(
+                "timed out waiting for {what}; problems: {:?}",
+                self.rt.problems()
+            );
+        }
+    }
+}
+
+fn component(namespace: &str, name: &str, metadata: Value) -> Value {
+    json!({
+        "kind": "Component", "apiVersion": "dapr.io/v1alpha1",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"type": "state.embedded", "version": "v1", "metadata": metadata},
+    })
+}
+
+fn configuration(namespace: &str, name: &str, default_action: &str) -> Value {
+    json!({
+        "kind": "Configuration", "apiVersion": "dapr.io/v1alpha1",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"accessControl": {
+            "defaultAction": default_action,
+            "policies": [{
+                "appId": "front", "namespace": namespace,
+                "operations": [{"name": "/orders/*", "httpVerb": ["GET"], "action": "allow"}],
+            }],
+        }},
+    })
+}
+
+fn store_names(reg: &Registry) -> Vec<&str> {
+    reg.stores.keys().map(String::as_str).collect()
+}
+
+fn store<'r>(reg: &'r Registry, name: &str) -> &'r StateComponent {
+    reg.stores
+        .get(name)
+        .unwrap_or_else(|| panic!("no store {name} in {reg:#?}"))
+}
+
+/// The initial list of Components and Configurations becomes the
+/// runtime's registry: a real embedded store for the Component, in its
+/// namespace only, and the Configuration's access control.
+#[tokio::test]
+async fn dapr_initial_list_builds_the_registry() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        d.put(component(
+            "shop",
+            "cache",
+            json!([{"name": "keyPrefix", "value": "none"}]),
+        ));
+        d.put(configuration("shop", "acl", "deny"));
+        let c = Components::start(&d).await;
+        let reg = c.registry();
+        assert!(reg.errors.is_empty(), "{:?}", reg.errors);
+        assert!(c.rt.problems().is_empty(), "{:?}", c.rt.problems());
+        assert_eq!(store_names(&reg), ["cache", "statestore"]);
+        let cache = store(&reg, "cache");
+        assert_eq!(cache.spec.kind, "state.embedded");
+        assert_eq!(cache.key_prefix, KeyPrefix::None);
+        assert_eq!(cache.namespace.as_deref(), Some("shop"));
+        assert!(cache.visible_to(Some("orders"), Some("shop")));
+        assert!(!cache.visible_to(Some("orders"), Some("default")));
+        assert!(
+            c.state.0.join("runtime/cache.redb").is_file(),
+            "the embedded store's file"
+        );
+        assert!(c.rt.outbound_ready().await, "every store answers a ping");
+
+        use nodeplane_runtime::acl::{Action, CallerId};
+        let acl = &reg.configs["acl"];
+        let front = CallerId {
+            app_id: Some("front"),
+            namespace: Some("shop"),
+        };
+        assert_eq!(acl.decide(front, "GET", "orders/1"), Action::Allow);
+        assert_eq!(acl.decide(front, "POST", "orders/1"), Action::Deny);
+
+        // A list, then a watch from its resourceVersion, per collection.
+        for res in Res::DAPR {
+            let w = d
+                .wait_request(&format!("the {res:?} watch"), |r| {
+                    r.res == res && r.is_watch()
+                })
+                .await;
+            assert_eq!(d.lists(res), 1);
+            assert_eq!(w.q("allowWatchBookmarks"), Some("true"), "{}", w.target);
+        }
+        for res in Res::ALL {
+            assert_eq!(d.lists(res), 0, "{res:?}: not this source's");
+        }
+        assert!(!c.task.is_finished());
+        d.assert_no_unknown_requests();
+    })
+    .await;
+}
+
+/// Watch ADDED, MODIFIED and DELETED change the registry: a store appears,
+/// a change that leaves the spec alone keeps the open store, a spec change
+/// reopens it, a delete removes it; the same for a Configuration.
+#[tokio::test]
+async fn dapr_watch_events_change_the_registry() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        let c = Components::start(&d).await;
+        assert_eq!(store_names(&c.registry()), ["statestore"]);
+        for res in Res::DAPR {
+            d.wait_request("the watches", |r| r.res == res && r.is_watch())
+                .await;
+        }
+
+        d.put(component("shop", "cache", json!([])));
+        let added = c
+            .until("cache added", |r| r.stores.contains_key("cache"))
+            .await;
+        assert_eq!(store(&added, "cache").namespace.as_deref(), Some("shop"));
+        assert_eq!(store(&added, "cache").key_prefix, KeyPrefix::AppId);
+
+        // MODIFIED with the same spec (a label, say): the store stays open.
+        let mut relabelled = component("shop", "cache", json!([]));
+        relabelled["metadata"]["labels"] = json!({"team": "a"});
+        d.put(relabelled);
+        let kept = c
+            .until("the relabelled cache read", |r| {
+                !std::ptr::eq(r, &*added) && r.stores.contains_key("cache")
+            })
+            .await;
+        assert!(Arc::ptr_eq(
+            &store(&added, "cache").store,
+            &store(&kept, "cache").store
+        ));
+
+        // A spec change reopens it (the same embedded file, so the old
+        // store must be closed first: nothing here may hold it).
+        let old = Arc::downgrade(&store(&kept, "cache").store);
+        drop((added, kept));
+        d.put(component(
+            "shop",
+            "cache",
+            json!([{"name": "keyPrefix", "value": "name"}]),
+        ));
+        let changed = c
+            .until("cache's new keyPrefix", |r| {
+                r.stores
+                    .get("cache")
+                    .is_some_and(|s| s.key_prefix == KeyPrefix::Name)
+            })
+            .await;
+        assert!(changed.errors.is_empty(), "{:?}", changed.errors);
+        assert!(old.upgrade().is_none(), "the old store was closed");
+        drop(changed);
+
+        d.put(configuration("shop", "acl", "deny"));
+        c.until("acl added", |r| r.configs.contains_key("acl"))
+            .await;
+        d.put(configuration("shop", "acl", "allow"));
+        c.until("acl changed", |r| {
+            r.configs
+                .get("acl")
+                .is_some_and(|a| a.default_action == nodeplane_runtime::acl::Action::Allow)
+        })
+        .await;
+
+        d.delete(Res::Components, "shop", "cache");
+        d.delete(Res::Configurations, "shop", "acl");
+        let gone = c
+            .until("cache and acl deleted", |r| {
+                !r.stores.contains_key("cache") && r.configs.is_empty()
+            })
+            .await;
+        assert_eq!(store_names(&gone), ["statestore"]);
+        assert!(c.rt.outbound_ready().await);
+        for res in Res::DAPR {
+            assert_eq!(d.lists(res), 1, "{res:?} was relisted");
+        }
+        d.assert_no_unknown_requests();
+    })
+    .await;
+}
+
+/// Without the CRDs the runtime is ready anyway, with the default store
+/// and a problem naming the missing resource; once the API serves them
+/// the components arrive and the problem clears.
+#[tokio::test]
+async fn dapr_crds_absent_then_installed() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        for res in Res::DAPR {
+            d.serve_collection(res, false);
+        }
+        d.put(component("shop", "cache", json!([])));
+        let c = Components::start(&d).await;
+        assert_eq!(store_names(&c.registry()), ["statestore"]);
+        assert!(c.rt.outbound_ready().await);
+        let problems = c.rt.problems();
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        for (p, plural) in problems.iter().zip(["components", "configurations"]) {
+            assert!(
+                p.starts_with(&format!(
+                    "dapr.io/v1alpha1 {plural}: not served by the API server"
+                )) && p.contains("deploy/daemonset/dapr-crds.yaml"),
+                "{p}"
+            );
+        }
+
+        // The CRDs are installed: the next retry lists them.
+        for res in Res::DAPR {
+            d.serve_collection(res, true);
+        }
+        c.until("cache arrives", |r| r.stores.contains_key("cache"))
+            .await;
+        c.until_problems("the problems to clear", <[String]>::is_empty)
+            .await;
+        for res in Res::DAPR {
+            assert!(d.lists(res) >= 2, "{res:?} was listed again");
+        }
+        assert!(!c.task.is_finished());
+        d.assert_no_unknown_requests();
+    })
+    .await;
+}
+
+/// The Components watch's resourceVersion expires while it is away; the
+/// relist drops a Component deleted meanwhile and brings one added.
+async fn dapr_expired_resource_version_relists(gone: Gone) {
+    let d = ApiDouble::start().await;
+    d.put(component("shop", "a", json!([])));
+    d.put(component("shop", "b", json!([])));
+    let c = Components::start(&d).await;
+    assert_eq!(store_names(&c.registry()), ["a", "b", "statestore"]);
+    d.nth_watch(Res::Components, 1).await;
+
+    d.hold(Res::Components, Close::Clean);
+    d.nth_watch(Res::Components, 2).await;
+    d.delete(Res::Components, "shop", "b");
+    d.put(component("default", "c", json!([])));
+    d.compact(gone);
+    d.release(Res::Components);
+
+    let reg = c
+        .until("the relist without b", |r| {
+            store_names(r) == ["a", "c", "statestore"]
+        })
+        .await;
+    assert_eq!(store(&reg, "c").namespace.as_deref(), Some("default"));
+    assert_eq!(d.lists(Res::Components), 2, "components are listed again");
+    assert_eq!(d.lists(Res::Configurations), 1);
+    d.assert_no_unknown_requests();
+}
+
+#[tokio::test]
+async fn dapr_http_410_on_watch_relists() {
+    bounded(dapr_expired_resource_version_relists(Gone::Http)).await;
+}
+
+#[tokio::test]
+async fn dapr_watch_event_error_410_relists() {
+    bounded(dapr_expired_resource_version_relists(Gone::Event)).await;
 }

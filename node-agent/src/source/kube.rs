@@ -147,7 +147,7 @@ where
 /// version forever, with backoff, never relisting (seen against the test
 /// double in tests/kube_source.rs). The only way into a relist from outside
 /// is a new watcher.
-fn needs_relist(e: &watcher::Error) -> bool {
+pub(crate) fn needs_relist(e: &watcher::Error) -> bool {
     match e {
         watcher::Error::WatchStartFailed(kube::Error::Api(status))
         | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 410,

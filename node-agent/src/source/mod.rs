@@ -3,7 +3,11 @@
 //! watches ([`kube`]), or a directory of YAML manifests ([`manifests`]) in
 //! standalone mode. The [`crate::model::Model`] applies the events; it never
 //! knows which source sent them.
+//!
+//! [`dapr`] is the API side of the app runtime's components: Dapr's
+//! Components and Configurations, which the model does not hold.
 
+pub mod dapr;
 pub mod kube;
 pub mod manifests;
 

@@ -1,0 +1,310 @@
+//! Dapr's `dapr.io/v1alpha1` Components and Configurations from the
+//! Kubernetes API, for the app runtime (Dapr's Kubernetes mode reads its
+//! components the same way, from these two custom resources).
+//!
+//! Each kind is followed cluster-wide by a kube-runtime [`watcher`] over
+//! [`DynamicObject`]s, with the same list-then-watch, resume and relist
+//! handling as the policy source ([`super::kube`]). The current objects,
+//! keyed by (namespace, name), are published as one
+//! [`ApiComponents`] after the initial list, after each relist's end (so
+//! objects deleted while the watch was away are gone) and after every
+//! single change. The runtime reads them exactly as it reads manifest
+//! files.
+//!
+//! The CRDs may not be installed (no Dapr in the cluster): a kind the API
+//! server does not serve is reported in [`ApiComponents::problems`] (the
+//! runtime's `/status` problems), counts as answered so the runtime does
+//! not wait for it to be ready, and is retried with the watcher's backoff
+//! until the CRD appears.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::runtime::watcher::{self, DefaultBackoff};
+use kube::runtime::WatchStreamExt;
+use kube::{Api, Client};
+use nodeplane_runtime::components::{ApiComponents, Labelled};
+use serde_json::Value;
+use tokio::sync::watch;
+
+/// The API group and version of Dapr's resources.
+pub const API_VERSION: &str = "dapr.io/v1alpha1";
+/// The CRDs for clusters without Dapr installed.
+pub const CRD_MANIFEST: &str = "deploy/daemonset/dapr-crds.yaml";
+/// The agent's read access to them.
+pub const RBAC_MANIFEST: &str = "deploy/daemonset/rbac-dapr.yaml";
+
+/// The two watched kinds, in the order their documents are published.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DaprKind {
+    Component,
+    Configuration,
+}
+
+impl DaprKind {
+    const ALL: [DaprKind; 2] = [DaprKind::Component, DaprKind::Configuration];
+
+    fn kind(self) -> &'static str {
+        match self {
+            DaprKind::Component => "Component",
+            DaprKind::Configuration => "Configuration",
+        }
+    }
+
+    fn plural(self) -> &'static str {
+        match self {
+            DaprKind::Component => "components",
+            DaprKind::Configuration => "configurations",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn resource(self) -> ApiResource {
+        ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("dapr.io", "v1alpha1", self.kind()),
+            self.plural(),
+        )
+    }
+}
+
+/// What is known of one kind.
+#[derive(Debug, Default)]
+struct Known {
+    objects: BTreeMap<(String, String), Value>,
+    /// Listed once, or failed to be listed once.
+    answered: bool,
+    /// Why it cannot be listed now.
+    problem: Option<String>,
+}
+
+/// Both kinds, and where their sum is published.
+struct Shared {
+    kinds: Mutex<[Known; 2]>,
+    tx: watch::Sender<ApiComponents>,
+}
+
+impl Shared {
+    /// Changes what is known of `kind` and publishes the sum if it changed.
+    fn update(&self, kind: DaprKind, change: impl FnOnce(&mut Known)) {
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        change(&mut kinds[kind.index()]);
+        let mut next = ApiComponents {
+            settled: kinds.iter().all(|k| k.answered),
+            ..ApiComponents::default()
+        };
+        for k in DaprKind::ALL {
+            let known = &kinds[k.index()];
+            next.docs
+                .extend(known.objects.iter().map(|((ns, name), v)| -> Labelled {
+                    (format!("API {} {ns}/{name}", k.kind()), v.clone())
+                }));
+            next.problems.extend(known.problem.clone());
+        }
+        drop(kinds);
+        self.tx.send_if_modified(|cur| {
+            let changed = *cur != next;
+            if changed {
+                *cur = next;
+            }
+            changed
+        });
+    }
+}
+
+/// Follows Components and Configurations and publishes them to `tx` until
+/// every receiver is gone. API errors never end it (see the module doc).
+pub async fn run(client: Client, tx: watch::Sender<ApiComponents>) {
+    let shared = Shared {
+        kinds: Mutex::new(Default::default()),
+        tx,
+    };
+    let watches = async {
+        tokio::join!(
+            follow(&client, DaprKind::Component, &shared),
+            follow(&client, DaprKind::Configuration, &shared),
+        )
+    };
+    // Nothing is sent on a quiet cluster, so also wait for the close.
+    tokio::select! {
+        _ = watches => {}
+        () = shared.tx.closed() => {}
+    }
+}
+
+/// Follows one kind, forever.
+async fn follow(client: &Client, kind: DaprKind, shared: &Shared) {
+    let api = Api::<DynamicObject>::all_with(client.clone(), &kind.resource());
+    // Paces the relists this function starts itself, as in `super::kube`.
+    let mut relist_backoff = DefaultBackoff::default();
+    loop {
+        let mut events = std::pin::pin!(
+            watcher::watcher(api.clone(), watcher::Config::default()).default_backoff()
+        );
+        // The objects of a list in progress: they replace the known ones
+        // only when the list is complete.
+        let mut listing: Option<BTreeMap<(String, String), Value>> = None;
+        while let Some(item) = events.next().await {
+            match item {
+                Ok(watcher::Event::Init) => listing = Some(BTreeMap::new()),
+                Ok(watcher::Event::InitApply(o)) => {
+                    let (key, doc) = document(kind, o);
+                    listing.get_or_insert_default().insert(key, doc);
+                }
+                Ok(watcher::Event::InitDone) => {
+                    let objects = listing.take().unwrap_or_default();
+                    tracing::info!(
+                        kind = kind.kind(),
+                        count = objects.len(),
+                        "Dapr {} listed",
+                        kind.plural()
+                    );
+                    shared.update(kind, |k| {
+                        k.objects = objects;
+                        k.answered = true;
+                        k.problem = None;
+                    });
+                }
+                Ok(watcher::Event::Apply(o)) => {
+                    let (key, doc) = document(kind, o);
+                    shared.update(kind, |k| {
+                        k.objects.insert(key, doc);
+                    });
+                }
+                Ok(watcher::Event::Delete(o)) => {
+                    let (key, _) = document(kind, o);
+                    shared.update(kind, |k| {
+                        k.objects.remove(&key);
+                    });
+                }
+                Err(e) => {
+                    let problem = problem(kind, &e);
+                    if let Some(p) = &problem {
+                        shared.update(kind, |k| {
+                            k.answered = true;
+                            k.problem = Some(p.clone());
+                        });
+                    }
+                    // A CRD deleted while watched answers the watch with
+                    // 404: list again (the list reports the problem).
+                    let relist = super::kube::needs_relist(&e) || status_code(&e) == Some(404);
+                    tracing::warn!(
+                        kind = kind.kind(),
+                        error = %e,
+                        problem = problem.as_deref().unwrap_or(""),
+                        "Dapr {} watch failed; retrying",
+                        kind.plural()
+                    );
+                    if relist {
+                        break;
+                    }
+                    // Otherwise the watcher recovers on the next poll,
+                    // after its backoff.
+                }
+            }
+        }
+        let delay = relist_backoff.next().unwrap_or(Duration::from_secs(30));
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The object's key, and the object as the runtime reads it: JSON with its
+/// `apiVersion` and `kind` (list items may come without them).
+fn document(kind: DaprKind, obj: DynamicObject) -> ((String, String), Value) {
+    let key = (
+        obj.metadata.namespace.clone().unwrap_or_default(),
+        obj.metadata.name.clone().unwrap_or_default(),
+    );
+    let mut doc = serde_json::to_value(&obj).unwrap_or_default();
+    if let Some(m) = doc.as_object_mut() {
+        m.insert("apiVersion".into(), API_VERSION.into());
+        m.insert("kind".into(), kind.kind().into());
+    }
+    (key, doc)
+}
+
+fn status_code(e: &watcher::Error) -> Option<u16> {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.code),
+        watcher::Error::WatchError(s) => Some(s.code),
+        _ => None,
+    }
+}
+
+/// What a failure means to a user, when it keeps the kind from being
+/// read: a list that fails, or a watch refused for good (no CRD, no RBAC).
+/// A watch that merely broke is no problem; the watcher resumes it.
+fn problem(kind: DaprKind, e: &watcher::Error) -> Option<String> {
+    let what = format!("{API_VERSION} {}", kind.plural());
+    let listing = matches!(e, watcher::Error::InitialListFailed(_));
+    match status_code(e) {
+        Some(404) => Some(format!(
+            "{what}: not served by the API server (is the Dapr CRD installed? see {CRD_MANIFEST}); serving without them, retrying"
+        )),
+        Some(403) => Some(format!(
+            "{what}: the agent may not read them (see {RBAC_MANIFEST}); serving without them, retrying"
+        )),
+        _ if listing => Some(format!("{what}: cannot be listed ({e}); retrying")),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_carry_their_kind_namespace_and_data() {
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "cache", "namespace": "shop"},
+            "spec": {"type": "state.redis"},
+            "scopes": ["orders"],
+        }))
+        .expect("object");
+        let ((ns, name), doc) = document(DaprKind::Component, obj);
+        assert_eq!((ns.as_str(), name.as_str()), ("shop", "cache"));
+        assert_eq!(doc["apiVersion"], API_VERSION);
+        assert_eq!(doc["kind"], "Component");
+        assert_eq!(doc["metadata"]["namespace"], "shop");
+        assert_eq!(doc["spec"]["type"], "state.redis");
+        assert_eq!(doc["scopes"][0], "orders");
+    }
+
+    #[test]
+    fn problems_say_what_to_install_and_broken_watches_are_none() {
+        let api = |code| {
+            kube::Error::Api(
+                kube::core::Status::failure("x", "y")
+                    .with_code(code)
+                    .boxed(),
+            )
+        };
+        let list = |code| watcher::Error::InitialListFailed(api(code));
+        let p = problem(DaprKind::Component, &list(404)).expect("a problem");
+        assert!(
+            p.starts_with("dapr.io/v1alpha1 components: not served") && p.contains(CRD_MANIFEST),
+            "{p}"
+        );
+        let p = problem(DaprKind::Configuration, &list(403)).expect("a problem");
+        assert!(
+            p.starts_with("dapr.io/v1alpha1 configurations:") && p.contains(RBAC_MANIFEST),
+            "{p}"
+        );
+        let p = problem(DaprKind::Component, &list(500)).expect("a problem");
+        assert!(p.contains("cannot be listed"), "{p}");
+        let p = problem(
+            DaprKind::Component,
+            &watcher::Error::WatchStartFailed(api(404)),
+        );
+        assert!(p.is_some_and(|p| p.contains("not served")));
+        let broken = watcher::Error::WatchFailed(api(500));
+        assert_eq!(problem(DaprKind::Component, &broken), None);
+    }
+}
