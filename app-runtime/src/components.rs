@@ -84,13 +84,82 @@ impl StateComponent {
 }
 
 /// What the manifests currently configure.
+///
+/// Both maps are keyed by [`key`]: `name` for a definition without a
+/// namespace (a file's, seen by every namespace) and `namespace/name` for
+/// one in a namespace (every API object, or a file's with
+/// `metadata.namespace`). As in Dapr's Kubernetes mode an app sees its own
+/// namespace's definition of a name first, so `shop/statestore` and
+/// `default/statestore` are two stores, and a namespace that defines
+/// `statestore` shadows the default store only for itself.
 #[derive(Debug, Default)]
 pub struct Registry {
     pub stores: BTreeMap<String, StateComponent>,
-    /// Configuration name → its access control.
+    /// Configuration key → its access control.
     pub configs: BTreeMap<String, AccessControl>,
     /// Problems of the last read (file, document, what is wrong).
     pub errors: Vec<String>,
+}
+
+/// A definition's key in [`Registry`]'s maps. Kubernetes names never hold
+/// `/`, so the two forms cannot collide.
+pub fn key(namespace: Option<&str>, name: &str) -> String {
+    match namespace {
+        Some(ns) => format!("{ns}/{name}"),
+        None => name.to_string(),
+    }
+}
+
+impl Registry {
+    /// The store `name` as an app (`app`, `namespace`) sees it: its own
+    /// namespace's definition, else one without a namespace.
+    pub fn store(
+        &self,
+        name: &str,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Option<&StateComponent> {
+        let own = namespace.and_then(|ns| self.stores.get(&key(Some(ns), name)));
+        own.or_else(|| self.stores.get(name))
+            .filter(|c| c.visible_to(app, namespace))
+    }
+
+    /// Every store an app sees, by name.
+    pub fn visible_stores(
+        &self,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Vec<&StateComponent> {
+        let mut names: Vec<&str> = self.stores.values().map(|c| c.spec.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+            .into_iter()
+            .filter_map(|n| self.store(n, app, namespace))
+            .collect()
+    }
+
+    /// The names of the Configurations an app of `namespace` can use.
+    pub fn config_names(&self, namespace: &str) -> Vec<&str> {
+        let mut v: Vec<&str> = self
+            .configs
+            .keys()
+            .filter_map(|k| match k.split_once('/') {
+                Some((ns, name)) => (ns == namespace).then_some(name),
+                None => Some(k.as_str()),
+            })
+            .collect();
+        v.sort_unstable();
+        v.dedup();
+        v
+    }
+
+    /// The Configuration `name` for an app of `namespace`.
+    pub fn config(&self, name: &str, namespace: &str) -> Option<&AccessControl> {
+        self.configs
+            .get(&key(Some(namespace), name))
+            .or_else(|| self.configs.get(name))
+    }
 }
 
 /// One parsed document of interest.
@@ -103,6 +172,7 @@ enum Doc {
     },
     Config {
         name: String,
+        namespace: Option<String>,
         acl: AccessControl,
     },
 }
@@ -207,10 +277,7 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                         .to_string(),
                     metadata,
                 },
-                namespace: v
-                    .pointer("/metadata/namespace")
-                    .and_then(Value::as_str)
-                    .map(str::to_string),
+                namespace: namespace(v),
                 scopes,
             }))
         }
@@ -220,9 +287,29 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                     .map_err(|e| format!("Configuration {name}: spec.accessControl: {e}"))?,
                 None => AccessControl::default(),
             };
-            Ok(Some(Doc::Config { name, acl }))
+            Ok(Some(Doc::Config {
+                name,
+                namespace: namespace(v),
+                acl,
+            }))
         }
         _ => Ok(None),
+    }
+}
+
+fn namespace(v: &Value) -> Option<String> {
+    v.pointer("/metadata/namespace")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+}
+
+/// Where an embedded store of a namespaced component keeps its file, so
+/// that two namespaces' stores of one name never share one.
+fn store_dir(state_dir: &Path, namespace: Option<&str>) -> PathBuf {
+    match namespace {
+        Some(ns) => state_dir.join("namespaces").join(ns),
+        None => state_dir.to_path_buf(),
     }
 }
 
@@ -269,9 +356,10 @@ fn dir_docs(dir: &Path) -> (Vec<Labelled>, Vec<String>) {
 /// Replaces `target`'s registry with one built from `docs`, whatever their
 /// source (a directory's files, the Kubernetes API's objects as JSON with
 /// their `apiVersion` and `kind`); `errors` are the sources' own problems,
-/// kept in the registry's. The first definition of a name is used; the
-/// default store is added when no document defines it; an open store is
-/// kept while its spec is unchanged.
+/// kept in the registry's. The first definition of a name is used; with
+/// `default_store`, the default store is added when no document defines it
+/// (without a namespace); an open store is kept while its spec is
+/// unchanged.
 ///
 /// A store whose spec changed is taken out of service before its new
 /// definition is opened: an embedded store's file can be open only once,
@@ -282,12 +370,14 @@ pub async fn reload(
     docs: Vec<Labelled>,
     mut errors: Vec<String>,
     state_dir: &Path,
+    default_store: bool,
 ) -> Arc<Registry> {
     let (mut docs, e) = interpret(docs);
     errors.extend(e);
-    if !docs
-        .iter()
-        .any(|(_, d)| matches!(d, Doc::State { spec, .. } if spec.name == DEFAULT_STORE))
+    if default_store
+        && !docs.iter().any(
+            |(_, d)| matches!(d, Doc::State { spec, namespace: None, .. } if spec.name == DEFAULT_STORE),
+        )
     {
         docs.push((
             "the default store".into(),
@@ -303,12 +393,16 @@ pub async fn reload(
             },
         ));
     }
-    // Where each name was first defined, for the "defined twice" message.
+    // Where each key was first defined, for the "defined twice" message.
     let mut first: BTreeMap<(bool, String), String> = BTreeMap::new();
     docs.retain(|(at, d)| {
         let (is_store, name) = match d {
-            Doc::State { spec, .. } => (true, &spec.name),
-            Doc::Config { name, .. } => (false, name),
+            Doc::State {
+                spec, namespace, ..
+            } => (true, key(namespace.as_deref(), &spec.name)),
+            Doc::Config {
+                name, namespace, ..
+            } => (false, key(namespace.as_deref(), name)),
         };
         if let Some(used) = first.get(&(is_store, name.clone())) {
             let what = if is_store {
@@ -327,22 +421,28 @@ pub async fn reload(
 
     let current = || target.read().unwrap_or_else(|e| e.into_inner()).clone();
     let mut prev = current();
-    let changed = |prev: &Registry, name: &str, spec: &ComponentSpec| {
-        prev.stores.get(name).is_some_and(|old| old.spec != *spec)
+    let changed = |prev: &Registry, ns: &Option<String>, spec: &ComponentSpec| {
+        prev.stores
+            .get(&key(ns.as_deref(), &spec.name))
+            .is_some_and(|old| old.spec != *spec)
     };
-    if docs
-        .iter()
-        .any(|(_, d)| matches!(d, Doc::State { spec, .. } if changed(&prev, &spec.name, spec)))
-    {
+    if docs.iter().any(
+        |(_, d)| matches!(d, Doc::State { spec, namespace, .. } if changed(&prev, namespace, spec)),
+    ) {
         let mut interim = Registry {
             stores: prev.stores.clone(),
             configs: prev.configs.clone(),
             errors: prev.errors.clone(),
         };
         for (_, d) in &docs {
-            if let Doc::State { spec, .. } = d {
-                if changed(&prev, &spec.name, spec) {
-                    interim.stores.remove(&spec.name);
+            if let Doc::State {
+                spec, namespace, ..
+            } = d
+            {
+                if changed(&prev, namespace, spec) {
+                    interim
+                        .stores
+                        .remove(&key(namespace.as_deref(), &spec.name));
                 }
             }
         }
@@ -356,17 +456,23 @@ pub async fn reload(
     };
     for (_, d) in docs {
         match d {
-            Doc::Config { name, acl } => {
-                reg.configs.insert(name, acl);
+            Doc::Config {
+                name,
+                namespace,
+                acl,
+            } => {
+                reg.configs.insert(key(namespace.as_deref(), &name), acl);
             }
             Doc::State {
                 spec,
                 namespace,
                 scopes,
             } => {
-                let store = match prev.stores.get(&spec.name) {
+                let k = key(namespace.as_deref(), &spec.name);
+                let dir = store_dir(state_dir, namespace.as_deref());
+                let store = match prev.stores.get(&k) {
                     Some(old) if old.spec == spec => old.store.clone(),
-                    _ => match nodeplane_state::open(&spec, state_dir).await {
+                    _ => match nodeplane_state::open(&spec, &dir).await {
                         Ok(s) => s,
                         Err(e) => {
                             reg.errors.push(format!("component {}: {e}", spec.name));
@@ -377,7 +483,7 @@ pub async fn reload(
                 let key_prefix =
                     KeyPrefix::parse(spec.metadata.get("keyPrefix").map(String::as_str));
                 reg.stores.insert(
-                    spec.name.clone(),
+                    k,
                     StateComponent {
                         spec,
                         namespace,
@@ -408,6 +514,11 @@ pub struct ApiComponents {
     /// Every kind has been listed once, or has failed to be listed once:
     /// the runtime need not wait for the API any longer to be ready.
     pub settled: bool,
+    /// Every kind has been listed, or is not served at all (no CRD): what
+    /// `docs` holds is all there is. Until then the runtime holds back the
+    /// default store, since the cluster may define its own `statestore`
+    /// and writes to the embedded one would be writes to the wrong store.
+    pub complete: bool,
     /// Why a kind cannot be listed now (CRD not installed, RBAC), shown in
     /// the runtime's problems until it can.
     pub problems: Vec<String>,
@@ -446,8 +557,8 @@ pub async fn watch(
     let started = tokio::time::Instant::now();
     let mut api_closed = false;
     let mut seen: Option<Vec<Stamp>> = None;
-    // (settled, documents) of the API at the last read.
-    let mut seen_api: Option<(bool, Vec<Labelled>)> = None;
+    // (settled, complete, documents) of the API at the last read.
+    let mut seen_api: Option<(bool, bool, Vec<Labelled>)> = None;
     loop {
         let now = dir.as_deref().map(stamps).unwrap_or_default();
         // Whether the API has answered (or been waited for long enough),
@@ -459,8 +570,11 @@ pub async fn watch(
                 let ready = a.settled || api_closed || started.elapsed() >= API_WAIT;
                 let same = seen_api
                     .as_ref()
-                    .is_some_and(|(s, d)| *s == a.settled && *d == a.docs);
-                (ready, (ready && !same).then(|| (a.settled, a.docs.clone())))
+                    .is_some_and(|(s, c, d)| *s == a.settled && *c == a.complete && *d == a.docs);
+                (
+                    ready,
+                    (ready && !same).then(|| (a.settled, a.complete, a.docs.clone())),
+                )
             }
         };
         if api_ready && (fresh.is_some() || seen.as_ref() != Some(&now)) {
@@ -471,7 +585,14 @@ pub async fn watch(
                 Some(d) => dir_docs(d),
                 None => (Vec::new(), Vec::new()),
             };
-            if let Some((settled, api_docs)) = &seen_api {
+            let mut default_store = true;
+            if let Some((settled, complete, api_docs)) = &seen_api {
+                if !complete {
+                    default_store = false;
+                    errors.push(format!(
+                        "{DEFAULT_STORE} (the embedded default) is held back until the Kubernetes API has listed the Dapr Components: the cluster may define its own"
+                    ));
+                }
                 if !settled {
                     errors.push(format!(
                         "the Kubernetes API has not answered every list of Dapr Components and Configurations in {} s; serving what it has sent until it does",
@@ -480,7 +601,7 @@ pub async fn watch(
                 }
                 docs.extend(api_docs.iter().cloned());
             }
-            let next = reload(&target, docs, errors, &state_dir).await;
+            let next = reload(&target, docs, errors, &state_dir, default_store).await;
             tracing::info!(
                 stores = next.stores.len(),
                 configurations = next.configs.len(),
@@ -583,7 +704,7 @@ spec: {type: state.redis}
             other => panic!("{other:?}"),
         }
         assert!(
-            matches!(&docs[1], Doc::Config { name, acl } if name == "acl" && acl.policies.len() == 1)
+            matches!(&docs[1], Doc::Config { name, acl, .. } if name == "acl" && acl.policies.len() == 1)
         );
     }
 
@@ -646,6 +767,7 @@ spec: {type: state.redis}
             "state.embedded",
             serde_json::json!([{"name": "keyPrefix", "value": "name"}]),
         ));
+        docs.push(api_component("shop", "orders", "state.redis", Value::Null));
         docs.push((
             "API Configuration shop/acl".into(),
             serde_json::json!({
@@ -667,21 +789,46 @@ spec: {type: state.redis}
             docs,
             vec!["a source's own problem".into()],
             &state.0,
+            true,
         )
         .await;
         assert!(Arc::ptr_eq(&reg, &target.read().expect("lock")));
         assert_eq!(
             reg.stores.keys().collect::<Vec<_>>(),
-            ["cache", "orders", "statestore"]
+            ["cache", "shop/cache", "shop/orders", "statestore"]
         );
-        // The file came first; the API's own namespace stays with its object.
+        // An app sees its own namespace's definition of a name first, then
+        // the one without a namespace; never another namespace's.
         assert_eq!(reg.stores["cache"].namespace, None);
-        let orders = &reg.stores["orders"];
+        let shop_cache = reg.store("cache", Some("a"), Some("shop")).expect("shop's");
+        assert_eq!(shop_cache.namespace.as_deref(), Some("shop"));
+        let other_cache = reg
+            .store("cache", Some("a"), Some("default"))
+            .expect("file's");
+        assert_eq!(other_cache.namespace, None);
+        let orders = reg
+            .store("orders", Some("a"), Some("shop"))
+            .expect("orders");
         assert_eq!(orders.namespace.as_deref(), Some("shop"));
         assert_eq!(orders.key_prefix, KeyPrefix::Name);
-        assert!(orders.visible_to(Some("a"), Some("shop")));
-        assert!(!orders.visible_to(Some("a"), Some("default")));
-        assert_eq!(reg.configs["acl"].default_action, crate::acl::Action::Deny);
+        assert!(reg.store("orders", Some("a"), Some("default")).is_none());
+        let names = |ns| {
+            reg.visible_stores(Some("a"), Some(ns))
+                .iter()
+                .map(|c| key(c.namespace.as_deref(), &c.spec.name))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(names("shop"), ["shop/cache", "shop/orders", "statestore"]);
+        assert_eq!(names("default"), ["cache", "statestore"]);
+        assert_eq!(
+            reg.config("acl", "shop")
+                .expect("shop's acl")
+                .default_action,
+            crate::acl::Action::Deny
+        );
+        assert!(reg.config("acl", "default").is_none());
+        assert_eq!(reg.config_names("shop"), ["acl"]);
+        assert!(reg.config_names("default").is_empty());
         assert_eq!(reg.errors.len(), 3, "{:?}", reg.errors);
         assert_eq!(reg.errors[0], "a source's own problem");
         assert!(
@@ -691,11 +838,46 @@ spec: {type: state.redis}
             reg.errors
         );
         assert!(
-            reg.errors[2].starts_with("API Component shop/cache: component cache is defined twice")
-                && reg.errors[2].contains("(dir/c.yaml document 1)"),
+            reg.errors[2]
+                .starts_with("API Component shop/orders: component shop/orders is defined twice")
+                && reg.errors[2].contains("(API Component shop/orders)"),
             "{:?}",
             reg.errors
         );
+    }
+
+    #[tokio::test]
+    async fn namespaces_keep_their_own_store_of_one_name() {
+        let state = TempDir::new("ns");
+        let docs = vec![
+            api_component("a", DEFAULT_STORE, "state.embedded", Value::Null),
+            api_component("b", DEFAULT_STORE, "state.embedded", Value::Null),
+        ];
+        let reg = reload(&empty(), docs, Vec::new(), &state.0, true).await;
+        assert!(reg.errors.is_empty(), "{:?}", reg.errors);
+        assert_eq!(
+            reg.stores.keys().collect::<Vec<_>>(),
+            ["a/statestore", "b/statestore", "statestore"]
+        );
+        let of = |ns| {
+            reg.store(DEFAULT_STORE, Some("app"), Some(ns))
+                .expect("a store")
+        };
+        of("a")
+            .store
+            .save(nodeplane_state::Save {
+                key: "k".into(),
+                value: bytes::Bytes::from_static(b"a's"),
+                etag: None,
+                concurrency: nodeplane_state::Concurrency::LastWrite,
+                ttl: None,
+            })
+            .await
+            .expect("save");
+        // Separate files: b's store and the default do not see a's item.
+        assert!(of("b").store.get("k").await.expect("get").is_none());
+        assert_eq!(of("c").namespace, None, "other namespaces keep the default");
+        assert!(of("c").store.get("k").await.expect("get").is_none());
     }
 
     #[tokio::test]
@@ -708,8 +890,8 @@ spec: {type: state.redis}
             "state.embedded",
             Value::Null,
         )];
-        let first = reload(&target, one.clone(), Vec::new(), &state.0).await;
-        let store = first.stores["cache"].store.clone();
+        let first = reload(&target, one.clone(), Vec::new(), &state.0, true).await;
+        let store = first.stores["shop/cache"].store.clone();
         store
             .save(nodeplane_state::Save {
                 key: "k".into(),
@@ -722,10 +904,10 @@ spec: {type: state.redis}
             .expect("save");
         drop(store);
 
-        let same = reload(&target, one, Vec::new(), &state.0).await;
+        let same = reload(&target, one, Vec::new(), &state.0, true).await;
         assert!(Arc::ptr_eq(
-            &first.stores["cache"].store,
-            &same.stores["cache"].store
+            &first.stores["shop/cache"].store,
+            &same.stores["shop/cache"].store
         ));
         assert!(Arc::ptr_eq(
             &first.stores[DEFAULT_STORE].store,
@@ -741,15 +923,15 @@ spec: {type: state.redis}
             "state.embedded",
             serde_json::json!([{"name": "keyPrefix", "value": "none"}]),
         )];
-        let reopened = reload(&target, changed, Vec::new(), &state.0).await;
+        let reopened = reload(&target, changed, Vec::new(), &state.0, true).await;
         assert!(reopened.errors.is_empty(), "{:?}", reopened.errors);
-        let c = &reopened.stores["cache"];
+        let c = &reopened.stores["shop/cache"];
         assert_eq!(c.key_prefix, KeyPrefix::None);
         let item = c.store.get("k").await.expect("get").expect("kept");
         assert_eq!(&item.value[..], b"1");
         drop(reopened);
 
-        let gone = reload(&target, Vec::new(), Vec::new(), &state.0).await;
+        let gone = reload(&target, Vec::new(), Vec::new(), &state.0, true).await;
         assert_eq!(gone.stores.keys().collect::<Vec<_>>(), [DEFAULT_STORE]);
     }
 
@@ -777,6 +959,7 @@ spec: {type: state.redis}
                 Value::Null,
             )],
             settled: true,
+            complete: true,
             problems: Vec::new(),
         });
         tokio::time::timeout(Duration::from_secs(10), loaded)
@@ -792,7 +975,7 @@ spec: {type: state.redis}
                 .cloned()
                 .collect::<Vec<_>>()
         };
-        assert_eq!(stores(), ["cache", DEFAULT_STORE]);
+        assert_eq!(stores(), ["shop/cache", DEFAULT_STORE]);
         tx.send_replace(ApiComponents {
             docs: vec![api_component(
                 "shop",
@@ -801,10 +984,11 @@ spec: {type: state.redis}
                 Value::Null,
             )],
             settled: true,
+            complete: true,
             problems: Vec::new(),
         });
         tokio::time::timeout(Duration::from_secs(10), async {
-            while stores() != ["other", DEFAULT_STORE] {
+            while stores() != ["shop/other", DEFAULT_STORE] {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         })

@@ -372,7 +372,7 @@ fn check_access(
         return Ok(());
     };
     let registry = rt.registry();
-    let Some(acl) = registry.configs.get(config) else {
+    let Some(acl) = registry.config(config, &target.namespace) else {
         // Fail closed: the app asked for a policy the runtime cannot see.
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,

@@ -190,9 +190,8 @@ impl Runtime {
     pub fn metadata(&self, caller: &Caller) -> Response<Body> {
         let reg = self.registry();
         let components: Vec<serde_json::Value> = reg
-            .stores
-            .values()
-            .filter(|c| c.visible_to(caller.app_id(), caller.namespace()))
+            .visible_stores(caller.app_id(), caller.namespace())
+            .into_iter()
             .map(|c| {
                 serde_json::json!({
                     "name": c.spec.name,
@@ -213,7 +212,7 @@ impl Runtime {
             "components": components,
             "extended": {
                 "caller": caller.describe(),
-                "configurations": reg.configs.keys().collect::<Vec<_>>(),
+                "configurations": reg.config_names(caller.namespace().unwrap_or("")),
                 "componentErrors": reg.errors,
             },
             "appConnectionProperties": {

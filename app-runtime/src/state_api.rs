@@ -83,9 +83,7 @@ async fn route(
         return Err(ApiError::stores_not_configured());
     }
     let comp = registry
-        .stores
-        .get(store_name)
-        .filter(|c| c.visible_to(caller.app_id(), caller.namespace()))
+        .store(store_name, caller.app_id(), caller.namespace())
         .ok_or_else(|| ApiError::store_not_found(store_name))?;
     let scope = Scope::of(comp, caller)?;
     let method = req.method().clone();

@@ -1728,21 +1728,24 @@ async fn dapr_initial_list_builds_the_registry() {
         let reg = c.registry();
         assert!(reg.errors.is_empty(), "{:?}", reg.errors);
         assert!(c.rt.problems().is_empty(), "{:?}", c.rt.problems());
-        assert_eq!(store_names(&reg), ["cache", "statestore"]);
-        let cache = store(&reg, "cache");
+        assert_eq!(store_names(&reg), ["shop/cache", "statestore"]);
+        let cache = store(&reg, "shop/cache");
         assert_eq!(cache.spec.kind, "state.embedded");
         assert_eq!(cache.key_prefix, KeyPrefix::None);
         assert_eq!(cache.namespace.as_deref(), Some("shop"));
         assert!(cache.visible_to(Some("orders"), Some("shop")));
         assert!(!cache.visible_to(Some("orders"), Some("default")));
         assert!(
-            c.state.0.join("runtime/cache.redb").is_file(),
+            c.state
+                .0
+                .join("runtime/namespaces/shop/cache.redb")
+                .is_file(),
             "the embedded store's file"
         );
         assert!(c.rt.outbound_ready().await, "every store answers a ping");
 
         use nodeplane_runtime::acl::{Action, CallerId};
-        let acl = &reg.configs["acl"];
+        let acl = &reg.configs["shop/acl"];
         let front = CallerId {
             app_id: Some("front"),
             namespace: Some("shop"),
@@ -1785,10 +1788,13 @@ async fn dapr_watch_events_change_the_registry() {
 
         d.put(component("shop", "cache", json!([])));
         let added = c
-            .until("cache added", |r| r.stores.contains_key("cache"))
+            .until("cache added", |r| r.stores.contains_key("shop/cache"))
             .await;
-        assert_eq!(store(&added, "cache").namespace.as_deref(), Some("shop"));
-        assert_eq!(store(&added, "cache").key_prefix, KeyPrefix::AppId);
+        assert_eq!(
+            store(&added, "shop/cache").namespace.as_deref(),
+            Some("shop")
+        );
+        assert_eq!(store(&added, "shop/cache").key_prefix, KeyPrefix::AppId);
 
         // MODIFIED with the same spec (a label, say): the store stays open.
         let mut relabelled = component("shop", "cache", json!([]));
@@ -1796,17 +1802,17 @@ async fn dapr_watch_events_change_the_registry() {
         d.put(relabelled);
         let kept = c
             .until("the relabelled cache read", |r| {
-                !std::ptr::eq(r, &*added) && r.stores.contains_key("cache")
+                !std::ptr::eq(r, &*added) && r.stores.contains_key("shop/cache")
             })
             .await;
         assert!(Arc::ptr_eq(
-            &store(&added, "cache").store,
-            &store(&kept, "cache").store
+            &store(&added, "shop/cache").store,
+            &store(&kept, "shop/cache").store
         ));
 
         // A spec change reopens it (the same embedded file, so the old
         // store must be closed first: nothing here may hold it).
-        let old = Arc::downgrade(&store(&kept, "cache").store);
+        let old = Arc::downgrade(&store(&kept, "shop/cache").store);
         drop((added, kept));
         d.put(component(
             "shop",
@@ -1816,7 +1822,7 @@ async fn dapr_watch_events_change_the_registry() {
         let changed = c
             .until("cache's new keyPrefix", |r| {
                 r.stores
-                    .get("cache")
+                    .get("shop/cache")
                     .is_some_and(|s| s.key_prefix == KeyPrefix::Name)
             })
             .await;
@@ -1825,12 +1831,12 @@ async fn dapr_watch_events_change_the_registry() {
         drop(changed);
 
         d.put(configuration("shop", "acl", "deny"));
-        c.until("acl added", |r| r.configs.contains_key("acl"))
+        c.until("acl added", |r| r.configs.contains_key("shop/acl"))
             .await;
         d.put(configuration("shop", "acl", "allow"));
         c.until("acl changed", |r| {
             r.configs
-                .get("acl")
+                .get("shop/acl")
                 .is_some_and(|a| a.default_action == nodeplane_runtime::acl::Action::Allow)
         })
         .await;
@@ -1839,7 +1845,7 @@ async fn dapr_watch_events_change_the_registry() {
         d.delete(Res::Configurations, "shop", "acl");
         let gone = c
             .until("cache and acl deleted", |r| {
-                !r.stores.contains_key("cache") && r.configs.is_empty()
+                !r.stores.contains_key("shop/cache") && r.configs.is_empty()
             })
             .await;
         assert_eq!(store_names(&gone), ["statestore"]);
@@ -1881,7 +1887,7 @@ async fn dapr_crds_absent_then_installed() {
         for res in Res::DAPR {
             d.serve_collection(res, true);
         }
-        c.until("cache arrives", |r| r.stores.contains_key("cache"))
+        c.until("cache arrives", |r| r.stores.contains_key("shop/cache"))
             .await;
         c.until_problems("the problems to clear", <[String]>::is_empty)
             .await;
@@ -1894,6 +1900,42 @@ async fn dapr_crds_absent_then_installed() {
     .await;
 }
 
+/// A list that fails for a passing reason (a 500) makes the runtime ready
+/// but without the default store: the cluster may define its own
+/// `statestore`, and writes to the embedded one would go to the wrong
+/// store. The retried list brings the components and the default.
+#[tokio::test]
+async fn dapr_failed_list_holds_back_the_default_store() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        d.fail_next_list(Res::Components, 500);
+        d.put(component("shop", "cache", json!([])));
+        let c = Components::start(&d).await;
+        let reg = c.registry();
+        if !reg.stores.contains_key("shop/cache") {
+            // Ready before the retry: nothing, not even the default.
+            assert!(reg.stores.is_empty(), "{:?}", reg.stores.keys());
+            assert!(
+                reg.errors.iter().any(|e| e.contains("held back")),
+                "{:?}",
+                reg.errors
+            );
+        }
+        let reg = c
+            .until("the retried list", |r| r.stores.contains_key("shop/cache"))
+            .await;
+        assert_eq!(store_names(&reg), ["shop/cache", "statestore"]);
+        assert!(
+            !reg.errors.iter().any(|e| e.contains("held back")),
+            "{:?}",
+            reg.errors
+        );
+        assert!(d.lists(Res::Components) >= 2);
+        d.assert_no_unknown_requests();
+    })
+    .await;
+}
+
 /// The Components watch's resourceVersion expires while it is away; the
 /// relist drops a Component deleted meanwhile and brings one added.
 async fn dapr_expired_resource_version_relists(gone: Gone) {
@@ -1901,7 +1943,10 @@ async fn dapr_expired_resource_version_relists(gone: Gone) {
     d.put(component("shop", "a", json!([])));
     d.put(component("shop", "b", json!([])));
     let c = Components::start(&d).await;
-    assert_eq!(store_names(&c.registry()), ["a", "b", "statestore"]);
+    assert_eq!(
+        store_names(&c.registry()),
+        ["shop/a", "shop/b", "statestore"]
+    );
     d.nth_watch(Res::Components, 1).await;
 
     d.hold(Res::Components, Close::Clean);
@@ -1913,10 +1958,13 @@ async fn dapr_expired_resource_version_relists(gone: Gone) {
 
     let reg = c
         .until("the relist without b", |r| {
-            store_names(r) == ["a", "c", "statestore"]
+            store_names(r) == ["default/c", "shop/a", "statestore"]
         })
         .await;
-    assert_eq!(store(&reg, "c").namespace.as_deref(), Some("default"));
+    assert_eq!(
+        store(&reg, "default/c").namespace.as_deref(),
+        Some("default")
+    );
     assert_eq!(d.lists(Res::Components), 2, "components are listed again");
     assert_eq!(d.lists(Res::Configurations), 1);
     d.assert_no_unknown_requests();

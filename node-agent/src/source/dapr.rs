@@ -79,6 +79,9 @@ struct Known {
     objects: BTreeMap<(String, String), Value>,
     /// Listed once, or failed to be listed once.
     answered: bool,
+    /// Listed once, or answered 404 (no CRD, so no objects): `objects` is
+    /// all there is (or was at the last list).
+    complete: bool,
     /// Why it cannot be listed now.
     problem: Option<String>,
 }
@@ -96,6 +99,7 @@ impl Shared {
         change(&mut kinds[kind.index()]);
         let mut next = ApiComponents {
             settled: kinds.iter().all(|k| k.answered),
+            complete: kinds.iter().all(|k| k.complete),
             ..ApiComponents::default()
         };
         for k in DaprKind::ALL {
@@ -167,6 +171,7 @@ async fn follow(client: &Client, kind: DaprKind, shared: &Shared) {
                     shared.update(kind, |k| {
                         k.objects = objects;
                         k.answered = true;
+                        k.complete = true;
                         k.problem = None;
                     });
                 }
@@ -184,15 +189,22 @@ async fn follow(client: &Client, kind: DaprKind, shared: &Shared) {
                 }
                 Err(e) => {
                     let problem = problem(kind, &e);
+                    let absent = status_code(&e) == Some(404);
                     if let Some(p) = &problem {
                         shared.update(kind, |k| {
                             k.answered = true;
+                            k.complete |= absent;
+                            if absent {
+                                // No CRD, no objects (deleting a CRD
+                                // deletes its objects).
+                                k.objects.clear();
+                            }
                             k.problem = Some(p.clone());
                         });
                     }
                     // A CRD deleted while watched answers the watch with
                     // 404: list again (the list reports the problem).
-                    let relist = super::kube::needs_relist(&e) || status_code(&e) == Some(404);
+                    let relist = super::kube::needs_relist(&e) || absent;
                     tracing::warn!(
                         kind = kind.kind(),
                         error = %e,
