@@ -315,11 +315,17 @@ impl Broker for JetStream {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.js
-            .query_account()
-            .await
-            .map_err(|e| self.err("JetStream account info (is the server started with -js?)", e))?;
-        Ok(())
+        // A stream lookup answers from JetStream itself (account info
+        // does too, but its reply shape changed after server 2.9).
+        match self.js.get_stream(&self.cfg.stream_name).await {
+            Ok(_) => Ok(()),
+            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => Ok(()),
+            Err(e) => Err(self.err(
+                "JetStream does not answer (is the server started with -js?)",
+                e,
+            )),
+        }
     }
 
     fn ack_timeout(&self) -> Option<Duration> {
