@@ -214,7 +214,10 @@ struct Fields<'a> {
 
 impl<'a> Fields<'a> {
     fn err(&self, msg: String) -> Error {
-        Error::Config(format!("component {} ({}): {msg}", self.component, self.kind))
+        Error::Config(format!(
+            "component {} ({}): {msg}",
+            self.component, self.kind
+        ))
     }
 
     /// A non-empty, trimmed value.
@@ -239,9 +242,10 @@ impl<'a> Fields<'a> {
     fn number<T: std::str::FromStr>(&self, key: &str, what: &str) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.parse::<T>().map(Some).map_err(|_| {
-                self.err(format!("metadata {key} {v:?} is not {what}"))
-            }),
+            Some(v) => v
+                .parse::<T>()
+                .map(Some)
+                .map_err(|_| self.err(format!("metadata {key} {v:?} is not {what}"))),
         }
     }
 
@@ -405,7 +409,9 @@ fn redis(f: &Fields<'_>) -> Result<RedisConfig> {
             .get("redisPassword")
             .filter(|p| !p.is_empty())
             .cloned(),
-        db: f.number::<i64>("redisDB", "a database index such as 0")?.unwrap_or(0),
+        db: f
+            .number::<i64>("redisDB", "a database index such as 0")?
+            .unwrap_or(0),
         consumer_id: f.get("consumerID").map(str::to_owned),
         processing_timeout: f.duration("processingTimeout", Duration::from_secs(60))?,
         redeliver_interval: f.duration("redeliverInterval", Duration::from_secs(15))?,
@@ -452,7 +458,10 @@ fn jetstream(f: &Fields<'_>, component: &str) -> Result<JetStreamConfig> {
         UNSUPPORTED_JETSTREAM,
     )?;
     let url = f.get("natsURL").ok_or_else(|| {
-        f.err("metadata natsURL is required: set it to the server's URL, e.g. nats://nats:4222".into())
+        f.err(
+            "metadata natsURL is required: set it to the server's URL, e.g. nats://nats:4222"
+                .into(),
+        )
     })?;
     let ack_wait = f.duration("ackWait", Duration::from_secs(30))?;
     if ack_wait.is_zero() {
@@ -463,7 +472,9 @@ fn jetstream(f: &Fields<'_>, component: &str) -> Result<JetStreamConfig> {
             Some(n) if n > 0 => Ok(Some(n)),
             // Dapr and NATS read 0 and -1 as "no limit".
             Some(0 | -1) | None => Ok(None),
-            Some(n) => Err(f.err(format!("metadata {key} {n} must be positive, or -1 for no limit"))),
+            Some(n) => Err(f.err(format!(
+                "metadata {key} {n} must be positive, or -1 for no limit"
+            ))),
         }
     };
     let start_sequence = f.number::<u64>("startSequence", "a stream sequence number")?;

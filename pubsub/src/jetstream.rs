@@ -148,7 +148,9 @@ impl JetStream {
         let bad = topic.is_empty()
             || topic.starts_with('$')
             || topic.chars().any(|c| c.is_whitespace() || c.is_control())
-            || topic.split('.').any(|t| t.is_empty() || t == "*" || t == ">");
+            || topic
+                .split('.')
+                .any(|t| t.is_empty() || t == "*" || t == ">");
         if bad {
             return Err(Error::Invalid(format!(
                 "component {}: topic {topic:?} is not a NATS subject: use dot-separated tokens without spaces, '*', '>' or a leading '$'",
@@ -180,10 +182,12 @@ impl JetStream {
                     config.subjects.push(topic.to_owned());
                     // Two agents adding topics at once: one update may
                     // overwrite the other's; the loop looks again.
-                    self.js
-                        .update_stream(config)
-                        .await
-                        .map_err(|e| self.err(&format!("add subject {topic} to stream {}", self.cfg.stream_name), e))?;
+                    self.js.update_stream(config).await.map_err(|e| {
+                        self.err(
+                            &format!("add subject {topic} to stream {}", self.cfg.stream_name),
+                            e,
+                        )
+                    })?;
                 }
                 Err(e)
                     if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
@@ -207,16 +211,13 @@ impl JetStream {
                             if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j)
                                 if j.error_code() == jetstream::ErrorCode::STREAM_NAME_EXIST) => {}
                         Err(e) => {
-                            return Err(self.err(
-                                &format!("create stream {}", self.cfg.stream_name),
-                                e,
-                            ))
+                            return Err(
+                                self.err(&format!("create stream {}", self.cfg.stream_name), e)
+                            )
                         }
                     }
                 }
-                Err(e) => {
-                    return Err(self.err(&format!("get stream {}", self.cfg.stream_name), e))
-                }
+                Err(e) => return Err(self.err(&format!("get stream {}", self.cfg.stream_name), e)),
             }
         }
         Err(self.err(
@@ -295,10 +296,11 @@ impl Broker for JetStream {
             deliver_policy,
             ..Default::default()
         };
-        let consumer: consumer::PullConsumer = stream
-            .get_or_create_consumer(&name, config)
-            .await
-            .map_err(|e| self.err(&format!("create consumer {name} for group {group}"), e))?;
+        let consumer: consumer::PullConsumer =
+            stream
+                .get_or_create_consumer(&name, config)
+                .await
+                .map_err(|e| self.err(&format!("create consumer {name} for group {group}"), e))?;
         let messages = consumer
             .stream()
             .max_messages_per_batch(BATCH)
@@ -319,8 +321,12 @@ impl Broker for JetStream {
         // does too, but its reply shape changed after server 2.9).
         match self.js.get_stream(&self.cfg.stream_name).await {
             Ok(_) => Ok(()),
-            Err(e) if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
-                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) => Ok(()),
+            Err(e)
+                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(self.err(
                 "JetStream does not answer (is the server started with -js?)",
                 e,
@@ -340,7 +346,9 @@ struct Sub {
 
 impl std::fmt::Debug for Sub {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sub").field("what", &self.what).finish_non_exhaustive()
+        f.debug_struct("Sub")
+            .field("what", &self.what)
+            .finish_non_exhaustive()
     }
 }
 
@@ -355,9 +363,9 @@ impl Subscription for Sub {
     async fn next(&mut self) -> Result<Delivery> {
         match self.messages.next().await {
             Some(Ok(m)) => {
-                let info = m
-                    .info()
-                    .map_err(|e| Error::Backend(format!("{}: bad message reply subject: {e}", self.what)))?;
+                let info = m.info().map_err(|e| {
+                    Error::Backend(format!("{}: bad message reply subject: {e}", self.what))
+                })?;
                 let attempt = u32::try_from(info.delivered.max(1)).unwrap_or(u32::MAX);
                 let seq = info.stream_sequence;
                 let (m, acker) = m.split();
@@ -400,7 +408,9 @@ struct Token {
 
 impl std::fmt::Debug for Token {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Token").field("what", &self.what).finish_non_exhaustive()
+        f.debug_struct("Token")
+            .field("what", &self.what)
+            .finish_non_exhaustive()
     }
 }
 
@@ -437,7 +447,10 @@ mod tests {
 
     #[test]
     fn consumer_names_are_stable_and_distinct() {
-        assert_eq!(consumer_name("app", "orders"), consumer_name("app", "orders"));
+        assert_eq!(
+            consumer_name("app", "orders"),
+            consumer_name("app", "orders")
+        );
         assert_ne!(consumer_name("a.b", "t"), consumer_name("a_b", "t"));
         assert_ne!(consumer_name("a", "b.c"), consumer_name("a.b", "c"));
         let n = consumer_name("my app", "orders.eu");

@@ -42,7 +42,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::{AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Value};
+use redis::{
+    AsyncConnectionConfig, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Value,
+};
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -244,12 +246,7 @@ impl Broker for RedisBroker {
         let ctx = Arc::new(Ctx {
             name: self.name.clone(),
             addr: self.addr.clone(),
-            retry_key: format!(
-                "nodeplane-pubsub:retry:{}:{}:{}",
-                group.len(),
-                group,
-                topic
-            ),
+            retry_key: format!("nodeplane-pubsub:retry:{}:{}:{}", group.len(), group, topic),
             topic: topic.to_owned(),
             group,
             consumer,
@@ -263,7 +260,12 @@ impl Broker for RedisBroker {
         let reader_conn = ctx.reader_connection().await?;
         let (tx, rx) = mpsc::channel(self.cfg.queue_depth);
         let (retry_tx, retry_rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_loop(ctx.clone(), reader_conn, tx.clone(), retry_tx.clone()));
+        let reader = tokio::spawn(read_loop(
+            ctx.clone(),
+            reader_conn,
+            tx.clone(),
+            retry_tx.clone(),
+        ));
         let retrier = tokio::spawn(retry_loop(ctx.clone(), retry_rx, tx, retry_tx.downgrade()));
         Ok(Box::new(Sub {
             ctx,
@@ -448,7 +450,11 @@ impl Ctx {
                     }
                     _ => {
                         let attempt = counts.get(&entry.id).copied().unwrap_or(2).max(2);
-                        if tx.send(Ok(self.delivery(entry, attempt, retry))).await.is_err() {
+                        if tx
+                            .send(Ok(self.delivery(entry, attempt, retry)))
+                            .await
+                            .is_err()
+                        {
                             return Ok(false);
                         }
                     }
@@ -527,7 +533,9 @@ fn parse_read(v: Value) -> Vec<Entry> {
         Value::Array(streams) => streams
             .into_iter()
             .flat_map(|s| match s {
-                Value::Array(mut kv) if kv.len() == 2 => kv.pop().map(parse_entries).unwrap_or_default(),
+                Value::Array(mut kv) if kv.len() == 2 => {
+                    kv.pop().map(parse_entries).unwrap_or_default()
+                }
                 _ => Vec::new(),
             })
             .collect(),
@@ -561,12 +569,7 @@ struct Held {
     id: String,
 }
 
-async fn read_loop(
-    ctx: Arc<Ctx>,
-    mut conn: MultiplexedConnection,
-    tx: DeliveryTx,
-    retry: RetryTx,
-) {
+async fn read_loop(ctx: Arc<Ctx>, mut conn: MultiplexedConnection, tx: DeliveryTx, retry: RetryTx) {
     let mut next_reclaim = Instant::now();
     loop {
         if ctx.redelivers() && Instant::now() >= next_reclaim {

@@ -26,13 +26,19 @@ fn parses(kind: &str, metadata: &[(&str, &str)]) -> BrokerConfig {
 fn unknown_kind() {
     let msg = config_error("pubsub.kafka", &[]);
     assert!(msg.contains("pubsub.kafka"), "{msg}");
-    assert!(msg.contains("pubsub.embedded, pubsub.redis, pubsub.jetstream"), "{msg}");
+    assert!(
+        msg.contains("pubsub.embedded, pubsub.redis, pubsub.jetstream"),
+        "{msg}"
+    );
 }
 
 #[test]
 fn redis_metadata() {
     let msg = config_error("pubsub.redis", &[]);
-    assert!(msg.contains("redisHost") && msg.contains("host:port"), "{msg}");
+    assert!(
+        msg.contains("redisHost") && msg.contains("host:port"),
+        "{msg}"
+    );
     let host = ("redisHost", "localhost:6379");
     for (key, value) in [
         ("processingTimeout", "soon"),
@@ -50,13 +56,22 @@ fn redis_metadata() {
         "pubsub.redis",
         &[host, ("maxLenApprox", "10"), ("streamTTL", "1h")],
     );
-    assert!(msg.contains("maxLenApprox") && msg.contains("streamTTL"), "{msg}");
+    assert!(
+        msg.contains("maxLenApprox") && msg.contains("streamTTL"),
+        "{msg}"
+    );
     // A typo is not silently ignored...
     let msg = config_error("pubsub.redis", &[host, ("procesingTimeout", "5s")]);
-    assert!(msg.contains("procesingTimeout") && msg.contains("processingTimeout"), "{msg}");
+    assert!(
+        msg.contains("procesingTimeout") && msg.contains("processingTimeout"),
+        "{msg}"
+    );
     // ...nor is what this runtime cannot do...
     let msg = config_error("pubsub.redis", &[host, ("enableTLS", "true")]);
-    assert!(msg.contains("enableTLS") && msg.contains("not supported"), "{msg}");
+    assert!(
+        msg.contains("enableTLS") && msg.contains("not supported"),
+        "{msg}"
+    );
     let msg = config_error("pubsub.redis", &[host, ("redisType", "cluster")]);
     assert!(msg.contains("redisType"), "{msg}");
     // ...but Dapr's client tuning and the runtime's own keys are accepted.
@@ -99,12 +114,20 @@ fn jetstream_metadata() {
     let msg = config_error("pubsub.jetstream", &[url, ("deliverPolicy", "sequence")]);
     assert!(msg.contains("startSequence"), "{msg}");
     let msg = config_error("pubsub.jetstream", &[url, ("jwt", "eyJ...")]);
-    assert!(msg.contains("jwt") && msg.contains("not supported"), "{msg}");
+    assert!(
+        msg.contains("jwt") && msg.contains("not supported"),
+        "{msg}"
+    );
     let msg = config_error("pubsub.jetstream", &[url, ("streamName", "a.b")]);
     assert!(msg.contains("streamName"), "{msg}");
     let BrokerConfig::JetStream(c) = parses(
         "pubsub.jetstream",
-        &[url, ("ackWait", "10s"), ("durableName", "ignored"), ("maxDeliver", "-1")],
+        &[
+            url,
+            ("ackWait", "10s"),
+            ("durableName", "ignored"),
+            ("maxDeliver", "-1"),
+        ],
     ) else {
         panic!("not a jetstream config")
     };
@@ -140,7 +163,11 @@ async fn unreachable_servers_name_the_address() {
     // Nothing listens on a port just freed.
     let addr = format!("127.0.0.1:{}", free_port());
     let redis = nodeplane_pubsub::open(
-        &spec("mybus", "pubsub.redis", &[("redisHost", &addr), ("dialTimeout", "2s")]),
+        &spec(
+            "mybus",
+            "pubsub.redis",
+            &[("redisHost", &addr), ("dialTimeout", "2s")],
+        ),
         dir.path(),
     )
     .await;
@@ -149,9 +176,11 @@ async fn unreachable_servers_name_the_address() {
         other => panic!("redis at {addr}: {other:?}"),
     }
     let url = format!("nats://{addr}");
-    let nats =
-        nodeplane_pubsub::open(&spec("mybus", "pubsub.jetstream", &[("natsURL", &url)]), dir.path())
-            .await;
+    let nats = nodeplane_pubsub::open(
+        &spec("mybus", "pubsub.jetstream", &[("natsURL", &url)]),
+        dir.path(),
+    )
+    .await;
     match nats {
         Err(Error::Backend(msg)) => {
             assert!(msg.contains(&url) && msg.contains("natsURL"), "{msg}")

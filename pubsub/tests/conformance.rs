@@ -18,7 +18,9 @@ use support::{maybe_next, message, next, spec, Nats, Redis, TempDir};
 
 async fn publish(b: &dyn Broker, msg: Message) {
     let what = format!("publish {} to {}", msg.id, msg.topic);
-    b.publish(msg).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+    b.publish(msg)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
 }
 
 async fn publish_n(b: &dyn Broker, topic: &str, n: usize) -> Vec<String> {
@@ -132,11 +134,17 @@ async fn nack_redelivers_after_delay(b: &dyn Broker) {
     assert_eq!((again.msg.id.as_str(), again.attempt), ("n-1", 2));
     assert_eq!(again.msg.data, Bytes::from_static(b"x"));
     // And once more: attempts keep counting.
-    again.token.nack(Duration::from_millis(100)).await.expect("nack");
+    again
+        .token
+        .nack(Duration::from_millis(100))
+        .await
+        .expect("nack");
     let third = next(&mut sub, "second redelivery").await;
     assert_eq!((third.msg.id.as_str(), third.attempt), ("n-1", 3));
     third.token.ack().await.expect("ack");
-    assert!(maybe_next(&mut sub, Duration::from_millis(500)).await.is_none());
+    assert!(maybe_next(&mut sub, Duration::from_millis(500))
+        .await
+        .is_none());
 }
 
 /// A nack on one subscription may be redelivered to another of the group.
@@ -144,7 +152,10 @@ async fn nack_goes_to_the_group(b: &dyn Broker) {
     let mut sub = b.subscribe("nack-group", "app").await.expect("subscribe");
     publish(b, message("nack-group", "ng-1", "x")).await;
     let d = next(&mut sub, "first delivery").await;
-    d.token.nack(Duration::from_millis(100)).await.expect("nack");
+    d.token
+        .nack(Duration::from_millis(100))
+        .await
+        .expect("nack");
     let again = next(&mut sub, "redelivery").await;
     assert_eq!((again.msg.id.as_str(), again.attempt), ("ng-1", 2));
     again.token.ack().await.expect("ack");
@@ -217,7 +228,9 @@ async fn settle_from_other_tasks(b: Arc<dyn Broker>) {
         h.await.expect("task").expect("ack");
     }
     assert_eq!(got, ids.iter().cloned().collect());
-    assert!(maybe_next(&mut sub, Duration::from_millis(300)).await.is_none());
+    assert!(maybe_next(&mut sub, Duration::from_millis(300))
+        .await
+        .is_none());
 }
 
 async fn suite(normal: Arc<dyn Broker>, fast: Arc<dyn Broker>) {

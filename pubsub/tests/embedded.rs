@@ -84,7 +84,12 @@ async fn kill9_keeps_acknowledged() {
     // The group exists before the publishes (a new group sees new messages).
     {
         let b = open(dir.path(), "durable", &[]).await;
-        b.subscribe("crash", "app").await.expect("subscribe").close().await.expect("close");
+        b.subscribe("crash", "app")
+            .await
+            .expect("subscribe")
+            .close()
+            .await
+            .expect("close");
     }
     let mut child = spawn_child("publisher_child", PUBLISHER_ENV, dir.path());
     let mut lines = BufReader::new(child.stdout.take().expect("child stdout")).lines();
@@ -102,20 +107,33 @@ async fn kill9_keeps_acknowledged() {
     }
     child.kill().expect("SIGKILL the publisher");
     let status = child.wait().expect("wait publisher");
-    assert!(!status.success(), "the publisher was killed, not finished: {status}");
+    assert!(
+        !status.success(),
+        "the publisher was killed, not finished: {status}"
+    );
     // Acknowledgements already in the pipe were given before the kill.
     for line in lines.map_while(Result::ok) {
         if let Some(id) = line.strip_prefix("ack ") {
             acked.push(id.to_owned());
         }
     }
-    assert!(acked.len() >= 100, "only {} publishes acknowledged", acked.len());
+    assert!(
+        acked.len() >= 100,
+        "only {} publishes acknowledged",
+        acked.len()
+    );
 
     let b = open(dir.path(), "durable", &[]).await;
-    let mut sub = b.subscribe("crash", "app").await.expect("subscribe after kill -9");
+    let mut sub = b
+        .subscribe("crash", "app")
+        .await
+        .expect("subscribe after kill -9");
     let got = drain(&mut sub, Duration::from_secs(2)).await;
     let delivered: HashSet<&str> = got.iter().map(|(id, _)| id.as_str()).collect();
-    let lost: Vec<&String> = acked.iter().filter(|id| !delivered.contains(id.as_str())).collect();
+    let lost: Vec<&String> = acked
+        .iter()
+        .filter(|id| !delivered.contains(id.as_str()))
+        .collect();
     assert!(
         lost.is_empty(),
         "{} of {} acknowledged messages lost: {:?}",
@@ -168,7 +186,9 @@ async fn kill9_redelivers_unacked() {
         let b = open(dir.path(), "inflight", &[]).await;
         let sub = b.subscribe("work", "app").await.expect("subscribe");
         for id in &ids {
-            b.publish(message("work", id, "job")).await.expect("publish");
+            b.publish(message("work", id, "job"))
+                .await
+                .expect("publish");
         }
         sub.close().await.expect("close");
     }
@@ -190,12 +210,18 @@ async fn kill9_redelivers_unacked() {
     assert_eq!(got.len(), 3, "the child took three deliveries: {got:?}");
 
     let b = open(dir.path(), "inflight", &[]).await;
-    let mut sub = b.subscribe("work", "app").await.expect("subscribe after kill -9");
+    let mut sub = b
+        .subscribe("work", "app")
+        .await
+        .expect("subscribe after kill -9");
     let again = drain(&mut sub, Duration::from_secs(1)).await;
     let again_ids: HashSet<&str> = again.iter().map(|(id, _)| id.as_str()).collect();
     // Everything not acked comes (again): the two held and the two never taken.
     for id in ids.iter().filter(|id| !acked.contains(id)) {
-        assert!(again_ids.contains(id.as_str()), "{id} lost: redelivered {again:?}");
+        assert!(
+            again_ids.contains(id.as_str()),
+            "{id} lost: redelivered {again:?}"
+        );
     }
     eprintln!("after kill -9 with deliveries held: redelivered {again:?}");
 }
@@ -205,7 +231,8 @@ async fn clean_reopen_keeps_acks_delays_and_lock() {
     let dir = TempDir::new("reopen");
     {
         let b = open(dir.path(), "reopen", &[]).await;
-        let twice = nodeplane_pubsub::open(&spec("reopen", "pubsub.embedded", &[]), dir.path()).await;
+        let twice =
+            nodeplane_pubsub::open(&spec("reopen", "pubsub.embedded", &[]), dir.path()).await;
         assert!(twice.is_err(), "the directory is locked while open");
         let mut sub = b.subscribe("jobs", "app").await.expect("subscribe");
         for id in ["acked", "nacked", "inflight"] {
@@ -215,11 +242,18 @@ async fn clean_reopen_keeps_acks_delays_and_lock() {
         let two = next(&mut sub, "nacked").await;
         let three = next(&mut sub, "inflight").await;
         assert_eq!(
-            [one.msg.id.as_str(), two.msg.id.as_str(), three.msg.id.as_str()],
+            [
+                one.msg.id.as_str(),
+                two.msg.id.as_str(),
+                three.msg.id.as_str()
+            ],
             ["acked", "nacked", "inflight"]
         );
         one.token.ack().await.expect("ack");
-        two.token.nack(Duration::from_secs(3600)).await.expect("nack");
+        two.token
+            .nack(Duration::from_secs(3600))
+            .await
+            .expect("nack");
         // three stays unsettled; dropping the broker checkpoints it.
         drop(three);
         drop(sub);
@@ -242,7 +276,9 @@ async fn torn_tail_is_cut_off() {
         let b = open(dir.path(), "torn", &[]).await;
         b.subscribe("t", "app").await.expect("subscribe");
         for i in 0..3 {
-            b.publish(message("t", &format!("t-{i}"), "x")).await.expect("publish");
+            b.publish(message("t", &format!("t-{i}"), "x"))
+                .await
+                .expect("publish");
         }
     }
     // A record cut short, as a power loss mid-write leaves it.
@@ -255,13 +291,19 @@ async fn torn_tail_is_cut_off() {
         .collect();
     segs.sort();
     let last = segs.last().expect("a segment");
-    let mut f = std::fs::OpenOptions::new().append(true).open(last).expect("open segment");
-    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9]).expect("append garbage");
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(last)
+        .expect("open segment");
+    f.write_all(&[200, 0, 0, 0, 1, 2, 3, 4, 9, 9])
+        .expect("append garbage");
     drop(f);
 
     let b = open(dir.path(), "torn", &[]).await;
     let mut sub = b.subscribe("t", "app").await.expect("subscribe");
-    b.publish(message("t", "t-3", "x")).await.expect("publish after repair");
+    b.publish(message("t", "t-3", "x"))
+        .await
+        .expect("publish after repair");
     let got: Vec<String> = drain(&mut sub, Duration::from_secs(1))
         .await
         .into_iter()
@@ -293,12 +335,21 @@ async fn acked_segments_are_trimmed() {
             .expect("publish");
     }
     let written = segment_count(&seg_dir);
-    assert!(written >= 8, "120 × 300 B in 4 KiB segments: {written} files");
-    assert_eq!(drain(&mut fast, Duration::from_millis(500)).await.len(), 120);
+    assert!(
+        written >= 8,
+        "120 × 300 B in 4 KiB segments: {written} files"
+    );
+    assert_eq!(
+        drain(&mut fast, Duration::from_millis(500)).await.len(),
+        120
+    );
     // The laggard has acked nothing: every segment stays.
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(segment_count(&seg_dir), written, "kept for the laggard");
-    assert_eq!(drain(&mut slow, Duration::from_millis(500)).await.len(), 120);
+    assert_eq!(
+        drain(&mut slow, Duration::from_millis(500)).await.len(),
+        120
+    );
     let start = Instant::now();
     while segment_count(&seg_dir) > 1 {
         assert!(
@@ -309,7 +360,9 @@ async fn acked_segments_are_trimmed() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // Still works after trimming, and across a reopen.
-    b.publish(message("t", "after", "z")).await.expect("publish");
+    b.publish(message("t", "after", "z"))
+        .await
+        .expect("publish");
     assert_eq!(next(&mut fast, "after trim").await.msg.id, "after");
     drop((fast, slow, b));
     let b = open(dir.path(), "trim", &[("segmentBytes", "4096")]).await;
@@ -321,9 +374,13 @@ async fn acked_segments_are_trimmed() {
 async fn new_group_sees_new_messages_only() {
     let dir = TempDir::new("newgroup");
     let b = open(dir.path(), "ng", &[]).await;
-    b.publish(message("t", "before", "x")).await.expect("publish");
+    b.publish(message("t", "before", "x"))
+        .await
+        .expect("publish");
     let mut sub = b.subscribe("t", "late").await.expect("subscribe");
-    b.publish(message("t", "after", "x")).await.expect("publish");
+    b.publish(message("t", "after", "x"))
+        .await
+        .expect("publish");
     let got: Vec<String> = drain(&mut sub, Duration::from_millis(500))
         .await
         .into_iter()

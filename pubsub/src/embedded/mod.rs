@@ -723,7 +723,12 @@ impl Broker for Embedded {
             return Err(e);
         }
         let (reply, rx) = oneshot::channel();
-        let closed = || Error::Closed(format!("component {}: embedded pubsub is closing", core.name));
+        let closed = || {
+            Error::Closed(format!(
+                "component {}: embedded pubsub is closing",
+                core.name
+            ))
+        };
         self.inner
             .writer
             .as_ref()

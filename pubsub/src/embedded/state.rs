@@ -220,9 +220,11 @@ impl State {
         while self.segments.len() > 1 {
             let seg = &self.segments[0];
             let needed = seg.topics.iter().any(|(name, max)| {
-                self.topics
-                    .get(name)
-                    .is_some_and(|t| t.groups.values().any(|g| *max >= g.durable_low.min(g.low())))
+                self.topics.get(name).is_some_and(|t| {
+                    t.groups
+                        .values()
+                        .any(|g| *max >= g.durable_low.min(g.low()))
+                })
             });
             if needed {
                 break;

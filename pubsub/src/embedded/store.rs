@@ -14,18 +14,13 @@ use crate::{Error, Result};
 /// (topic, group) → cursor.
 const GROUPS: TableDefinition<(&str, &str), u64> = TableDefinition::new("groups");
 /// (topic, group, seq) → (attempt, delayed 0/1, due in ms since the epoch).
-const PENDING: TableDefinition<(&str, &str, u64), (u32, u8, u64)> =
-    TableDefinition::new("pending");
+const PENDING: TableDefinition<(&str, &str, u64), (u32, u8, u64)> = TableDefinition::new("pending");
 /// "next_seq" → a floor for the next sequence: no sequence a checkpoint
 /// mentions is ever issued again, even when the log lost its unsynced tail.
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
 pub(crate) fn backend(path: &Path, e: impl Into<redb::Error>) -> Error {
-    Error::Backend(format!(
-        "embedded pubsub: {}: {}",
-        path.display(),
-        e.into()
-    ))
+    Error::Backend(format!("embedded pubsub: {}: {}", path.display(), e.into()))
 }
 
 pub(crate) fn open(path: &Path) -> Result<Database> {
@@ -81,7 +76,8 @@ pub(crate) fn load(db: &Database, path: &Path) -> Result<Loaded> {
     for row in groups.iter().map_err(|x| e(x.into()))? {
         let (k, v) = row.map_err(|x| e(x.into()))?;
         let (topic, group) = k.value();
-        out.groups.push((topic.to_owned(), group.to_owned(), v.value()));
+        out.groups
+            .push((topic.to_owned(), group.to_owned(), v.value()));
     }
     let pending = txn.open_table(PENDING).map_err(|x| e(x.into()))?;
     for row in pending.iter().map_err(|x| e(x.into()))? {
@@ -155,8 +151,7 @@ pub(crate) fn write(
                 }
             }
         }
-        meta.insert("next_seq", next_seq)
-            .map_err(|x| e(x.into()))?;
+        meta.insert("next_seq", next_seq).map_err(|x| e(x.into()))?;
     }
     txn.commit().map_err(|x| e(x.into()))
 }
