@@ -160,22 +160,30 @@ impl JetStream {
         Ok(())
     }
 
-    /// Makes the stream exist and cover `topic`; returns it.
-    async fn stream_for(&self, topic: &str) -> Result<stream::Stream> {
-        let known = self
-            .covered
+    fn is_covered(&self, topic: &str) -> bool {
+        self.covered
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .contains(topic);
+            .contains(topic)
+    }
+
+    fn set_covered(&self, topic: &str, yes: bool) {
+        let mut c = self.covered.lock().unwrap_or_else(|p| p.into_inner());
+        if yes {
+            c.insert(topic.to_owned());
+        } else {
+            c.remove(topic);
+        }
+    }
+
+    /// Makes the stream exist and cover `topic` (asking the server); returns it.
+    async fn stream_for(&self, topic: &str) -> Result<stream::Stream> {
         for _ in 0..5 {
             match self.js.get_stream(&self.cfg.stream_name).await {
                 Ok(s) => {
                     let subjects = &s.cached_info().config.subjects;
-                    if known || subjects.iter().any(|p| subject_matches(p, topic)) {
-                        self.covered
-                            .lock()
-                            .unwrap_or_else(|p| p.into_inner())
-                            .insert(topic.to_owned());
+                    if subjects.iter().any(|p| subject_matches(p, topic)) {
+                        self.set_covered(topic, true);
                         return Ok(s);
                     }
                     let mut config = s.cached_info().config.clone();
@@ -205,7 +213,10 @@ impl JetStream {
                         ..Default::default()
                     };
                     match self.js.create_stream(config).await {
-                        Ok(s) => return Ok(s),
+                        Ok(s) => {
+                            self.set_covered(topic, true);
+                            return Ok(s);
+                        }
                         // Created by someone else meanwhile: look again.
                         Err(e)
                             if matches!(e.kind(), jetstream::context::CreateStreamErrorKind::JetStream(j)
@@ -242,19 +253,40 @@ impl Broker for JetStream {
         self.check_topic(&msg.topic)?;
         header_safe("id", &msg.id)?;
         header_safe("content type", &msg.content_type)?;
-        self.stream_for(&msg.topic).await?;
         let mut headers = HeaderMap::new();
         headers.insert(H_ID, msg.id.as_str());
         headers.insert(H_TYPE, msg.content_type.as_str());
         headers.insert(H_META, wire::metadata_json(&msg.metadata).as_str());
-        let ack = self
-            .js
-            .publish_with_headers(msg.topic.clone(), headers, msg.data)
-            .await
-            .map_err(|e| self.err(&format!("publish to {}", msg.topic), e))?;
-        ack.await
-            .map_err(|e| self.err(&format!("no PubAck for {}", msg.topic), e))?;
-        Ok(())
+        // Publishes skip the stream lookup once a topic is known covered;
+        // if the subject was removed since, the server has no stream for it
+        // ("no responders"): look again, once.
+        for first in [true, false] {
+            if !self.is_covered(&msg.topic) {
+                self.stream_for(&msg.topic).await?;
+            }
+            let sent = self
+                .js
+                .publish_with_headers(msg.topic.clone(), headers.clone(), msg.data.clone())
+                .await;
+            let acked = match sent {
+                Ok(ack) => ack.await,
+                Err(e) => Err(e),
+            };
+            match acked {
+                Ok(_) => return Ok(()),
+                Err(e)
+                    if first
+                        && e.kind() == jetstream::context::PublishErrorKind::StreamNotFound =>
+                {
+                    self.set_covered(&msg.topic, false);
+                }
+                Err(e) => return Err(self.err(&format!("publish to {}", msg.topic), e)),
+            }
+        }
+        Err(self.err(
+            &format!("publish to {}", msg.topic),
+            "no stream covers the subject",
+        ))
     }
 
     async fn subscribe(&self, topic: &str, group: &str) -> Result<Box<dyn Subscription>> {
