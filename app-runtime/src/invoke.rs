@@ -4,8 +4,8 @@
 //! app id, load-balanced round robin), access control of the target's
 //! Configuration is checked against the caller's kernel-derived identity,
 //! and the request goes straight to the target pod's app port: method,
-//! path, query, headers and body as the caller sent them (the body
-//! streamed both ways), plus `dapr-caller-app-id` set by the runtime
+//! path, query, headers and body as the caller sent them (bodies over
+//! 64 KiB or of unknown length streamed both ways), plus `dapr-caller-app-id` set by the runtime
 //! (a value the caller sent is dropped) and a W3C `traceparent`.
 
 use std::net::SocketAddr;
@@ -24,6 +24,27 @@ use crate::Runtime;
 
 /// Connection attempts per invocation (each to the next endpoint).
 const ATTEMPTS: usize = 3;
+
+/// Bodies of known length up to this size are read whole before they go
+/// on, both ways. The next hop then gets headers and body in one write
+/// (one TLS record between agents) instead of a write per frame: across
+/// nodes that took node 1's agent from about 3 writev calls per 1 KB
+/// invocation to 2. Larger or unknown-length bodies stream.
+const WHOLE_BODY: u64 = 64 * 1024;
+
+/// `body`, read whole when it is small and of known length.
+async fn whole_if_small(body: Body) -> Result<Body, hyper::Error> {
+    use hyper::body::Body as _;
+    match body.size_hint().exact() {
+        Some(n) if n <= WHOLE_BODY && !body.is_end_stream() => {
+            let bytes = body.collect().await?.to_bytes();
+            Ok(http_body_util::Full::new(bytes)
+                .map_err(|never| match never {})
+                .boxed_unsync())
+        }
+        _ => Ok(body),
+    }
+}
 
 /// Headers that belong to one hop and are not forwarded (RFC 9110 7.6.1).
 const HOP: &[&str] = &[
@@ -207,7 +228,11 @@ async fn send(
             "every pod of the app failed its recent connections (circuit open; retried after 5 s)",
         ));
     }
-    let mut req = req;
+    let (parts, body) = req.into_parts();
+    let body = whole_if_small(body).await.map_err(|e| {
+        ApiError::malformed(format!("the caller's request body could not be read: {e}"))
+    })?;
+    let mut req = Request::from_parts(parts, body);
     let mut tried = Vec::new();
     for (pod, addr) in candidates
         .iter()
@@ -220,6 +245,13 @@ async fn send(
             to_peer(rt, app, pod, *addr, req).await
         };
         match attempt {
+            Attempt::Done(Ok(resp)) => {
+                let (parts, body) = resp.into_parts();
+                let body = whole_if_small(body)
+                    .await
+                    .map_err(|e| invoke_error(StatusCode::BAD_GATEWAY, app, e))?;
+                return Ok(Response::from_parts(parts, body));
+            }
             Attempt::Done(r) => return r,
             // Nothing was sent: the next endpoint gets the request.
             Attempt::NotSent(back, why) => {
