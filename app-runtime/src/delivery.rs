@@ -312,6 +312,7 @@ async fn subscription(
             },
         }
     };
+    rt.count_subscribed(&key, true);
     let slots = Arc::new(Semaphore::new(CONCURRENCY));
     let ctx = Arc::new(Ctx {
         rt,
@@ -347,6 +348,7 @@ async fn subscription(
         }
     }
     tracing::info!(app = %ctx.app, topic = %ctx.spec.topic, pubsub = %ctx.spec.pubsub, "unsubscribing");
+    ctx.rt.count_subscribed(&key, false);
     if let Err(e) = sub.close().await {
         tracing::debug!(error = %e, "closing a subscription");
     }

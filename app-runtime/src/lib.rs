@@ -87,6 +87,8 @@ pub struct Runtime {
     api: std::sync::OnceLock<watch::Receiver<components::ApiComponents>>,
     /// What the delivery task subscribes to now (for metadata).
     pubsub_status: std::sync::Mutex<delivery::Status>,
+    /// Subscriptions joined at the broker (tasks per key).
+    subscribed: std::sync::Mutex<std::collections::BTreeMap<delivery::Key, usize>>,
 }
 
 impl Runtime {
@@ -108,6 +110,7 @@ impl Runtime {
             problems: std::sync::Mutex::new(Vec::new()),
             api: std::sync::OnceLock::new(),
             pubsub_status: std::sync::Mutex::new(delivery::Status::default()),
+            subscribed: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
@@ -202,6 +205,28 @@ impl Runtime {
         true
     }
 
+    fn is_subscribed(&self, k: &delivery::Key) -> bool {
+        self.subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(k)
+            .is_some_and(|n| *n > 0)
+    }
+
+    /// Counts a subscription task joined (`+1`) or gone (`-1`).
+    pub(crate) fn count_subscribed(&self, k: &delivery::Key, joined: bool) {
+        let mut m = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(k.clone()).or_insert(0);
+        if joined {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(k);
+            }
+        }
+    }
+
     /// `/v1.0/metadata`, for the calling app.
     pub fn metadata(&self, caller: &Caller) -> Response<Body> {
         let reg = self.registry();
@@ -242,6 +267,9 @@ impl Runtime {
             .active
             .iter()
             .filter(|((ns, app, _, _), _)| (ns, app) == (&me.0, &me.1))
+            // Only those joined at the broker: a message published from
+            // now on reaches them.
+            .filter(|(k, _)| self.is_subscribed(k))
             .map(|(_, (s, declarative))| {
                 serde_json::json!({
                     "pubsubname": s.pubsub,

@@ -1,0 +1,778 @@
+//! Pub/sub through the node app runtime on real pods: np-app publishes
+//! through the runtime and, in subscriber pods, answers `/dapr/subscribe`
+//! (NP_APP_SUBSCRIBE) and records deliveries (`/deliveries`), answering
+//! each as the message asks (SUCCESS, RETRY, DROP, status codes, slow).
+//! The embedded broker, a redis-server for `pubsub.redis`, agent kill -9.
+
+use std::time::{Duration, Instant};
+
+use nodeplane_tests::agent::{in_netns, Agent};
+use nodeplane_tests::apps::{self, AppPod, NodeRedis, APP_PORT};
+use nodeplane_tests::fixture::Node;
+use nodeplane_tests::http1::{Conn, Msg};
+use nodeplane_tests::prereq;
+use serde_json::{json, Value};
+
+const CIDR: &str = "10.244.0.0/24";
+const NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop}\n---\n";
+
+/// A pub/sub with a short retry budget and quick retries, so that the
+/// retry and dead-letter paths finish fast.
+const FAST: &str = "apiVersion: dapr.io/v1alpha1
+kind: Component
+metadata: {name: fast}
+spec:
+  type: pubsub.embedded
+  version: v1
+  metadata:
+  - {name: maxDeliveryAttempts, value: \"3\"}
+  - {name: retryInitialInterval, value: 100ms}
+  - {name: retryMaxInterval, value: 200ms}
+---
+apiVersion: dapr.io/v1alpha1
+kind: Component
+metadata: {name: scoped}
+spec:
+  type: pubsub.embedded
+  version: v1
+  metadata:
+  - {name: allowedTopics, value: only}
+---
+apiVersion: dapr.io/v1alpha1
+kind: Component
+metadata: {name: private}
+spec: {type: pubsub.embedded, version: v1}
+scopes: [sub]
+---
+";
+
+/// A pod of `app` (None: no app id) whose np-app subscribes with `subs`
+/// (Dapr's `/dapr/subscribe` JSON; empty: none).
+struct Spec<'a> {
+    name: &'a str,
+    app: Option<&'a str>,
+    subs: Value,
+}
+
+struct World {
+    node: Node,
+    agent: Agent,
+    pods: Vec<AppPod>,
+}
+
+fn world(specs: &[Spec<'_>], extra: &str, agent_args: &[&str]) -> World {
+    prereq::require_root();
+    let mut node = Node::new(&[CIDR]);
+    let agent = Agent::start(&mut node, &[CIDR], agent_args);
+    let mut cluster = NS.to_string();
+    for s in specs {
+        cluster.push_str(&apps::pod_yaml("shop", s.name, s.app, "", ""));
+    }
+    agent.apply(&[("cluster.yaml", cluster), ("extra.yaml", extra.to_string())]);
+    let pods = specs
+        .iter()
+        .map(|s| {
+            let subs = s.subs.to_string();
+            if s.subs.is_null() {
+                AppPod::add(&node, "shop", s.name)
+            } else {
+                AppPod::add_with(&node, "shop", s.name, &[("NP_APP_SUBSCRIBE", &subs)])
+            }
+        })
+        .collect();
+    let w = World { node, agent, pods };
+    w.wait_known(specs);
+    w
+}
+
+impl World {
+    fn pod(&self, name: &str) -> &AppPod {
+        let i = self
+            .pods
+            .iter()
+            .position(|p| p.ns.name.ends_with(name))
+            .unwrap_or_else(|| panic!("no pod {name}"));
+        &self.pods[i]
+    }
+
+    /// Until the runtime knows every pod by its address.
+    fn wait_known(&self, specs: &[Spec<'_>]) {
+        let start = Instant::now();
+        for (s, p) in specs.iter().zip(&self.pods) {
+            loop {
+                let m = p.call("GET", "/v1.0/metadata", &[], b"");
+                if m.json()["extended"]["caller"] == format!("pod shop/{}", s.name) {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "the runtime did not learn pod {}: {}; agent log:\n{}",
+                    s.name,
+                    m.text(),
+                    self.agent.log_text()
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    /// Until `pod`'s metadata lists `n` subscriptions joined at the
+    /// broker; returns them.
+    fn wait_subscribed(&self, pod: &str, n: usize) -> Vec<Value> {
+        let start = Instant::now();
+        loop {
+            let m = self.pod(pod).call("GET", "/v1.0/metadata", &[], b"");
+            let subs = m.json()["subscriptions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if subs.len() == n {
+                return subs;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "pod {pod} has not {n} subscriptions: {}; agent log:\n{}",
+                m.text(),
+                self.agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn publish(p: &AppPod, path: &str, ctype: &str, body: &[u8]) -> Msg {
+    p.call("POST", path, &[("content-type", ctype)], body)
+}
+
+fn publish_ok(p: &AppPod, pubsub: &str, topic: &str, msg: Value) {
+    let r = publish(
+        p,
+        &format!("/v1.0/publish/{pubsub}/{topic}"),
+        "application/json",
+        msg.to_string().as_bytes(),
+    );
+    assert_eq!(r.status(), 204, "publish to {pubsub}/{topic}: {}", r.text());
+}
+
+/// What np-app in `p` has recorded.
+fn deliveries(p: &AppPod) -> Vec<Value> {
+    in_netns(&p.path(), || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", APP_PORT)).expect("connect np-app");
+        let m = Conn::new(s)
+            .request("GET", "/deliveries", &[], b"")
+            .expect("GET /deliveries");
+        m.json().as_array().cloned().unwrap_or_default()
+    })
+}
+
+/// Waits until `pred` holds for `p`'s deliveries; returns them.
+fn wait_deliveries(
+    w: &World,
+    p: &AppPod,
+    what: &str,
+    pred: impl Fn(&[Value]) -> bool,
+) -> Vec<Value> {
+    let start = Instant::now();
+    loop {
+        let d = deliveries(p);
+        if pred(&d) {
+            return d;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{what}: deliveries to {} are {d:#?}; agent log:\n{}",
+            p.ns.name,
+            w.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn of<'a>(d: &'a [Value], path: &str, key: &str) -> Vec<&'a Value> {
+    d.iter()
+        .filter(|v| v["path"] == path && v["key"] == key)
+        .collect()
+}
+
+fn body_json(v: &Value) -> Value {
+    serde_json::from_str(v["body"].as_str().unwrap_or("")).unwrap_or(Value::Null)
+}
+
+#[test]
+fn publish_delivers_cloudevents_to_programmatic_and_declarative_subscribers() {
+    let subs = json!([
+        {"pubsubname": "fast", "topic": "orders", "route": "/sub/orders"},
+        {"pubsubname": "fast", "topic": "raw", "route": "/sub/raw", "metadata": {"rawPayload": "true"}},
+    ]);
+    let declared = "apiVersion: dapr.io/v2alpha1
+kind: Subscription
+metadata: {name: dec-orders}
+spec:
+  pubsubname: fast
+  topic: orders
+  routes:
+    rules:
+    - {match: 'event.type == \"com.dapr.event.sent\"', path: /sub/typed}
+    default: /sub/dec
+scopes: [dec]
+---
+apiVersion: dapr.io/v1alpha1
+kind: Subscription
+metadata: {name: dec-old}
+spec: {pubsubname: fast, topic: legacy, route: /sub/legacy}
+scopes: [dec]
+---
+";
+    let w = world(
+        &[
+            Spec {
+                name: "pub",
+                app: Some("pub"),
+                subs: Value::Null,
+            },
+            Spec {
+                name: "sub",
+                app: Some("sub"),
+                subs,
+            },
+            Spec {
+                name: "dec",
+                app: Some("dec"),
+                subs: Value::Null,
+            },
+            Spec {
+                name: "anon",
+                app: None,
+                subs: Value::Null,
+            },
+        ],
+        &format!("{FAST}{declared}"),
+        &[],
+    );
+    let got = w.wait_subscribed("sub", 2);
+    assert!(got.iter().all(|s| s["type"] == "PROGRAMMATIC"), "{got:?}");
+    let got = w.wait_subscribed("dec", 2);
+    assert!(got.iter().all(|s| s["type"] == "DECLARATIVE"), "{got:?}");
+    let (publisher, sub, dec) = (w.pod("pub"), w.pod("sub"), w.pod("dec"));
+
+    // Metadata lists the default and the configured pub/subs.
+    let m = publisher.call("GET", "/v1.0/metadata", &[], b"").json();
+    let names: Vec<&str> = m["components"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["type"].as_str().unwrap_or("").starts_with("pubsub."))
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(names, ["fast", "pubsub", "scoped"], "{m}");
+
+    // JSON: a CloudEvent with the data as JSON, to both apps.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let r = publisher.call(
+        "POST",
+        "/v1.0/publish/fast/orders",
+        &[("content-type", "application/json"), ("traceparent", tp)],
+        br#"{"key":"o1","n":1}"#,
+    );
+    assert_eq!(r.status(), 204, "{}", r.text());
+    let d = wait_deliveries(&w, sub, "o1 to sub", |d| {
+        !of(d, "/sub/orders", "o1").is_empty()
+    });
+    let first = of(&d, "/sub/orders", "o1")[0];
+    assert_eq!(first["contentType"], "application/cloudevents+json");
+    let ev = body_json(first);
+    assert_eq!(ev["specversion"], "1.0");
+    assert_eq!(ev["type"], "com.dapr.event.sent");
+    assert_eq!(ev["source"], "pub");
+    assert_eq!(ev["topic"], "orders");
+    assert_eq!(ev["pubsubname"], "fast");
+    assert_eq!(ev["datacontenttype"], "application/json");
+    assert_eq!(ev["data"], json!({"key": "o1", "n": 1}));
+    assert_eq!(ev["id"].as_str().map(str::len), Some(36), "{ev}");
+    assert!(
+        ev["traceparent"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-")),
+        "{ev}"
+    );
+    // The declarative subscriber's rule matched the type.
+    wait_deliveries(&w, dec, "o1 to dec", |d| {
+        of(d, "/sub/typed", "o1").len() == 1
+    });
+
+    // A CloudEvent the app sent keeps its type: the rule does not match,
+    // the default route takes it.
+    let ce = json!({"specversion": "1.0", "id": "ce-1", "type": "shop.custom", "source": "x",
+                    "datacontenttype": "application/json", "data": {"key": "c1"}});
+    let r = publish(
+        publisher,
+        "/v1.0/publish/fast/orders",
+        "application/cloudevents+json",
+        ce.to_string().as_bytes(),
+    );
+    assert_eq!(r.status(), 204, "{}", r.text());
+    let d = wait_deliveries(&w, dec, "c1 to dec", |d| of(d, "/sub/dec", "c1").len() == 1);
+    let ev = body_json(of(&d, "/sub/dec", "c1")[0]);
+    assert_eq!(
+        (ev["id"].clone(), ev["type"].clone()),
+        (json!("ce-1"), json!("shop.custom"))
+    );
+
+    // v1alpha1 Subscription with a single route.
+    publish_ok(publisher, "fast", "legacy", json!({"key": "l1"}));
+    wait_deliveries(&w, dec, "l1 to dec", |d| {
+        of(d, "/sub/legacy", "l1").len() == 1
+    });
+
+    // Text: data as a string; binary: data_base64.
+    let r = publish(
+        publisher,
+        "/v1.0/publish/fast/orders",
+        "text/plain",
+        b"hello",
+    );
+    assert_eq!(r.status(), 204, "{}", r.text());
+    let r = publish(
+        publisher,
+        "/v1.0/publish/fast/orders",
+        "application/octet-stream",
+        &[0, 1, 2, 255],
+    );
+    assert_eq!(r.status(), 204, "{}", r.text());
+    let d = wait_deliveries(&w, sub, "text and binary", |d| {
+        of(d, "/sub/orders", "").len() == 2
+    });
+    let evs: Vec<Value> = of(&d, "/sub/orders", "")
+        .into_iter()
+        .map(body_json)
+        .collect();
+    assert!(
+        evs.iter()
+            .any(|e| e["data"] == "hello" && e["datacontenttype"] == "text/plain"),
+        "{evs:?}"
+    );
+    assert!(
+        evs.iter().any(|e| e["data_base64"] == "AAEC/w=="),
+        "{evs:?}"
+    );
+
+    // Raw payload: the exact bytes to a raw subscriber; wrapped in a
+    // CloudEvent for one that takes CloudEvents.
+    let raw = br#"{"key":"r1","x":[1,2]}"#;
+    let r = publish(
+        publisher,
+        "/v1.0/publish/fast/raw?metadata.rawPayload=true",
+        "application/json",
+        raw,
+    );
+    assert_eq!(r.status(), 204, "{}", r.text());
+    let d = wait_deliveries(&w, sub, "raw", |d| of(d, "/sub/raw", "r1").len() == 1);
+    let got = of(&d, "/sub/raw", "r1")[0];
+    assert_eq!(got["body"].as_str().map(str::as_bytes), Some(&raw[..]));
+    assert_eq!(got["contentType"], "application/json");
+    let r = publish(
+        publisher,
+        "/v1.0/publish/fast/orders?metadata.rawPayload=true",
+        "application/json",
+        br#"{"key":"r2"}"#,
+    );
+    assert_eq!(r.status(), 204, "{}", r.text());
+    let d = wait_deliveries(&w, sub, "raw wrapped", |d| {
+        of(d, "/sub/orders", "r2").len() == 1
+    });
+    let ev = body_json(of(&d, "/sub/orders", "r2")[0]);
+    assert_eq!(ev["data"]["key"], "r2", "{ev}");
+
+    // Errors with Dapr's codes and statuses.
+    let r = publish(
+        publisher,
+        "/v1.0/publish/nope/orders",
+        "application/json",
+        b"{}",
+    );
+    assert_eq!(
+        (r.status(), r.json()["errorCode"].clone()),
+        (400, json!("ERR_PUBSUB_NOT_FOUND")),
+        "{}",
+        r.text()
+    );
+    // A component scoped to other apps is not there for this one.
+    let r = publish(
+        publisher,
+        "/v1.0/publish/private/orders",
+        "application/json",
+        b"{}",
+    );
+    assert_eq!(
+        (r.status(), r.json()["errorCode"].clone()),
+        (400, json!("ERR_PUBSUB_NOT_FOUND")),
+        "{}",
+        r.text()
+    );
+    let r = publish(
+        publisher,
+        "/v1.0/publish/scoped/other",
+        "application/json",
+        b"{}",
+    );
+    assert_eq!(
+        (r.status(), r.json()["errorCode"].clone()),
+        (403, json!("ERR_PUBSUB_FORBIDDEN")),
+        "{}",
+        r.text()
+    );
+    let r = publish(
+        publisher,
+        "/v1.0/publish/scoped/only",
+        "application/json",
+        b"{}",
+    );
+    assert_eq!(r.status(), 204, "{}", r.text());
+    let r = publish(publisher, "/v1.0/publish/fast/", "application/json", b"{}");
+    assert_eq!(
+        (r.status(), r.json()["errorCode"].clone()),
+        (404, json!("ERR_TOPIC_EMPTY")),
+        "{}",
+        r.text()
+    );
+    // A pod without an app id may not publish.
+    let r = publish(
+        w.pod("anon"),
+        "/v1.0/publish/fast/orders",
+        "application/json",
+        b"{}",
+    );
+    assert_eq!(
+        (r.status(), r.json()["errorCode"].clone()),
+        (403, json!("ERR_PERMISSION_DENIED")),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("dapr.io/app-id"), "{}", r.text());
+
+    // Nothing was delivered twice.
+    for p in [sub, dec] {
+        for v in deliveries(p).iter().filter(|v| v["key"] != "") {
+            assert_eq!(v["n"], 1, "{v}");
+        }
+    }
+}
+
+#[test]
+fn retry_drop_and_dead_letter_follow_the_apps_answers() {
+    let subs = json!([
+        {"pubsubname": "fast", "topic": "work", "route": "/sub/work", "deadLetterTopic": "dead"},
+        {"pubsubname": "fast", "topic": "dead", "route": "/sub/ok/dead"},
+        {"pubsubname": "fast", "topic": "nodl", "route": "/sub/nodl"},
+    ]);
+    let w = world(
+        &[
+            Spec {
+                name: "pub",
+                app: Some("pub"),
+                subs: Value::Null,
+            },
+            Spec {
+                name: "sub",
+                app: Some("sub"),
+                subs,
+            },
+        ],
+        FAST,
+        &[],
+    );
+    w.wait_subscribed("sub", 3);
+    let (publisher, sub) = (w.pod("pub"), w.pod("sub"));
+    let cases = [
+        ("retry-once", json!(["RETRY", "SUCCESS"])),
+        ("retry-500", json!(["500", "empty"])),
+        ("drop", json!(["DROP"])),
+        ("gone", json!(["404"])),
+        ("always-retry", json!(["RETRY"])),
+        ("always-500", json!(["500"])),
+    ];
+    for (k, a) in &cases {
+        publish_ok(publisher, "fast", "work", json!({"key": k, "answer": a}));
+    }
+    publish_ok(
+        publisher,
+        "fast",
+        "nodl",
+        json!({"key": "lost", "answer": ["RETRY"]}),
+    );
+    // Settled once the dead letters are in and the budget is spent
+    // everywhere.
+    wait_deliveries(&w, sub, "dead letters", |d| {
+        ["drop", "gone", "always-retry", "always-500"]
+            .iter()
+            .all(|k| of(d, "/sub/ok/dead", k).len() == 1)
+            && of(d, "/sub/nodl", "lost").len() == 3
+            && of(d, "/sub/work", "retry-once").len() == 2
+            && of(d, "/sub/work", "retry-500").len() == 2
+    });
+    // Whatever could still come would come within a few retry intervals
+    // (100-200 ms): wait well past them before counting.
+    std::thread::sleep(Duration::from_secs(2));
+    let d = deliveries(sub);
+    let count = |path, k| of(&d, path, k).len();
+    // RETRY (or 500) then success: delivered twice, attempt 2 taken.
+    assert_eq!(count("/sub/work", "retry-once"), 2, "{d:#?}");
+    assert_eq!(count("/sub/work", "retry-500"), 2, "{d:#?}");
+    // DROP and 404: once, forwarded to the dead-letter topic.
+    assert_eq!(count("/sub/work", "drop"), 1, "{d:#?}");
+    assert_eq!(count("/sub/work", "gone"), 1, "{d:#?}");
+    // The retry budget (3 deliveries), then the dead-letter topic.
+    assert_eq!(count("/sub/work", "always-retry"), 3, "{d:#?}");
+    assert_eq!(count("/sub/work", "always-500"), 3, "{d:#?}");
+    for k in ["drop", "gone", "always-retry", "always-500"] {
+        assert_eq!(count("/sub/ok/dead", k), 1, "{k}: {d:#?}");
+    }
+    for k in ["retry-once", "retry-500"] {
+        assert_eq!(count("/sub/ok/dead", k), 0, "{k}: {d:#?}");
+    }
+    // Without a dead-letter topic the budget ends it.
+    assert_eq!(count("/sub/nodl", "lost"), 3, "{d:#?}");
+    // The dead letter is the original CloudEvent.
+    let dl = body_json(of(&d, "/sub/ok/dead", "drop")[0]);
+    assert_eq!(
+        (dl["topic"].clone(), dl["source"].clone()),
+        (json!("work"), json!("pub")),
+        "{dl}"
+    );
+}
+
+#[test]
+fn pods_of_one_app_id_share_its_messages_each_message_once_per_app() {
+    let subs = json!([{"pubsubname": "pubsub", "topic": "fan", "route": "/sub/fan"}]);
+    let w = world(
+        &[
+            Spec {
+                name: "pub",
+                app: Some("pub"),
+                subs: Value::Null,
+            },
+            Spec {
+                name: "pair1",
+                app: Some("pair"),
+                subs: subs.clone(),
+            },
+            Spec {
+                name: "pair2",
+                app: Some("pair"),
+                subs: subs.clone(),
+            },
+            Spec {
+                name: "solo",
+                app: Some("solo"),
+                subs,
+            },
+        ],
+        "",
+        &[],
+    );
+    for p in ["pair1", "pair2", "solo"] {
+        w.wait_subscribed(p, 1);
+    }
+    let n = 20;
+    for i in 0..n {
+        publish_ok(
+            w.pod("pub"),
+            "pubsub",
+            "fan",
+            json!({"key": format!("m{i}")}),
+        );
+    }
+    let keys = |d: &[Value]| -> Vec<String> {
+        let mut k: Vec<String> = d
+            .iter()
+            .filter_map(|v| v["key"].as_str().map(str::to_string))
+            .collect();
+        k.sort();
+        k
+    };
+    let solo = wait_deliveries(&w, w.pod("solo"), "solo gets all", |d| d.len() == n);
+    let start = Instant::now();
+    let (a, b) = loop {
+        let (a, b) = (deliveries(w.pod("pair1")), deliveries(w.pod("pair2")));
+        if a.len() + b.len() >= n {
+            break (a, b);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "pair: {a:?} {b:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (a2, b2) = (deliveries(w.pod("pair1")), deliveries(w.pod("pair2")));
+    assert_eq!(
+        (a2.len(), b2.len()),
+        (a.len(), b.len()),
+        "more deliveries came"
+    );
+    let mut all = keys(&a);
+    all.extend(keys(&b));
+    all.sort();
+    let mut want: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    want.sort();
+    assert_eq!(all, want, "each message once to the app");
+    assert_eq!(keys(&solo), want, "and once to the other app");
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "both pods of the app get some: {} / {}",
+        a.len(),
+        b.len()
+    );
+}
+
+#[test]
+fn agent_kill9_between_accept_and_delivery_loses_no_message() {
+    // `patient`: retries for a long time, so a subscriber that is down
+    // only delays its messages.
+    let patient = "apiVersion: dapr.io/v1alpha1
+kind: Component
+metadata: {name: patient}
+spec:
+  type: pubsub.embedded
+  version: v1
+  metadata:
+  - {name: maxDeliveryAttempts, value: \"1000\"}
+  - {name: retryInitialInterval, value: 100ms}
+  - {name: retryMaxInterval, value: 500ms}
+---
+";
+    let subs = json!([
+        {"pubsubname": "patient", "topic": "slow", "route": "/sub/slow"},
+        {"pubsubname": "patient", "topic": "later", "route": "/sub/later"},
+    ]);
+    let mut w = world(
+        &[
+            Spec {
+                name: "pub",
+                app: Some("pub"),
+                subs: Value::Null,
+            },
+            Spec {
+                name: "sub",
+                app: Some("sub"),
+                subs,
+            },
+        ],
+        patient,
+        &[],
+    );
+    w.wait_subscribed("sub", 2);
+    // 1. The app is taking the delivery (slowly) when the agent dies.
+    publish_ok(
+        w.pod("pub"),
+        "patient",
+        "slow",
+        json!({"key": "s1", "answer": ["slow:60000", "SUCCESS"]}),
+    );
+    wait_deliveries(&w, w.pod("sub"), "s1 in the app", |d| {
+        of(d, "/sub/slow", "s1").len() == 1
+    });
+    w.agent.kill9();
+    w.agent.restart(&w.node.ns);
+    let d = wait_deliveries(&w, w.pod("sub"), "s1 again after the restart", |d| {
+        of(d, "/sub/slow", "s1").len() == 2
+    });
+    assert_eq!(of(&d, "/sub/slow", "s1")[1]["n"], 2);
+
+    // 2. Accepted while the app is down, then the agent dies: delivered
+    // once the app is back, after the restart.
+    w.pods[1].stop_app();
+    for i in 0..10 {
+        publish_ok(
+            w.pod("pub"),
+            "patient",
+            "later",
+            json!({"key": format!("l{i}")}),
+        );
+    }
+    w.agent.kill9();
+    w.pods[1].start_app();
+    w.agent.restart(&w.node.ns);
+    wait_deliveries(&w, w.pod("sub"), "every accepted message", |d| {
+        (0..10).all(|i| !of(d, "/sub/later", &format!("l{i}")).is_empty())
+    });
+}
+
+#[test]
+fn redis_streams_broker_delivers_retries_and_keeps_messages_across_a_restart() {
+    prereq::require_root();
+    let subs = json!([{"pubsubname": "bus", "topic": "rtopic", "route": "/sub/r"}]);
+    let mut node = Node::new(&[CIDR]);
+    let redis = NodeRedis::start(&node.ns, 16380);
+    let agent = Agent::start(&mut node, &[CIDR], &[]);
+    let bus = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {{name: bus}}\nspec:\n  type: pubsub.redis\n  version: v1\n  metadata:\n  - {{name: redisHost, value: \"127.0.0.1:{}\"}}\n  - {{name: maxDeliveryAttempts, value: \"5\"}}\n  - {{name: retryInitialInterval, value: 100ms}}\n  - {{name: retryMaxInterval, value: 200ms}}\n  - {{name: redeliverInterval, value: 200ms}}\n  - {{name: processingTimeout, value: 2s}}\n",
+        redis.port
+    );
+    let specs = [
+        Spec {
+            name: "pub",
+            app: Some("pub"),
+            subs: Value::Null,
+        },
+        Spec {
+            name: "sub",
+            app: Some("sub"),
+            subs: subs.clone(),
+        },
+    ];
+    let mut cluster = NS.to_string();
+    for s in &specs {
+        cluster.push_str(&apps::pod_yaml("shop", s.name, s.app, "", ""));
+    }
+    agent.apply(&[("cluster.yaml", cluster), ("bus.yaml", bus)]);
+    let pods = vec![
+        AppPod::add(&node, "shop", "pub"),
+        AppPod::add_with(
+            &node,
+            "shop",
+            "sub",
+            &[("NP_APP_SUBSCRIBE", &subs.to_string())],
+        ),
+    ];
+    let mut w = World { node, agent, pods };
+    w.wait_known(&specs);
+    w.wait_subscribed("sub", 1);
+    for i in 0..5 {
+        publish_ok(
+            w.pod("pub"),
+            "bus",
+            "rtopic",
+            json!({"key": format!("k{i}")}),
+        );
+    }
+    publish_ok(
+        w.pod("pub"),
+        "bus",
+        "rtopic",
+        json!({"key": "again", "answer": ["RETRY", "SUCCESS"]}),
+    );
+    let d = wait_deliveries(&w, w.pod("sub"), "redis deliveries", |d| {
+        (0..5).all(|i| of(d, "/sub/r", &format!("k{i}")).len() == 1)
+            && of(d, "/sub/r", "again").len() == 2
+    });
+    assert_eq!(body_json(of(&d, "/sub/r", "k0")[0])["pubsubname"], "bus");
+    // The stream keeps what the agent accepted while the app was down,
+    // across an agent kill -9.
+    w.pods[1].stop_app();
+    for i in 0..5 {
+        publish_ok(
+            w.pod("pub"),
+            "bus",
+            "rtopic",
+            json!({"key": format!("d{i}")}),
+        );
+    }
+    w.agent.kill9();
+    w.pods[1].start_app();
+    w.agent.restart(&w.node.ns);
+    wait_deliveries(&w, w.pod("sub"), "accepted before the crash", |d| {
+        (0..5).all(|i| !of(d, "/sub/r", &format!("d{i}")).is_empty())
+    });
+    drop(redis);
+}
