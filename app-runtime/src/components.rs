@@ -1114,6 +1114,55 @@ spec: {type: state.redis}
     }
 
     #[tokio::test]
+    async fn pubsubs_and_subscriptions_follow_the_namespace_rules() {
+        let state = TempDir::new("pubsub");
+        let docs = vec![
+            api_component("a", DEFAULT_PUBSUB, "pubsub.embedded", Value::Null),
+            api_component(
+                "a",
+                "bad",
+                "pubsub.embedded",
+                serde_json::json!([{"name": "nope", "value": "1"}]),
+            ),
+            (
+                "API Subscription a/s".into(),
+                serde_json::json!({
+                    "apiVersion": "dapr.io/v2alpha1", "kind": "Subscription",
+                    "metadata": {"name": "s", "namespace": "a"},
+                    "spec": {"pubsubname": "pubsub", "topic": "t", "routes": {"default": "/t"}},
+                    "scopes": ["app"],
+                }),
+            ),
+        ];
+        let target = empty();
+        let reg = reload(&target, docs.clone(), Vec::new(), &state.0, true).await;
+        assert_eq!(
+            reg.pubsubs.keys().collect::<Vec<_>>(),
+            ["a/pubsub", DEFAULT_PUBSUB]
+        );
+        assert_eq!(reg.errors.len(), 1, "{:?}", reg.errors);
+        assert!(reg.errors[0].contains("nope"), "{:?}", reg.errors);
+        let a = reg.pubsub(DEFAULT_PUBSUB, Some("app"), Some("a")).expect("a's");
+        assert_eq!(a.namespace.as_deref(), Some("a"));
+        let other = reg
+            .pubsub(DEFAULT_PUBSUB, Some("app"), Some("b"))
+            .expect("default");
+        assert_eq!(other.namespace, None);
+        assert!(state.0.join("namespaces/a/pubsub.pubsub").is_dir());
+        assert_eq!(reg.subscriptions.len(), 1);
+        assert!(reg.subscriptions[0].applies_to("app", "a"));
+        assert!(!reg.subscriptions[0].applies_to("other", "a"));
+        assert!(!reg.subscriptions[0].applies_to("app", "b"));
+        // Unchanged: the same broker; without the default, none.
+        let again = reload(&target, docs, Vec::new(), &state.0, false).await;
+        assert!(Arc::ptr_eq(
+            &reg.pubsubs["a/pubsub"].broker,
+            &again.pubsubs["a/pubsub"].broker
+        ));
+        assert_eq!(again.pubsubs.keys().collect::<Vec<_>>(), ["a/pubsub"]);
+    }
+
+    #[tokio::test]
     async fn reload_keeps_unchanged_stores_reopens_changed_ones_and_drops_removed_ones() {
         let state = TempDir::new("reload");
         let target = empty();
