@@ -58,6 +58,7 @@ struct World {
     node: Node,
     agent: Agent,
     pods: Vec<AppPod>,
+    names: Vec<String>,
 }
 
 fn world(specs: &[Spec<'_>], extra: &str, agent_args: &[&str]) -> World {
@@ -80,7 +81,13 @@ fn world(specs: &[Spec<'_>], extra: &str, agent_args: &[&str]) -> World {
             }
         })
         .collect();
-    let w = World { node, agent, pods };
+    let names = specs.iter().map(|s| s.name.to_string()).collect();
+    let w = World {
+        node,
+        agent,
+        pods,
+        names,
+    };
     w.wait_known(specs);
     w
 }
@@ -88,9 +95,9 @@ fn world(specs: &[Spec<'_>], extra: &str, agent_args: &[&str]) -> World {
 impl World {
     fn pod(&self, name: &str) -> &AppPod {
         let i = self
-            .pods
+            .names
             .iter()
-            .position(|p| p.ns.name.ends_with(name))
+            .position(|n| n == name)
             .unwrap_or_else(|| panic!("no pod {name}"));
         &self.pods[i]
     }
@@ -735,7 +742,12 @@ fn redis_streams_broker_delivers_retries_and_keeps_messages_across_a_restart() {
             &[("NP_APP_SUBSCRIBE", &subs.to_string())],
         ),
     ];
-    let mut w = World { node, agent, pods };
+    let mut w = World {
+        node,
+        agent,
+        pods,
+        names: vec!["pub".into(), "sub".into()],
+    };
     w.wait_known(&specs);
     w.wait_subscribed("sub", 1);
     for i in 0..5 {
