@@ -150,8 +150,14 @@ pub fn pod_yaml(
 /// A redis-server for a node namespace, where the agent reaches it on its
 /// own loopback: 127.0.0.1:`port`, no persistence, files in `dir`.
 pub fn redis_command(ns: &Netns, port: u16, dir: &Path) -> Command {
+    redis_command_on(ns, "127.0.0.1", port, dir)
+}
+
+/// [`redis_command`] listening on `bind` (e.g. a node's underlay address,
+/// for agents of several nodes sharing one redis).
+pub fn redis_command_on(ns: &Netns, bind: &str, port: u16, dir: &Path) -> Command {
     let mut c = ns.command("redis-server");
-    c.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+    c.args(["--port", &port.to_string(), "--bind", bind])
         .args([
             "--save",
             "",
@@ -173,11 +179,17 @@ pub fn redis_command(ns: &Netns, port: u16, dir: &Path) -> Command {
 /// Waits until redis answers PING on 127.0.0.1:`port` in the namespace at
 /// `ns`; false after `limit`.
 pub fn redis_ready(ns: &Path, port: u16, limit: Duration) -> bool {
+    redis_ready_at(ns, "127.0.0.1", port, limit)
+}
+
+/// [`redis_ready`] for a redis listening on `addr`.
+pub fn redis_ready_at(ns: &Path, addr: &str, port: u16, limit: Duration) -> bool {
+    let addr = addr.to_string();
     crate::agent::in_netns(ns, move || {
         use std::io::Write;
         let start = Instant::now();
         while start.elapsed() < limit {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            if let Ok(mut s) = std::net::TcpStream::connect((addr.as_str(), port)) {
                 let mut buf = [0u8; 7];
                 if s.write_all(b"PING\r\n").is_ok()
                     && s.read_exact(&mut buf).is_ok()
@@ -204,9 +216,14 @@ pub struct NodeRedis {
 
 impl NodeRedis {
     pub fn start(ns: &Netns, port: u16) -> NodeRedis {
+        Self::start_on(ns, "127.0.0.1", port)
+    }
+
+    /// A redis-server in `ns` listening on `bind`:`port`.
+    pub fn start_on(ns: &Netns, bind: &str, port: u16) -> NodeRedis {
         crate::prereq::require_tool("redis-server", "redis-server");
         let dir = crate::TempDir::new("redis");
-        let child = redis_command(ns, port, dir.path())
+        let child = redis_command_on(ns, bind, port, dir.path())
             .spawn()
             .expect("spawn redis-server");
         let r = NodeRedis {
@@ -215,8 +232,8 @@ impl NodeRedis {
             _dir: dir,
         };
         assert!(
-            redis_ready(&ns.path(), port, Duration::from_secs(10)),
-            "redis-server did not answer PING on 127.0.0.1:{port}"
+            redis_ready_at(&ns.path(), bind, port, Duration::from_secs(10)),
+            "redis-server did not answer PING on {bind}:{port}"
         );
         r
     }

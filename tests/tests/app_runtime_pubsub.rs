@@ -10,7 +10,7 @@ use nodeplane_tests::agent::{in_netns, Agent};
 use nodeplane_tests::apps::{self, AppPod, NodeRedis, APP_PORT};
 use nodeplane_tests::fixture::Node;
 use nodeplane_tests::http1::{Conn, Msg};
-use nodeplane_tests::prereq;
+use nodeplane_tests::{prereq, Netns};
 use serde_json::{json, Value};
 
 const CIDR: &str = "10.244.0.0/24";
@@ -787,4 +787,156 @@ fn redis_streams_broker_delivers_retries_and_keeps_messages_across_a_restart() {
         (0..5).all(|i| !of(d, "/sub/r", &format!("d{i}")).is_empty())
     });
     drop(redis);
+}
+
+/// Joins two node namespaces with veths to a bridge in a third (as in
+/// app_runtime_nodes.rs).
+fn underlay(n1: &Netns, n2: &Netns, addrs: [&str; 2]) -> Netns {
+    let u = Netns::new("npu");
+    u.ip(&["link", "add", "br0", "type", "bridge"]);
+    u.ip(&["link", "set", "br0", "up"]);
+    for (i, (n, addr)) in [(n1, addrs[0]), (n2, addrs[1])].into_iter().enumerate() {
+        let (a, b) = (format!("u{i}"), format!("eth-u{i}"));
+        u.ip(&["link", "add", &a, "type", "veth", "peer", "name", &b]);
+        u.ip(&["link", "set", &b, "netns", &n.path().display().to_string()]);
+        u.ip(&["link", "set", &a, "master", "br0", "up"]);
+        n.ip(&["addr", "add", &format!("{addr}/24"), "dev", &b]);
+        n.ip(&["link", "set", &b, "up"]);
+    }
+    u
+}
+
+#[test]
+fn pods_of_one_app_on_two_nodes_compete_through_a_shared_redis() {
+    prereq::require_root();
+    const CIDR1: &str = "10.244.1.0/24";
+    const CIDR2: &str = "10.244.2.0/24";
+    const U1: &str = "192.168.78.1";
+    const U2: &str = "192.168.78.2";
+    let mut node1 = Node::new(&[CIDR1]);
+    let mut node2 = Node::new(&[CIDR2]);
+    let _u = underlay(&node1.ns, &node2.ns, [U1, U2]);
+    // One redis for both nodes, on node 1's underlay address.
+    let redis = NodeRedis::start_on(&node1.ns, U1, 16382);
+    let agent1 = Agent::start(&mut node1, &[CIDR1], &["--node-name", "node1"]);
+    let agent2 = Agent::start(&mut node2, &[CIDR2], &["--node-name", "node2"]);
+    let subs = json!([{"pubsubname": "bus", "topic": "jobs", "route": "/sub/jobs"}]);
+    let env = [("NP_APP_SUBSCRIBE", subs.to_string())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let publisher = AppPod::add(&node1, "shop", "pub");
+    let w1 = AppPod::add_with(&node1, "shop", "w1", &env);
+    let w2 = AppPod::add_with(&node2, "shop", "w2", &env);
+    let status = |node: &str, host: &str, ip: &str| {
+        format!("spec: {{nodeName: {node}, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, hostIP: {host}, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n")
+    };
+    let cluster = format!(
+        "{NS}{}{}{}",
+        apps::pod_yaml(
+            "shop",
+            "pub",
+            Some("pub"),
+            "",
+            &status("node1", U1, &publisher.ip)
+        ),
+        apps::pod_yaml(
+            "shop",
+            "w1",
+            Some("workers"),
+            "",
+            &status("node1", U1, &w1.ip)
+        ),
+        apps::pod_yaml(
+            "shop",
+            "w2",
+            Some("workers"),
+            "",
+            &status("node2", U2, &w2.ip)
+        ),
+    );
+    let bus = format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {{name: bus}}\nspec:\n  type: pubsub.redis\n  version: v1\n  metadata:\n  - {{name: redisHost, value: \"{U1}:{}\"}}\n  - {{name: queueDepth, value: \"1\"}}\n",
+        redis.port
+    );
+    agent1.apply(&[("cluster.yaml", cluster.clone()), ("bus.yaml", bus.clone())]);
+    agent2.apply(&[("cluster.yaml", cluster), ("bus.yaml", bus)]);
+    let start = Instant::now();
+    for (p, agent) in [(&w1, &agent1), (&w2, &agent2)] {
+        loop {
+            let m = p.call("GET", "/v1.0/metadata", &[], b"").json();
+            if m["subscriptions"].as_array().is_some_and(|s| s.len() == 1) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "{} not subscribed: {m}; agent log:\n{}",
+                p.ns.name,
+                agent.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let n = 40;
+    let start = Instant::now();
+    for i in 0..n {
+        loop {
+            let r = publish(
+                &publisher,
+                "/v1.0/publish/bus/jobs",
+                "application/json",
+                json!({"key": format!("j{i}")}).to_string().as_bytes(),
+            );
+            if r.status() == 204 {
+                break;
+            }
+            // The publisher's pod may not be known yet right after apply.
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "publish: {}",
+                r.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let start = Instant::now();
+    let (a, b) = loop {
+        let (a, b) = (deliveries(&w1), deliveries(&w2));
+        if a.len() + b.len() >= n {
+            break (a, b);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "{} + {} of {n} delivered; agent 1 log:\n{}\nagent 2 log:\n{}",
+            a.len(),
+            b.len(),
+            agent1.log_text(),
+            agent2.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let (a2, b2) = (deliveries(&w1), deliveries(&w2));
+    assert_eq!(
+        (a2.len(), b2.len()),
+        (a.len(), b.len()),
+        "more deliveries came"
+    );
+    let mut keys: Vec<String> = a
+        .iter()
+        .chain(&b)
+        .filter_map(|v| v["key"].as_str().map(str::to_string))
+        .collect();
+    keys.sort();
+    let mut want: Vec<String> = (0..n).map(|i| format!("j{i}")).collect();
+    want.sort();
+    assert_eq!(
+        keys, want,
+        "each message once to the app, across both nodes"
+    );
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "both nodes' pods get some: {} on node 1, {} on node 2",
+        a.len(),
+        b.len()
+    );
+    drop((agent1, agent2, redis));
 }
