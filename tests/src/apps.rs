@@ -245,3 +245,53 @@ impl Drop for NodeRedis {
         let _ = self.child.wait();
     }
 }
+
+/// nats-server with JetStream in a node's namespace on 127.0.0.1:`port`
+/// (the agent reaches it on its own loopback), its store in a temp dir,
+/// killed on drop. Fails naming the Debian package when it is missing.
+#[derive(Debug)]
+pub struct NodeNats {
+    child: Child,
+    pub port: u16,
+    _dir: crate::TempDir,
+}
+
+impl NodeNats {
+    pub fn start(ns: &Netns, port: u16) -> NodeNats {
+        let bin = crate::prereq::require_tool("nats-server", "nats-server");
+        let dir = crate::TempDir::new("nats");
+        let log = dir.path().join("nats.log");
+        let child = ns
+            .command(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+            .arg("-sd")
+            .arg(dir.path().join("js"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("nats log"))
+            .spawn()
+            .expect("spawn nats-server");
+        let n = NodeNats {
+            child,
+            port,
+            _dir: dir,
+        };
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log).is_ok_and(|s| s.contains("Server is ready")) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nats-server did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    }
+}
+
+impl Drop for NodeNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

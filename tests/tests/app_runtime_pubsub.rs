@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use nodeplane_tests::agent::{in_netns, Agent};
-use nodeplane_tests::apps::{self, AppPod, NodeRedis, APP_PORT};
+use nodeplane_tests::apps::{self, AppPod, NodeNats, NodeRedis, APP_PORT};
 use nodeplane_tests::fixture::Node;
 use nodeplane_tests::http1::{Conn, Msg};
 use nodeplane_tests::{prereq, Netns};
@@ -705,17 +705,66 @@ spec:
     });
 }
 
+/// A shared broker on the node: `bus` of `kind` with `metadata` (YAML
+/// list entries, each `{name: .., value: ..}`), the runtime's retry keys
+/// added.
+fn bus_component(kind: &str, metadata: &[String]) -> String {
+    let mut m = metadata.to_vec();
+    m.extend(
+        [
+            "{name: maxDeliveryAttempts, value: \"5\"}",
+            "{name: retryInitialInterval, value: 100ms}",
+            "{name: retryMaxInterval, value: 200ms}",
+        ]
+        .map(str::to_string),
+    );
+    format!(
+        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {{name: bus}}\nspec:\n  type: {kind}\n  version: v1\n  metadata:\n{}",
+        m.iter().map(|e| format!("  - {e}\n")).collect::<String>()
+    )
+}
+
 #[test]
 fn redis_streams_broker_delivers_retries_and_keeps_messages_across_a_restart() {
     prereq::require_root();
-    let subs = json!([{"pubsubname": "bus", "topic": "rtopic", "route": "/sub/r"}]);
-    let mut node = Node::new(&[CIDR]);
+    let node = Node::new(&[CIDR]);
     let redis = NodeRedis::start(&node.ns, 16380);
-    let agent = Agent::start(&mut node, &[CIDR], &[]);
-    let bus = format!(
-        "apiVersion: dapr.io/v1alpha1\nkind: Component\nmetadata: {{name: bus}}\nspec:\n  type: pubsub.redis\n  version: v1\n  metadata:\n  - {{name: redisHost, value: \"127.0.0.1:{}\"}}\n  - {{name: maxDeliveryAttempts, value: \"5\"}}\n  - {{name: retryInitialInterval, value: 100ms}}\n  - {{name: retryMaxInterval, value: 200ms}}\n  - {{name: redeliverInterval, value: 200ms}}\n  - {{name: processingTimeout, value: 2s}}\n",
-        redis.port
+    let bus = bus_component(
+        "pubsub.redis",
+        &[
+            format!("{{name: redisHost, value: \"127.0.0.1:{}\"}}", redis.port),
+            "{name: redeliverInterval, value: 200ms}".into(),
+            "{name: processingTimeout, value: 2s}".into(),
+        ],
     );
+    shared_broker_delivers_retries_and_survives_a_kill9(node, bus);
+    drop(redis);
+}
+
+#[test]
+fn jetstream_broker_delivers_retries_and_keeps_messages_across_a_restart() {
+    prereq::require_root();
+    let node = Node::new(&[CIDR]);
+    let nats = NodeNats::start(&node.ns, 14222);
+    let bus = bus_component(
+        "pubsub.jetstream",
+        &[
+            format!(
+                "{{name: natsURL, value: \"nats://127.0.0.1:{}\"}}",
+                nats.port
+            ),
+            "{name: ackWait, value: 2s}".into(),
+        ],
+    );
+    shared_broker_delivers_retries_and_survives_a_kill9(node, bus);
+    drop(nats);
+}
+
+/// Delivery, RETRY then SUCCESS, and messages accepted while the app is
+/// down kept across an agent kill -9, on the `bus` component.
+fn shared_broker_delivers_retries_and_survives_a_kill9(mut node: Node, bus: String) {
+    let subs = json!([{"pubsubname": "bus", "topic": "rtopic", "route": "/sub/r"}]);
+    let agent = Agent::start(&mut node, &[CIDR], &[]);
     let specs = [
         Spec {
             name: "pub",
@@ -786,7 +835,6 @@ fn redis_streams_broker_delivers_retries_and_keeps_messages_across_a_restart() {
     wait_deliveries(&w, w.pod("sub"), "accepted before the crash", |d| {
         (0..5).all(|i| !of(d, "/sub/r", &format!("d{i}")).is_empty())
     });
-    drop(redis);
 }
 
 /// Joins two node namespaces with veths to a bridge in a third (as in
