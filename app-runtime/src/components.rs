@@ -151,6 +151,10 @@ pub struct Registry {
     pub configs: BTreeMap<String, AccessControl>,
     /// Problems of the last read (file, document, what is wrong).
     pub errors: Vec<String>,
+    /// A store or broker could not be opened (a server down, an embedded
+    /// file still held by the instance it replaces): the reader tries
+    /// again after [`REOPEN_AFTER`] even when nothing changed.
+    pub open_failed: bool,
 }
 
 /// A definition's key in [`Registry`]'s maps. Kubernetes names never hold
@@ -593,6 +597,7 @@ pub async fn reload(
             subscriptions: prev.subscriptions.clone(),
             configs: prev.configs.clone(),
             errors: prev.errors.clone(),
+            open_failed: prev.open_failed,
         };
         for (_, d) in &docs {
             match d {
@@ -647,6 +652,7 @@ pub async fn reload(
                         Ok(b) => b,
                         Err(e) => {
                             reg.errors.push(format!("component {}: {e}", spec.name));
+                            reg.open_failed |= !matches!(e, nodeplane_pubsub::Error::Config(_));
                             continue;
                         }
                     },
@@ -683,6 +689,9 @@ pub async fn reload(
                         Ok(s) => s,
                         Err(e) => {
                             reg.errors.push(format!("component {}: {e}", spec.name));
+                            // A configuration error stays one until the
+                            // manifest changes; anything else may pass.
+                            reg.open_failed |= !matches!(e, nodeplane_state::Error::Config(_));
                             continue;
                         }
                     },
@@ -712,7 +721,8 @@ pub async fn reload(
 
 /// Opens a broker; an embedded one whose previous instance is still
 /// closing (its deliveries' last users) finds its directory locked for a
-/// moment, so the open is tried a few times.
+/// moment, so the open is tried a few times (and again by [`watch`] after
+/// [`REOPEN_AFTER`]).
 async fn open_broker(
     spec: &nodeplane_pubsub::ComponentSpec,
     dir: &Path,
@@ -721,7 +731,11 @@ async fn open_broker(
     loop {
         match nodeplane_pubsub::open(spec, dir).await {
             Ok(b) => return Ok(b),
-            Err(e) if tries < 20 && spec.kind == "pubsub.embedded" => {
+            Err(e)
+                if tries < 5
+                    && spec.kind == "pubsub.embedded"
+                    && !matches!(e, nodeplane_pubsub::Error::Config(_)) =>
+            {
                 tries += 1;
                 tracing::debug!(error = %e, "embedded pub/sub busy; trying again");
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -760,6 +774,9 @@ pub struct Sources {
     pub api: Option<tokio::sync::watch::Receiver<ApiComponents>>,
 }
 
+/// How soon components that failed to open are tried again.
+pub const REOPEN_AFTER: Duration = Duration::from_secs(3);
+
 /// How long the first read waits for the API to answer before the runtime
 /// serves without its components (a list request has no timeout: an API
 /// server that accepts and never answers would otherwise hold readiness,
@@ -787,6 +804,8 @@ pub async fn watch(
     let mut seen: Option<Vec<Stamp>> = None;
     // (settled, complete, documents) of the API at the last read.
     let mut seen_api: Option<(bool, bool, Vec<Labelled>)> = None;
+    // When to read again although nothing changed (an open failed).
+    let mut reopen_at: Option<tokio::time::Instant> = None;
     loop {
         let now = dir.as_deref().map(stamps).unwrap_or_default();
         // Whether the API has answered (or been waited for long enough),
@@ -805,7 +824,8 @@ pub async fn watch(
                 )
             }
         };
-        if api_ready && (fresh.is_some() || seen.as_ref() != Some(&now)) {
+        let reopen = reopen_at.is_some_and(|t| t <= tokio::time::Instant::now());
+        if api_ready && (fresh.is_some() || seen.as_ref() != Some(&now) || reopen) {
             if fresh.is_some() {
                 seen_api = fresh;
             }
@@ -839,6 +859,9 @@ pub async fn watch(
                 "app runtime components loaded"
             );
             seen = Some(now);
+            reopen_at = next
+                .open_failed
+                .then(|| tokio::time::Instant::now() + REOPEN_AFTER);
             if let Some(tx) = loaded.take() {
                 let _ = tx.send(());
             }
@@ -1142,7 +1165,9 @@ spec: {type: state.redis}
         );
         assert_eq!(reg.errors.len(), 1, "{:?}", reg.errors);
         assert!(reg.errors[0].contains("nope"), "{:?}", reg.errors);
-        let a = reg.pubsub(DEFAULT_PUBSUB, Some("app"), Some("a")).expect("a's");
+        let a = reg
+            .pubsub(DEFAULT_PUBSUB, Some("app"), Some("a"))
+            .expect("a's");
         assert_eq!(a.namespace.as_deref(), Some("a"));
         let other = reg
             .pubsub(DEFAULT_PUBSUB, Some("app"), Some("b"))

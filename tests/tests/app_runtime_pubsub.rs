@@ -59,6 +59,8 @@ struct World {
     agent: Agent,
     pods: Vec<AppPod>,
     names: Vec<String>,
+    /// The pods' manifests, for applying changed components.
+    cluster: String,
 }
 
 fn world(specs: &[Spec<'_>], extra: &str, agent_args: &[&str]) -> World {
@@ -69,7 +71,10 @@ fn world(specs: &[Spec<'_>], extra: &str, agent_args: &[&str]) -> World {
     for s in specs {
         cluster.push_str(&apps::pod_yaml("shop", s.name, s.app, "", ""));
     }
-    agent.apply(&[("cluster.yaml", cluster), ("extra.yaml", extra.to_string())]);
+    agent.apply(&[
+        ("cluster.yaml", cluster.clone()),
+        ("extra.yaml", extra.to_string()),
+    ]);
     let pods = specs
         .iter()
         .map(|s| {
@@ -87,6 +92,7 @@ fn world(specs: &[Spec<'_>], extra: &str, agent_args: &[&str]) -> World {
         agent,
         pods,
         names,
+        cluster,
     };
     w.wait_known(specs);
     w
@@ -796,6 +802,7 @@ fn shared_broker_delivers_retries_and_survives_a_kill9(mut node: Node, bus: Stri
         agent,
         pods,
         names: vec!["pub".into(), "sub".into()],
+        cluster: String::new(),
     };
     w.wait_known(&specs);
     w.wait_subscribed("sub", 1);
@@ -987,4 +994,87 @@ fn pods_of_one_app_on_two_nodes_compete_through_a_shared_redis() {
         b.len()
     );
     drop((agent1, agent2, redis));
+}
+
+#[test]
+fn a_changed_component_is_reopened_and_a_removed_subscription_stops() {
+    let subs = json!([{"pubsubname": "fast", "topic": "a", "route": "/sub/a"}]);
+    let declared = "apiVersion: dapr.io/v2alpha1
+kind: Subscription
+metadata: {name: dsub}
+spec: {pubsubname: fast, topic: b, routes: {default: /sub/b}}
+scopes: [dec]
+---
+";
+    let w = world(
+        &[
+            Spec {
+                name: "pub",
+                app: Some("pub"),
+                subs: Value::Null,
+            },
+            Spec {
+                name: "sub",
+                app: Some("sub"),
+                subs,
+            },
+            Spec {
+                name: "dec",
+                app: Some("dec"),
+                subs: Value::Null,
+            },
+        ],
+        &format!("{FAST}{declared}"),
+        &[],
+    );
+    w.wait_subscribed("sub", 1);
+    w.wait_subscribed("dec", 1);
+    publish_ok(w.pod("pub"), "fast", "a", json!({"key": "a1"}));
+    publish_ok(w.pod("pub"), "fast", "b", json!({"key": "b1"}));
+    wait_deliveries(&w, w.pod("sub"), "a1", |d| of(d, "/sub/a", "a1").len() == 1);
+    wait_deliveries(&w, w.pod("dec"), "b1", |d| of(d, "/sub/b", "b1").len() == 1);
+
+    // `fast` changes (the embedded log is reopened, its groups kept) and
+    // the declarative subscription goes.
+    let changed = FAST.replace("value: \"3\"", "value: \"4\"");
+    assert_ne!(changed, FAST);
+    w.agent
+        .apply(&[("cluster.yaml", w.cluster.clone()), ("extra.yaml", changed)]);
+    w.wait_subscribed("dec", 0);
+    let start = Instant::now();
+    loop {
+        let r = publish(
+            w.pod("pub"),
+            "/v1.0/publish/fast/a",
+            "application/json",
+            br#"{"key":"a2"}"#,
+        );
+        if r.status() == 204 {
+            break;
+        }
+        // While the changed component is being reopened it is not found.
+        assert_eq!(
+            r.json()["errorCode"],
+            "ERR_PUBSUB_NOT_FOUND",
+            "{}",
+            r.text()
+        );
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "fast not reopened: {}; agent log:\n{}",
+            r.text(),
+            w.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    wait_deliveries(&w, w.pod("sub"), "a2 after the reopen", |d| {
+        of(d, "/sub/a", "a2").len() == 1
+    });
+    publish_ok(w.pod("pub"), "fast", "b", json!({"key": "b2"}));
+    // The app that no longer subscribes gets nothing: wait well past a
+    // delivery (a2 took milliseconds) before looking.
+    std::thread::sleep(Duration::from_secs(1));
+    let d = deliveries(w.pod("dec"));
+    assert!(of(&d, "/sub/b", "b2").is_empty(), "{d:#?}");
+    assert_eq!(of(&deliveries(w.pod("sub")), "/sub/a", "a1").len(), 1);
 }
