@@ -15,6 +15,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
+use crate::components::PubSubComponent;
 use crate::dapr::{self, ApiError};
 use crate::server::{Body, Caller};
 use crate::state_api::{percent_decode, query};
@@ -39,15 +40,29 @@ pub async fn handle(
     }
 }
 
-async fn publish(
+/// `/v1.0-alpha1/publish/bulk/{pubsub}/{topic}`.
+pub async fn handle_bulk(
     rt: &Runtime,
     caller: &Caller,
     tail: &str,
     req: Request<Incoming>,
-) -> Result<Response<Body>, ApiError> {
-    if req.method() != Method::POST && req.method() != Method::PUT {
-        return Err(ApiError::not_found(req.uri().path()));
+) -> Response<Body> {
+    match bulk(rt, caller, tail, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
     }
+}
+
+/// Where a publish goes, checked: the component, its name, the topic and
+/// the publishing app.
+struct Target {
+    comp: PubSubComponent,
+    name: String,
+    topic: String,
+    app: String,
+}
+
+fn target(rt: &Runtime, caller: &Caller, tail: &str) -> Result<Target, ApiError> {
     let (name, topic) = tail.split_once('/').unwrap_or((tail, ""));
     if name.is_empty() {
         return Err(ApiError::new(
@@ -86,23 +101,91 @@ async fn publish(
             format!("topic {topic} is not allowed for app id {app}"),
         ));
     }
-    let q = query(req.uri().query());
-    let mut metadata: BTreeMap<String, String> = q
-        .iter()
-        .filter_map(|(k, v)| Some((k.strip_prefix("metadata.")?.to_string(), v.clone())))
+    Ok(Target {
+        comp: comp.clone(),
+        name,
+        topic,
+        app: app.to_string(),
+    })
+}
+
+/// `metadata.*` query parameters, and whether `rawPayload` is set.
+fn query_metadata(q: Option<&str>) -> Result<(BTreeMap<String, String>, bool), ApiError> {
+    let metadata: BTreeMap<String, String> = query(q)
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.strip_prefix("metadata.")?.to_string(), v)))
         .collect();
-    let raw = match metadata.get(RAW_PAYLOAD).map(String::as_str) {
-        None => false,
-        Some(v) if v.eq_ignore_ascii_case("true") => true,
-        Some(v) if v.eq_ignore_ascii_case("false") => false,
-        Some(v) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "ERR_PUBSUB_REQUEST_METADATA",
-                format!("failed deserializing metadata: rawPayload {v:?} is not true or false"),
-            ))
-        }
-    };
+    let raw = raw_flag(&metadata)?;
+    Ok((metadata, raw))
+}
+
+fn raw_flag(metadata: &BTreeMap<String, String>) -> Result<bool, ApiError> {
+    match metadata.get(RAW_PAYLOAD).map(String::as_str) {
+        None => Ok(false),
+        Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
+        Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
+        Some(v) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "ERR_PUBSUB_REQUEST_METADATA",
+            format!("failed deserializing metadata: rawPayload {v:?} is not true or false"),
+        )),
+    }
+}
+
+impl Target {
+    /// The message for one payload: enveloped unless raw or already a
+    /// CloudEvent.
+    fn message(
+        &self,
+        raw: bool,
+        mut metadata: BTreeMap<String, String>,
+        content_type: &str,
+        traceparent: &str,
+        body: Bytes,
+    ) -> Result<nodeplane_pubsub::Message, ApiError> {
+        let (id, data, content_type) = if raw {
+            metadata.insert(RAW_PAYLOAD.into(), "true".into());
+            (new_id(), body, content_type.to_string())
+        } else {
+            let event = if mime(content_type) == CLOUDEVENT_CONTENT_TYPE {
+                given_event(&body, &self.name, &self.topic, traceparent)?
+            } else {
+                envelope(
+                    &Envelope {
+                        id: new_id(),
+                        source: self.app.clone(),
+                        pubsub: self.name.clone(),
+                        topic: self.topic.clone(),
+                        traceparent: traceparent.to_string(),
+                    },
+                    content_type,
+                    &body,
+                )
+            };
+            let id = event["id"].as_str().unwrap_or_default().to_string();
+            let data = Bytes::from(event.to_string());
+            (id, data, CLOUDEVENT_CONTENT_TYPE.to_string())
+        };
+        Ok(nodeplane_pubsub::Message {
+            id,
+            topic: self.topic.clone(),
+            data,
+            content_type,
+            metadata,
+        })
+    }
+
+    async fn send(&self, msg: nodeplane_pubsub::Message) -> Result<(), String> {
+        self.comp.broker.publish(msg).await.map_err(|e| {
+            format!(
+                "error when publishing to topic {} in pubsub {}: {e}",
+                self.topic, self.name
+            )
+        })
+    }
+}
+
+fn content_type_and_trace(req: &Request<Incoming>) -> (String, String) {
     let content_type = req
         .headers()
         .get(http::header::CONTENT_TYPE)
@@ -114,52 +197,126 @@ async fn publish(
             .get("traceparent")
             .and_then(|v| v.to_str().ok()),
     );
-    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
+    (content_type, traceparent)
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    Ok(http_body_util::Limited::new(req.into_body(), MAX_BODY)
         .collect()
         .await
         .map_err(|e| ApiError::malformed(format!("failed reading the request body: {e}")))?
-        .to_bytes();
+        .to_bytes())
+}
 
-    let (id, data, content_type) = if raw {
-        metadata.insert(RAW_PAYLOAD.into(), "true".into());
-        (new_id(), body, content_type)
-    } else {
-        let event = if mime(&content_type) == CLOUDEVENT_CONTENT_TYPE {
-            given_event(&body, &name, &topic, &traceparent)?
-        } else {
-            envelope(
-                &Envelope {
-                    id: new_id(),
-                    source: app.to_string(),
-                    pubsub: name.clone(),
-                    topic: topic.clone(),
-                    traceparent,
-                },
-                &content_type,
-                &body,
-            )
-        };
-        let id = event["id"].as_str().unwrap_or_default().to_string();
-        let data = Bytes::from(event.to_string());
-        (id, data, CLOUDEVENT_CONTENT_TYPE.to_string())
-    };
-    comp.broker
-        .publish(nodeplane_pubsub::Message {
-            id,
-            topic: topic.clone(),
-            data,
-            content_type,
-            metadata,
-        })
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "ERR_PUBSUB_PUBLISH_MESSAGE",
-                format!("error when publishing to topic {topic} in pubsub {name}: {e}"),
-            )
-        })?;
+async fn publish(
+    rt: &Runtime,
+    caller: &Caller,
+    tail: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    if req.method() != Method::POST && req.method() != Method::PUT {
+        return Err(ApiError::not_found(req.uri().path()));
+    }
+    let t = target(rt, caller, tail)?;
+    let (metadata, raw) = query_metadata(req.uri().query())?;
+    let (content_type, traceparent) = content_type_and_trace(&req);
+    let body = read_body(req).await?;
+    let msg = t.message(raw, metadata, &content_type, &traceparent, body)?;
+    t.send(msg).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ERR_PUBSUB_PUBLISH_MESSAGE",
+            e,
+        )
+    })?;
     Ok(dapr::no_content())
+}
+
+/// One entry of a bulk publish.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BulkEntry {
+    #[serde(default)]
+    entry_id: String,
+    event: Value,
+    #[serde(default)]
+    content_type: String,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+}
+
+/// Bulk publish (Dapr's alpha API): every entry is published; 204 when
+/// all were, else 500 with the failed entries' ids.
+async fn bulk(
+    rt: &Runtime,
+    caller: &Caller,
+    tail: &str,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    if req.method() != Method::POST && req.method() != Method::PUT {
+        return Err(ApiError::not_found(req.uri().path()));
+    }
+    let t = target(rt, caller, tail)?;
+    let (metadata, raw) = query_metadata(req.uri().query())?;
+    let (_, traceparent) = content_type_and_trace(&req);
+    let body = read_body(req).await?;
+    let ser = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "ERR_PUBSUB_EVENTS_SER", m);
+    let entries: Vec<BulkEntry> = serde_json::from_slice(&body).map_err(|e| {
+        ser(format!(
+            "error when unmarshaling the request for topic {}: {e}",
+            t.topic
+        ))
+    })?;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut msgs = Vec::new();
+    for e in entries {
+        if e.entry_id.is_empty() || !ids.insert(e.entry_id.clone()) {
+            return Err(ser(format!(
+                "error: entryId is duplicated or not present for entry {:?}",
+                e.entry_id
+            )));
+        }
+        let content_type = if e.content_type.is_empty() {
+            "application/json".to_string()
+        } else {
+            e.content_type.clone()
+        };
+        let payload = match (&e.event, mime(&content_type).as_str()) {
+            (Value::String(s), m) if m != "application/json" && !m.ends_with("+json") => {
+                Bytes::from(s.clone())
+            }
+            (v, _) => Bytes::from(v.to_string()),
+        };
+        let mut md = metadata.clone();
+        md.extend(e.metadata.clone());
+        let raw = raw || raw_flag(&e.metadata)?;
+        msgs.push((
+            e.entry_id,
+            t.message(raw, md, &content_type, &traceparent, payload)?,
+        ));
+    }
+    // Concurrently: the broker batches them (the embedded log fsyncs
+    // them together).
+    let results = futures::future::join_all(
+        msgs.into_iter()
+            .map(|(id, m)| async { (id, t.send(m).await) }),
+    )
+    .await;
+    let failed: Vec<Value> = results
+        .into_iter()
+        .filter_map(|(id, r)| r.err().map(|e| json!({"entryId": id, "error": e})))
+        .collect();
+    if failed.is_empty() {
+        return Ok(dapr::no_content());
+    }
+    let body = json!({
+        "failedEntries": failed,
+        "errorCode": "ERR_PUBSUB_PUBLISH_MESSAGE",
+    });
+    Ok(dapr::json_response(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        body.to_string().into(),
+    ))
 }
 
 /// The media type without parameters, lower case.

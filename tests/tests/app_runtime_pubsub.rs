@@ -396,6 +396,46 @@ scopes: [dec]
     let ev = body_json(of(&d, "/sub/orders", "r2")[0]);
     assert_eq!(ev["data"]["key"], "r2", "{ev}");
 
+    // Bulk publish (alpha API): every entry, JSON or CloudEvent.
+    let entries = json!([
+        {"entryId": "1", "event": {"key": "bulk1"}, "contentType": "application/json"},
+        {"entryId": "2", "event": {"key": "bulk2"}, "contentType": "application/json",
+         "metadata": {"x": "y"}},
+        {"entryId": "3", "contentType": "application/cloudevents+json",
+         "event": {"specversion": "1.0", "id": "bulk-ce", "type": "shop.bulk", "source": "s",
+                   "datacontenttype": "application/json", "data": {"key": "bulk3"}}},
+    ]);
+    let r = publish(
+        publisher,
+        "/v1.0-alpha1/publish/bulk/fast/orders",
+        "application/json",
+        entries.to_string().as_bytes(),
+    );
+    assert_eq!(r.status(), 204, "{}", r.text());
+    wait_deliveries(&w, sub, "bulk to sub", |d| {
+        ["bulk1", "bulk2", "bulk3"]
+            .iter()
+            .all(|k| of(d, "/sub/orders", k).len() == 1)
+    });
+    wait_deliveries(&w, dec, "bulk to dec", |d| {
+        of(d, "/sub/typed", "bulk1").len() == 1
+            && of(d, "/sub/typed", "bulk2").len() == 1
+            && of(d, "/sub/dec", "bulk3").len() == 1
+    });
+    let dup = json!([{"entryId": "1", "event": 1}, {"entryId": "1", "event": 2}]);
+    let r = publish(
+        publisher,
+        "/v1.0-alpha1/publish/bulk/fast/orders",
+        "application/json",
+        dup.to_string().as_bytes(),
+    );
+    assert_eq!(
+        (r.status(), r.json()["errorCode"].clone()),
+        (400, json!("ERR_PUBSUB_EVENTS_SER")),
+        "{}",
+        r.text()
+    );
+
     // Errors with Dapr's codes and statuses.
     let r = publish(
         publisher,
