@@ -320,6 +320,7 @@ async fn subscription(
         app,
         spec,
         comp,
+        next: std::sync::atomic::AtomicUsize::new(0),
     });
     loop {
         let permit = tokio::select! {
@@ -360,6 +361,8 @@ struct Ctx {
     app: String,
     spec: SubscriptionSpec,
     comp: PubSubComponent,
+    /// Round-robin position over the app's local pods.
+    next: std::sync::atomic::AtomicUsize,
 }
 
 /// How the app took a delivery.
@@ -461,13 +464,18 @@ impl Ctx {
             return Outcome::Drop("no routing rule matches and there is no default route".into());
         };
         let dir = self.rt.directory();
-        let Some(pod) = dir
+        let mut local: Vec<Arc<AppPod>> = dir
             .endpoints(&self.ns, &self.app)
             .into_iter()
-            .find(|p| p.local)
-        else {
+            .filter(|p| p.local)
+            .collect();
+        if local.is_empty() {
             return Outcome::Retry("no ready pod of the app on this node".into());
-        };
+        }
+        // Round robin over this node's pods, in a stable order.
+        local.sort_by(|a, b| a.name.cmp(&b.name));
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let pod = local[turn % local.len()].clone();
         let Some(addr) = endpoint(&pod) else {
             return Outcome::Retry(format!("pod {} has no address", pod.key()));
         };

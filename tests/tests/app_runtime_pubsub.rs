@@ -670,9 +670,10 @@ fn pods_of_one_app_id_share_its_messages_each_message_once_per_app() {
     want.sort();
     assert_eq!(all, want, "each message once to the app");
     assert_eq!(keys(&solo), want, "and once to the other app");
+    // Round robin over the node's pods of the app: an even share.
     assert!(
-        !a.is_empty() && !b.is_empty(),
-        "both pods of the app get some: {} / {}",
+        a.len().abs_diff(b.len()) <= 2,
+        "both pods of the app get a share: {} / {}",
         a.len(),
         b.len()
     );
