@@ -1038,7 +1038,7 @@ fn pods_of_one_app_on_two_nodes_compete_through_a_shared_redis() {
 }
 
 #[test]
-fn a_changed_component_is_reopened_and_a_removed_subscription_stops() {
+fn a_changed_component_is_reopened_and_a_removed_subscription_or_pod_stops_delivery() {
     let subs = json!([{"pubsubname": "fast", "topic": "a", "route": "/sub/a"}]);
     let declared = "apiVersion: dapr.io/v2alpha1
 kind: Subscription
@@ -1118,4 +1118,41 @@ scopes: [dec]
     let d = deliveries(w.pod("dec"));
     assert!(of(&d, "/sub/b", "b2").is_empty(), "{d:#?}");
     assert_eq!(of(&deliveries(w.pod("sub")), "/sub/a", "a1").len(), 1);
+
+    // The app's last pod goes from the cluster: its subscription stops.
+    // The group stays at the broker, so what is published meanwhile
+    // reaches the app when a pod of it is back.
+    let without_sub: String = w
+        .cluster
+        .split_inclusive("---\n")
+        .filter(|d| !d.contains("name: sub,"))
+        .collect();
+    assert_ne!(without_sub, w.cluster);
+    let changed = FAST.replace("value: \"3\"", "value: \"4\"");
+    w.agent.apply(&[
+        ("cluster.yaml", without_sub),
+        ("extra.yaml", changed.clone()),
+    ]);
+    let start = Instant::now();
+    while w.pod("sub").call("GET", "/v1.0/metadata", &[], b"").json()["extended"]["caller"]
+        == "pod shop/sub"
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "pod sub still known"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    publish_ok(w.pod("pub"), "fast", "a", json!({"key": "a3"}));
+    std::thread::sleep(Duration::from_secs(1));
+    let d = deliveries(w.pod("sub"));
+    assert!(
+        of(&d, "/sub/a", "a3").is_empty(),
+        "delivered to a pod that is gone: {d:#?}"
+    );
+    w.agent
+        .apply(&[("cluster.yaml", w.cluster.clone()), ("extra.yaml", changed)]);
+    wait_deliveries(&w, w.pod("sub"), "a3 once the pod is back", |d| {
+        of(d, "/sub/a", "a3").len() == 1
+    });
 }
