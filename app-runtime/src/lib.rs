@@ -276,7 +276,7 @@ impl Runtime {
                     "topic": s.topic,
                     "deadLetterTopic": s.dead_letter.clone().unwrap_or_default(),
                     "metadata": if s.raw { serde_json::json!({"rawPayload": "true"}) } else { serde_json::json!({}) },
-                    "rules": s.routes.rules.iter().map(|r| serde_json::json!({"path": r.path})).chain(
+                    "rules": s.routes.rules.iter().map(|r| serde_json::json!({"match": r.text, "path": r.path})).chain(
                         s.routes.default.iter().map(|d| serde_json::json!({"match": "", "path": d}))
                     ).collect::<Vec<_>>(),
                     "type": if *declarative { "DECLARATIVE" } else { "PROGRAMMATIC" },

@@ -190,7 +190,8 @@ fn content_type_and_trace(req: &Request<Incoming>) -> (String, String) {
         .headers()
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json")
+        // Dapr's default data content type.
+        .unwrap_or("text/plain")
         .to_string();
     let traceparent = crate::trace::next(
         req.headers()

@@ -37,6 +37,8 @@ pub struct Routes {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
+    /// The expression as written (for `/v1.0/metadata`).
+    pub text: String,
     pub matches: Vec<Test>,
     pub path: String,
 }
@@ -87,6 +89,7 @@ impl SubscriptionSpec {
                     .filter(|p| !p.trim().is_empty())
                     .ok_or_else(|| format!("topic {topic}: a routes rule has no path"))?;
                 routes.rules.push(Rule {
+                    text: m.trim().to_string(),
                     matches: parse_match(m).map_err(|e| format!("topic {topic}: {e}"))?,
                     path: path(p.trim()),
                 });

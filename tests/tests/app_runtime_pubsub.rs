@@ -266,6 +266,18 @@ scopes: [dec]
     assert!(got.iter().all(|s| s["type"] == "PROGRAMMATIC"), "{got:?}");
     let got = w.wait_subscribed("dec", 2);
     assert!(got.iter().all(|s| s["type"] == "DECLARATIVE"), "{got:?}");
+    let orders = got
+        .iter()
+        .find(|s| s["topic"] == "orders")
+        .expect("dec's orders subscription");
+    assert_eq!(
+        orders["rules"],
+        json!([
+            {"match": "event.type == \"com.dapr.event.sent\"", "path": "/sub/typed"},
+            {"match": "", "path": "/sub/dec"},
+        ]),
+        "{orders}"
+    );
     let (publisher, sub, dec) = (w.pod("pub"), w.pod("sub"), w.pod("dec"));
 
     // Metadata lists the default and the configured pub/subs.
