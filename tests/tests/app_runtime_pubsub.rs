@@ -934,11 +934,20 @@ fn pods_of_one_app_on_two_nodes_compete_through_a_shared_redis() {
     let publisher = AppPod::add(&node1, "shop", "pub");
     let w1 = AppPod::add_with(&node1, "shop", "w1", &env);
     let w2 = AppPod::add_with(&node2, "shop", "w2", &env);
+    // Another app on node 2: it gets every message.
+    let audit = AppPod::add_with(&node2, "shop", "audit", &env);
     let status = |node: &str, host: &str, ip: &str| {
         format!("spec: {{nodeName: {node}, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, hostIP: {host}, podIP: {ip}, podIPs: [{{ip: {ip}}}]}}\n")
     };
     let cluster = format!(
-        "{NS}{}{}{}",
+        "{NS}{}{}{}{}",
+        apps::pod_yaml(
+            "shop",
+            "audit",
+            Some("audit"),
+            "",
+            &status("node2", U2, &audit.ip)
+        ),
         apps::pod_yaml(
             "shop",
             "pub",
@@ -968,7 +977,7 @@ fn pods_of_one_app_on_two_nodes_compete_through_a_shared_redis() {
     agent1.apply(&[("cluster.yaml", cluster.clone()), ("bus.yaml", bus.clone())]);
     agent2.apply(&[("cluster.yaml", cluster), ("bus.yaml", bus)]);
     let start = Instant::now();
-    for (p, agent) in [(&w1, &agent1), (&w2, &agent2)] {
+    for (p, agent) in [(&w1, &agent1), (&w2, &agent2), (&audit, &agent2)] {
         loop {
             let m = p.call("GET", "/v1.0/metadata", &[], b"").json();
             if m["subscriptions"].as_array().is_some_and(|s| s.len() == 1) {
@@ -1040,6 +1049,25 @@ fn pods_of_one_app_on_two_nodes_compete_through_a_shared_redis() {
         keys, want,
         "each message once to the app, across both nodes"
     );
+    let start = Instant::now();
+    let audited = loop {
+        let d = deliveries(&audit);
+        if d.len() >= n {
+            break d;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "audit got {} of {n}",
+            d.len()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut audited: Vec<String> = audited
+        .iter()
+        .filter_map(|v| v["key"].as_str().map(str::to_string))
+        .collect();
+    audited.sort();
+    assert_eq!(audited, want, "every message to the other app on node 2");
     assert!(
         !a.is_empty() && !b.is_empty(),
         "both nodes' pods get some: {} on node 1, {} on node 2",
