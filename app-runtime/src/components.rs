@@ -26,6 +26,11 @@ use crate::{Error, Result};
 /// name, backed by the embedded store under the agent's state directory.
 pub const DEFAULT_STORE: &str = "statestore";
 
+/// The pub/sub every app gets without any component (Dapr's usual name),
+/// an embedded log under the agent's state directory; held back like
+/// [`DEFAULT_STORE`] while the API's list is incomplete.
+pub const DEFAULT_PUBSUB: &str = "pubsub";
+
 /// How keys of a store are scoped (metadata `keyPrefix`, as in Dapr).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyPrefix {
@@ -83,6 +88,49 @@ impl StateComponent {
     }
 }
 
+/// One pub/sub component in service.
+#[derive(Debug, Clone)]
+pub struct PubSubComponent {
+    pub spec: nodeplane_pubsub::ComponentSpec,
+    pub namespace: Option<String>,
+    pub scopes: Vec<String>,
+    /// Topic scoping read from the metadata (`allowedTopics`,
+    /// `publishingScopes`, `subscriptionScopes`).
+    pub topics: crate::subscriptions::TopicScopes,
+    /// Delivery retries read from the metadata.
+    pub retry: crate::subscriptions::RetryPolicy,
+    pub broker: Arc<dyn nodeplane_pubsub::Broker>,
+}
+
+impl PubSubComponent {
+    pub fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
+        let ns_ok = self
+            .namespace
+            .as_deref()
+            .is_none_or(|n| Some(n) == namespace);
+        let scope_ok =
+            self.scopes.is_empty() || app.is_some_and(|a| self.scopes.iter().any(|s| s == a));
+        ns_ok && scope_ok
+    }
+}
+
+/// A `kind: Subscription` document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeclaredSubscription {
+    pub name: String,
+    pub namespace: Option<String>,
+    /// `scopes`: the app ids it applies to (empty: every app).
+    pub scopes: Vec<String>,
+    pub spec: crate::subscriptions::SubscriptionSpec,
+}
+
+impl DeclaredSubscription {
+    pub fn applies_to(&self, app: &str, namespace: &str) -> bool {
+        self.namespace.as_deref().is_none_or(|n| n == namespace)
+            && (self.scopes.is_empty() || self.scopes.iter().any(|s| s == app))
+    }
+}
+
 /// What the manifests currently configure.
 ///
 /// Both maps are keyed by [`key`]: `name` for a definition without a
@@ -95,10 +143,18 @@ impl StateComponent {
 #[derive(Debug, Default)]
 pub struct Registry {
     pub stores: BTreeMap<String, StateComponent>,
+    /// Pub/sub components, keyed like `stores`.
+    pub pubsubs: BTreeMap<String, PubSubComponent>,
+    /// Declarative subscriptions, in document order.
+    pub subscriptions: Vec<DeclaredSubscription>,
     /// Configuration key → its access control.
     pub configs: BTreeMap<String, AccessControl>,
     /// Problems of the last read (file, document, what is wrong).
     pub errors: Vec<String>,
+    /// A store or broker could not be opened (a server down, an embedded
+    /// file still held by the instance it replaces): the reader tries
+    /// again after [`REOPEN_AFTER`] even when nothing changed.
+    pub open_failed: bool,
 }
 
 /// A definition's key in [`Registry`]'s maps. Kubernetes names never hold
@@ -139,6 +195,37 @@ impl Registry {
             .collect()
     }
 
+    /// The pub/sub `name` as an app sees it (same rules as [`Registry::store`]).
+    pub fn pubsub(
+        &self,
+        name: &str,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Option<&PubSubComponent> {
+        let own = namespace.and_then(|ns| self.pubsubs.get(&key(Some(ns), name)));
+        own.or_else(|| self.pubsubs.get(name))
+            .filter(|c| c.visible_to(app, namespace))
+    }
+
+    /// Every pub/sub an app sees, by name.
+    pub fn visible_pubsubs(
+        &self,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Vec<&PubSubComponent> {
+        let mut names: Vec<&str> = self
+            .pubsubs
+            .values()
+            .map(|c| c.spec.name.as_str())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+            .into_iter()
+            .filter_map(|n| self.pubsub(n, app, namespace))
+            .collect()
+    }
+
     /// The names of the Configurations an app of `namespace` can use.
     pub fn config_names(&self, namespace: &str) -> Vec<&str> {
         let mut v: Vec<&str> = self
@@ -170,6 +257,12 @@ enum Doc {
         namespace: Option<String>,
         scopes: Vec<String>,
     },
+    PubSub {
+        spec: nodeplane_pubsub::ComponentSpec,
+        namespace: Option<String>,
+        scopes: Vec<String>,
+    },
+    Subscription(DeclaredSubscription),
     Config {
         name: String,
         namespace: Option<String>,
@@ -235,8 +328,9 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                 .pointer("/spec/type")
                 .and_then(Value::as_str)
                 .ok_or_else(|| format!("Component {name} has no spec.type (e.g. state.redis)"))?;
-            if !kind_s.starts_with("state.") {
-                // pub/sub, bindings, secrets: a later part of the runtime.
+            let is_pubsub = kind_s.starts_with("pubsub.");
+            if !kind_s.starts_with("state.") && !is_pubsub {
+                // bindings, secrets: a later part of the runtime.
                 return Ok(None);
             }
             let mut metadata = BTreeMap::new();
@@ -266,20 +360,46 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                         .collect()
                 })
                 .unwrap_or_default();
+            let version = v
+                .pointer("/spec/version")
+                .and_then(Value::as_str)
+                .unwrap_or("v1")
+                .to_string();
+            if is_pubsub {
+                return Ok(Some(Doc::PubSub {
+                    spec: nodeplane_pubsub::ComponentSpec {
+                        name: name.clone(),
+                        kind: kind_s.to_string(),
+                        version,
+                        metadata,
+                    },
+                    namespace: namespace(v),
+                    scopes,
+                }));
+            }
             Ok(Some(Doc::State {
                 spec: ComponentSpec {
                     name: name.clone(),
                     kind: kind_s.to_string(),
-                    version: v
-                        .pointer("/spec/version")
-                        .and_then(Value::as_str)
-                        .unwrap_or("v1")
-                        .to_string(),
+                    version,
                     metadata,
                 },
                 namespace: namespace(v),
                 scopes,
             }))
+        }
+        "Subscription" => {
+            let spec = v
+                .get("spec")
+                .ok_or_else(|| format!("Subscription {name} has no spec"))?;
+            let spec = crate::subscriptions::SubscriptionSpec::parse(spec)
+                .map_err(|e| format!("Subscription {name}: {e}"))?;
+            Ok(Some(Doc::Subscription(DeclaredSubscription {
+                name,
+                namespace: namespace(v),
+                scopes: strings(v.get("scopes")),
+                spec,
+            })))
         }
         "Configuration" => {
             let acl = match v.pointer("/spec/accessControl") {
@@ -295,6 +415,17 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
         }
         _ => Ok(None),
     }
+}
+
+fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn namespace(v: &Value) -> Option<String> {
@@ -393,29 +524,48 @@ pub async fn reload(
             },
         ));
     }
+    if default_store
+        && !docs.iter().any(
+            |(_, d)| matches!(d, Doc::PubSub { spec, namespace: None, .. } if spec.name == DEFAULT_PUBSUB),
+        )
+    {
+        docs.push((
+            "the default pub/sub".into(),
+            Doc::PubSub {
+                spec: nodeplane_pubsub::ComponentSpec {
+                    name: DEFAULT_PUBSUB.into(),
+                    kind: "pubsub.embedded".into(),
+                    version: "v1".into(),
+                    metadata: BTreeMap::new(),
+                },
+                namespace: None,
+                scopes: Vec::new(),
+            },
+        ));
+    }
     // Where each key was first defined, for the "defined twice" message.
-    let mut first: BTreeMap<(bool, String), String> = BTreeMap::new();
+    // Components of every type share one name space, as in Dapr.
+    let mut first: BTreeMap<(&str, String), String> = BTreeMap::new();
     docs.retain(|(at, d)| {
-        let (is_store, name) = match d {
+        let (what, name) = match d {
             Doc::State {
                 spec, namespace, ..
-            } => (true, key(namespace.as_deref(), &spec.name)),
+            } => ("component", key(namespace.as_deref(), &spec.name)),
+            Doc::PubSub {
+                spec, namespace, ..
+            } => ("component", key(namespace.as_deref(), &spec.name)),
+            Doc::Subscription(s) => ("subscription", key(s.namespace.as_deref(), &s.name)),
             Doc::Config {
                 name, namespace, ..
-            } => (false, key(namespace.as_deref(), name)),
+            } => ("configuration", key(namespace.as_deref(), name)),
         };
-        if let Some(used) = first.get(&(is_store, name.clone())) {
-            let what = if is_store {
-                "component"
-            } else {
-                "configuration"
-            };
+        if let Some(used) = first.get(&(what, name.clone())) {
             errors.push(format!(
                 "{at}: {what} {name} is defined twice; the first definition ({used}) is used"
             ));
             return false;
         }
-        first.insert((is_store, name.clone()), at.clone());
+        first.insert((what, name.clone()), at.clone());
         true
     });
 
@@ -426,24 +576,46 @@ pub async fn reload(
             .get(&key(ns.as_deref(), &spec.name))
             .is_some_and(|old| old.spec != *spec)
     };
-    if docs.iter().any(
-        |(_, d)| matches!(d, Doc::State { spec, namespace, .. } if changed(&prev, namespace, spec)),
-    ) {
+    let changed_pubsub =
+        |prev: &Registry, ns: &Option<String>, spec: &nodeplane_pubsub::ComponentSpec| {
+            prev.pubsubs
+                .get(&key(ns.as_deref(), &spec.name))
+                .is_some_and(|old| old.spec != *spec)
+        };
+    if docs.iter().any(|(_, d)| match d {
+        Doc::State {
+            spec, namespace, ..
+        } => changed(&prev, namespace, spec),
+        Doc::PubSub {
+            spec, namespace, ..
+        } => changed_pubsub(&prev, namespace, spec),
+        _ => false,
+    }) {
         let mut interim = Registry {
             stores: prev.stores.clone(),
+            pubsubs: prev.pubsubs.clone(),
+            subscriptions: prev.subscriptions.clone(),
             configs: prev.configs.clone(),
             errors: prev.errors.clone(),
+            open_failed: prev.open_failed,
         };
         for (_, d) in &docs {
-            if let Doc::State {
-                spec, namespace, ..
-            } = d
-            {
-                if changed(&prev, namespace, spec) {
+            match d {
+                Doc::State {
+                    spec, namespace, ..
+                } if changed(&prev, namespace, spec) => {
                     interim
                         .stores
                         .remove(&key(namespace.as_deref(), &spec.name));
                 }
+                Doc::PubSub {
+                    spec, namespace, ..
+                } if changed_pubsub(&prev, namespace, spec) => {
+                    interim
+                        .pubsubs
+                        .remove(&key(namespace.as_deref(), &spec.name));
+                }
+                _ => {}
             }
         }
         *target.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(interim);
@@ -456,6 +628,47 @@ pub async fn reload(
     };
     for (_, d) in docs {
         match d {
+            Doc::Subscription(s) => reg.subscriptions.push(s),
+            Doc::PubSub {
+                spec,
+                namespace,
+                scopes,
+            } => {
+                let k = key(namespace.as_deref(), &spec.name);
+                let dir = store_dir(state_dir, namespace.as_deref());
+                let (topics, retry) = match (
+                    crate::subscriptions::TopicScopes::parse(&spec.metadata),
+                    crate::subscriptions::RetryPolicy::parse(&spec.metadata),
+                ) {
+                    (Ok(t), Ok(r)) => (t, r),
+                    (Err(e), _) | (_, Err(e)) => {
+                        reg.errors.push(format!("component {}: {e}", spec.name));
+                        continue;
+                    }
+                };
+                let broker = match prev.pubsubs.get(&k) {
+                    Some(old) if old.spec == spec => old.broker.clone(),
+                    _ => match open_broker(&spec, &dir).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            reg.errors.push(format!("component {}: {e}", spec.name));
+                            reg.open_failed |= !matches!(e, nodeplane_pubsub::Error::Config(_));
+                            continue;
+                        }
+                    },
+                };
+                reg.pubsubs.insert(
+                    k,
+                    PubSubComponent {
+                        spec,
+                        namespace,
+                        scopes,
+                        topics,
+                        retry,
+                        broker,
+                    },
+                );
+            }
             Doc::Config {
                 name,
                 namespace,
@@ -476,6 +689,9 @@ pub async fn reload(
                         Ok(s) => s,
                         Err(e) => {
                             reg.errors.push(format!("component {}: {e}", spec.name));
+                            // A configuration error stays one until the
+                            // manifest changes; anything else may pass.
+                            reg.open_failed |= !matches!(e, nodeplane_state::Error::Config(_));
                             continue;
                         }
                     },
@@ -501,6 +717,32 @@ pub async fn reload(
     let reg = Arc::new(reg);
     *target.write().unwrap_or_else(|e| e.into_inner()) = reg.clone();
     reg
+}
+
+/// Opens a broker; an embedded one whose previous instance is still
+/// closing (its deliveries' last users) finds its directory locked for a
+/// moment, so the open is tried a few times (and again by [`watch`] after
+/// [`REOPEN_AFTER`]).
+async fn open_broker(
+    spec: &nodeplane_pubsub::ComponentSpec,
+    dir: &Path,
+) -> std::result::Result<Arc<dyn nodeplane_pubsub::Broker>, nodeplane_pubsub::Error> {
+    let mut tries = 0;
+    loop {
+        match nodeplane_pubsub::open(spec, dir).await {
+            Ok(b) => return Ok(b),
+            Err(e)
+                if tries < 5
+                    && spec.kind == "pubsub.embedded"
+                    && !matches!(e, nodeplane_pubsub::Error::Config(_)) =>
+            {
+                tries += 1;
+                tracing::debug!(error = %e, "embedded pub/sub busy; trying again");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// The Kubernetes API's `dapr.io/v1alpha1` Components and Configurations
@@ -532,6 +774,9 @@ pub struct Sources {
     pub api: Option<tokio::sync::watch::Receiver<ApiComponents>>,
 }
 
+/// How soon components that failed to open are tried again.
+pub const REOPEN_AFTER: Duration = Duration::from_secs(3);
+
 /// How long the first read waits for the API to answer before the runtime
 /// serves without its components (a list request has no timeout: an API
 /// server that accepts and never answers would otherwise hold readiness,
@@ -559,6 +804,8 @@ pub async fn watch(
     let mut seen: Option<Vec<Stamp>> = None;
     // (settled, complete, documents) of the API at the last read.
     let mut seen_api: Option<(bool, bool, Vec<Labelled>)> = None;
+    // When to read again although nothing changed (an open failed).
+    let mut reopen_at: Option<tokio::time::Instant> = None;
     loop {
         let now = dir.as_deref().map(stamps).unwrap_or_default();
         // Whether the API has answered (or been waited for long enough),
@@ -577,7 +824,8 @@ pub async fn watch(
                 )
             }
         };
-        if api_ready && (fresh.is_some() || seen.as_ref() != Some(&now)) {
+        let reopen = reopen_at.is_some_and(|t| t <= tokio::time::Instant::now());
+        if api_ready && (fresh.is_some() || seen.as_ref() != Some(&now) || reopen) {
             if fresh.is_some() {
                 seen_api = fresh;
             }
@@ -590,7 +838,7 @@ pub async fn watch(
                 if !complete {
                     default_store = false;
                     errors.push(format!(
-                        "{DEFAULT_STORE} (the embedded default) is held back until the Kubernetes API has listed the Dapr Components: the cluster may define its own"
+                        "{DEFAULT_STORE} and {DEFAULT_PUBSUB} (the embedded defaults) are held back until the Kubernetes API has listed the Dapr Components: the cluster may define its own"
                     ));
                 }
                 if !settled {
@@ -604,11 +852,16 @@ pub async fn watch(
             let next = reload(&target, docs, errors, &state_dir, default_store).await;
             tracing::info!(
                 stores = next.stores.len(),
+                pubsubs = next.pubsubs.len(),
+                subscriptions = next.subscriptions.len(),
                 configurations = next.configs.len(),
                 errors = next.errors.len(),
                 "app runtime components loaded"
             );
             seen = Some(now);
+            reopen_at = next
+                .open_failed
+                .then(|| tokio::time::Instant::now() + REOPEN_AFTER);
             if let Some(tx) = loaded.take() {
                 let _ = tx.send(());
             }
@@ -684,7 +937,7 @@ spec: {type: state.redis}
             errors[0].contains("document 5") && errors[0].contains("metadata.name"),
             "{errors:?}"
         );
-        assert_eq!(docs.len(), 2, "{docs:?}");
+        assert_eq!(docs.len(), 3, "{docs:?}");
         match &docs[0] {
             Doc::State {
                 spec,
@@ -704,7 +957,10 @@ spec: {type: state.redis}
             other => panic!("{other:?}"),
         }
         assert!(
-            matches!(&docs[1], Doc::Config { name, acl, .. } if name == "acl" && acl.policies.len() == 1)
+            matches!(&docs[1], Doc::PubSub { spec, .. } if spec.name == "bus" && spec.kind == "pubsub.redis")
+        );
+        assert!(
+            matches!(&docs[2], Doc::Config { name, acl, .. } if name == "acl" && acl.policies.len() == 1)
         );
     }
 
@@ -878,6 +1134,57 @@ spec: {type: state.redis}
         assert!(of("b").store.get("k").await.expect("get").is_none());
         assert_eq!(of("c").namespace, None, "other namespaces keep the default");
         assert!(of("c").store.get("k").await.expect("get").is_none());
+    }
+
+    #[tokio::test]
+    async fn pubsubs_and_subscriptions_follow_the_namespace_rules() {
+        let state = TempDir::new("pubsub");
+        let docs = vec![
+            api_component("a", DEFAULT_PUBSUB, "pubsub.embedded", Value::Null),
+            api_component(
+                "a",
+                "bad",
+                "pubsub.embedded",
+                serde_json::json!([{"name": "nope", "value": "1"}]),
+            ),
+            (
+                "API Subscription a/s".into(),
+                serde_json::json!({
+                    "apiVersion": "dapr.io/v2alpha1", "kind": "Subscription",
+                    "metadata": {"name": "s", "namespace": "a"},
+                    "spec": {"pubsubname": "pubsub", "topic": "t", "routes": {"default": "/t"}},
+                    "scopes": ["app"],
+                }),
+            ),
+        ];
+        let target = empty();
+        let reg = reload(&target, docs.clone(), Vec::new(), &state.0, true).await;
+        assert_eq!(
+            reg.pubsubs.keys().collect::<Vec<_>>(),
+            ["a/pubsub", DEFAULT_PUBSUB]
+        );
+        assert_eq!(reg.errors.len(), 1, "{:?}", reg.errors);
+        assert!(reg.errors[0].contains("nope"), "{:?}", reg.errors);
+        let a = reg
+            .pubsub(DEFAULT_PUBSUB, Some("app"), Some("a"))
+            .expect("a's");
+        assert_eq!(a.namespace.as_deref(), Some("a"));
+        let other = reg
+            .pubsub(DEFAULT_PUBSUB, Some("app"), Some("b"))
+            .expect("default");
+        assert_eq!(other.namespace, None);
+        assert!(state.0.join("namespaces/a/pubsub.pubsub").is_dir());
+        assert_eq!(reg.subscriptions.len(), 1);
+        assert!(reg.subscriptions[0].applies_to("app", "a"));
+        assert!(!reg.subscriptions[0].applies_to("other", "a"));
+        assert!(!reg.subscriptions[0].applies_to("app", "b"));
+        // Unchanged: the same broker; without the default, none.
+        let again = reload(&target, docs, Vec::new(), &state.0, false).await;
+        assert!(Arc::ptr_eq(
+            &reg.pubsubs["a/pubsub"].broker,
+            &again.pubsubs["a/pubsub"].broker
+        ));
+        assert_eq!(again.pubsubs.keys().collect::<Vec<_>>(), ["a/pubsub"]);
     }
 
     #[tokio::test]

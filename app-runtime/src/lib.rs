@@ -6,12 +6,17 @@
 //!   or socket peer credentials), never from a header.
 //! - [`invoke`]: service invocation; [`state_api`]: the state API over
 //!   [`nodeplane_state`] stores; [`acl`]: Dapr access control.
+//! - [`pubsub_api`]: publishing; [`subscriptions`] and [`delivery`]:
+//!   what apps subscribe to and delivering to them, over
+//!   [`nodeplane_pubsub`] brokers.
 //! - [`directory`]: pods and app ids (fed by the agent's model);
-//!   [`components`]: Dapr Component / Configuration manifests.
+//!   [`components`]: Dapr Component / Configuration / Subscription
+//!   manifests.
 
 pub mod acl;
 pub mod components;
 pub mod dapr;
+pub mod delivery;
 pub mod directory;
 mod error;
 pub mod invoke;
@@ -19,8 +24,10 @@ pub mod mesh;
 pub mod metrics;
 pub mod peer;
 pub mod pool;
+pub mod pubsub_api;
 pub mod server;
 pub mod state_api;
+pub mod subscriptions;
 pub mod trace;
 
 use std::path::PathBuf;
@@ -78,6 +85,10 @@ pub struct Runtime {
     /// The API's components, when they are a source: their current
     /// problems (CRD not installed) are part of [`Runtime::problems`].
     api: std::sync::OnceLock<watch::Receiver<components::ApiComponents>>,
+    /// What the delivery task subscribes to now (for metadata).
+    pubsub_status: std::sync::Mutex<delivery::Status>,
+    /// Subscriptions joined at the broker (tasks per key).
+    subscribed: std::sync::Mutex<std::collections::BTreeMap<delivery::Key, usize>>,
 }
 
 impl Runtime {
@@ -98,6 +109,8 @@ impl Runtime {
             peers,
             problems: std::sync::Mutex::new(Vec::new()),
             api: std::sync::OnceLock::new(),
+            pubsub_status: std::sync::Mutex::new(delivery::Status::default()),
+            subscribed: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         })
     }
 
@@ -128,6 +141,7 @@ impl Runtime {
         });
         // Ready once the first read is in (or the reader failed to start).
         let _ = loaded.await;
+        tokio::spawn(delivery::run(self.clone()));
         self.ready.store(true, Ordering::SeqCst);
     }
 
@@ -183,7 +197,34 @@ impl Runtime {
                 return false;
             }
         }
+        for c in self.registry().pubsubs.values() {
+            if c.broker.ping().await.is_err() {
+                return false;
+            }
+        }
         true
+    }
+
+    fn is_subscribed(&self, k: &delivery::Key) -> bool {
+        self.subscribed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(k)
+            .is_some_and(|n| *n > 0)
+    }
+
+    /// Counts a subscription task joined (`+1`) or gone (`-1`).
+    pub(crate) fn count_subscribed(&self, k: &delivery::Key, joined: bool) {
+        let mut m = self.subscribed.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(k.clone()).or_insert(0);
+        if joined {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                m.remove(k);
+            }
+        }
     }
 
     /// `/v1.0/metadata`, for the calling app.
@@ -200,7 +241,49 @@ impl Runtime {
                     "capabilities": ["ETAG", "TRANSACTIONAL", "TTL"],
                 })
             })
+            .chain(
+                reg.visible_pubsubs(caller.app_id(), caller.namespace())
+                    .into_iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.spec.name,
+                            "type": c.spec.kind,
+                            "version": c.spec.version,
+                            "capabilities": [],
+                        })
+                    }),
+            )
             .collect();
+        let me = (
+            caller.namespace().unwrap_or("").to_string(),
+            caller.app_id().unwrap_or("").to_string(),
+        );
+        let status = self
+            .pubsub_status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let subscriptions: Vec<serde_json::Value> = status
+            .active
+            .iter()
+            .filter(|((ns, app, _, _), _)| (ns, app) == (&me.0, &me.1))
+            // Only those joined at the broker: a message published from
+            // now on reaches them.
+            .filter(|(k, _)| self.is_subscribed(k))
+            .map(|(_, (s, declarative))| {
+                serde_json::json!({
+                    "pubsubname": s.pubsub,
+                    "topic": s.topic,
+                    "deadLetterTopic": s.dead_letter.clone().unwrap_or_default(),
+                    "metadata": if s.raw { serde_json::json!({"rawPayload": "true"}) } else { serde_json::json!({}) },
+                    "rules": s.routes.rules.iter().map(|r| serde_json::json!({"match": r.text, "path": r.path})).chain(
+                        s.routes.default.iter().map(|d| serde_json::json!({"match": "", "path": d}))
+                    ).collect::<Vec<_>>(),
+                    "type": if *declarative { "DECLARATIVE" } else { "PROGRAMMATIC" },
+                })
+            })
+            .collect();
+        let subscription_errors = status.errors.get(&me).cloned().unwrap_or_default();
         let port = match caller {
             Caller::Pod(p) => p.app_port,
             _ => None,
@@ -210,10 +293,12 @@ impl Runtime {
             "runtimeVersion": concat!("nodeplane-", env!("CARGO_PKG_VERSION")),
             "enabledFeatures": [],
             "components": components,
+            "subscriptions": subscriptions,
             "extended": {
                 "caller": caller.describe(),
                 "configurations": reg.config_names(caller.namespace().unwrap_or("")),
                 "componentErrors": reg.errors,
+                "subscriptionErrors": subscription_errors,
             },
             "appConnectionProperties": {
                 "port": port,

@@ -168,6 +168,10 @@ where
 pub async fn handle(rt: Arc<Runtime>, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
     let caller = rt.caller(peer);
     let path = req.uri().path().to_string();
+    if let Some(tail) = path.strip_prefix("/v1.0-alpha1/publish/bulk/") {
+        let tail = tail.to_string();
+        return crate::pubsub_api::handle_bulk(&rt, &caller, &tail, req).await;
+    }
     let Some(rest) = path.strip_prefix("/v1.0/") else {
         return ApiError::not_found(&path).into_response();
     };
@@ -185,6 +189,7 @@ pub async fn handle(rt: Arc<Runtime>, peer: &Peer, req: Request<Incoming>) -> Re
             )
             .into_response(),
         },
+        ("publish", tail) => crate::pubsub_api::handle(&rt, &caller, tail, req).await,
         ("state", tail) if !tail.is_empty() => {
             crate::state_api::handle(&rt, &caller, tail, req).await
         }

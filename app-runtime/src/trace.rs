@@ -35,7 +35,7 @@ fn parse(v: &str) -> Option<(&str, &str)> {
 
 /// Not cryptographic: trace ids need to be unique, not secret
 /// (splitmix64 over time and a counter).
-fn random64() -> u64 {
+pub(crate) fn random64() -> u64 {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let t = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -30,6 +30,11 @@ const RUNTIME_KEYS: &[&str] = &[
     "subscriptionScopes",
     "protectedTopics",
     "concurrency",
+    // The app runtime's delivery retries (see nodeplane-runtime's
+    // delivery module): attempts before the dead-letter topic, backoff.
+    "maxDeliveryAttempts",
+    "retryInitialInterval",
+    "retryMaxInterval",
 ];
 
 /// pubsub.redis keys of Dapr's go-redis client tuning: ignored.
@@ -532,7 +537,7 @@ fn jetstream(f: &Fields<'_>, component: &str) -> Result<JetStreamConfig> {
 }
 
 /// A Go duration (`1h2m3.5s`, `300ms`, `2d`) or whole milliseconds.
-pub(crate) fn parse_duration(s: &str) -> Option<Duration> {
+pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
     if let Ok(ms) = s.parse::<u64>() {
         return Some(Duration::from_millis(ms));

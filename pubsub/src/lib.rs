@@ -43,7 +43,9 @@ mod jetstream;
 mod redis_broker;
 mod wire;
 
-pub use config::{BrokerConfig, EmbeddedConfig, JetStreamConfig, RedisConfig, StartAt, Trim};
+pub use config::{
+    parse_duration, BrokerConfig, EmbeddedConfig, JetStreamConfig, RedisConfig, StartAt, Trim,
+};
 pub use error::{Error, Result};
 
 /// One message, as published and as delivered.

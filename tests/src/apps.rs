@@ -20,6 +20,7 @@ pub struct AppPod {
     pub ns: Netns,
     pub ip: String,
     app: Option<Child>,
+    env: Vec<(String, String)>,
 }
 
 impl Drop for AppPod {
@@ -34,6 +35,12 @@ impl Drop for AppPod {
 impl AppPod {
     /// ADDs pod `namespace/name` on `node` (CNI_ARGS naming it) and starts np-app in it.
     pub fn add(node: &Node, namespace: &str, name: &str) -> AppPod {
+        Self::add_with(node, namespace, name, &[])
+    }
+
+    /// [`AppPod::add`] with np-app started with `env` (e.g.
+    /// `NP_APP_SUBSCRIBE`).
+    pub fn add_with(node: &Node, namespace: &str, name: &str, env: &[(&str, &str)]) -> AppPod {
         let ns = Netns::new(&format!("npr{name}"));
         let res = node.add_pod(&format!("{namespace}-{name}"), &ns, namespace, name);
         let ip = ip_of(&res, 0)
@@ -41,8 +48,27 @@ impl AppPod {
             .next()
             .unwrap_or_default()
             .to_string();
-        let app = Some(start_app(&ns));
-        AppPod { ns, ip, app }
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let app = Some(start_app_with(&ns, &env));
+        AppPod { ns, ip, app, env }
+    }
+
+    /// Stops np-app (the pod stays, its port closed).
+    pub fn stop_app(&mut self) {
+        if let Some(mut c) = self.app.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts np-app again, with the same environment (its recorded
+    /// deliveries start empty).
+    pub fn start_app(&mut self) {
+        self.stop_app();
+        self.app = Some(start_app_with(&self.ns, &self.env));
     }
 
     pub fn path(&self) -> PathBuf {
@@ -69,9 +95,15 @@ pub fn np_app_bin() -> PathBuf {
 
 /// np-app serving on [`APP_PORT`] in `ns` (returns once it listens).
 pub fn start_app(ns: &Netns) -> Child {
+    start_app_with(ns, &[])
+}
+
+/// [`start_app`] with more environment variables.
+pub fn start_app_with(ns: &Netns, env: &[(String, String)]) -> Child {
     let mut c = ns
         .command(np_app_bin())
         .args(["serve", &APP_PORT.to_string(), "--exit-on-stdin-eof"])
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -118,8 +150,14 @@ pub fn pod_yaml(
 /// A redis-server for a node namespace, where the agent reaches it on its
 /// own loopback: 127.0.0.1:`port`, no persistence, files in `dir`.
 pub fn redis_command(ns: &Netns, port: u16, dir: &Path) -> Command {
+    redis_command_on(ns, "127.0.0.1", port, dir)
+}
+
+/// [`redis_command`] listening on `bind` (e.g. a node's underlay address,
+/// for agents of several nodes sharing one redis).
+pub fn redis_command_on(ns: &Netns, bind: &str, port: u16, dir: &Path) -> Command {
     let mut c = ns.command("redis-server");
-    c.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+    c.args(["--port", &port.to_string(), "--bind", bind])
         .args([
             "--save",
             "",
@@ -141,11 +179,17 @@ pub fn redis_command(ns: &Netns, port: u16, dir: &Path) -> Command {
 /// Waits until redis answers PING on 127.0.0.1:`port` in the namespace at
 /// `ns`; false after `limit`.
 pub fn redis_ready(ns: &Path, port: u16, limit: Duration) -> bool {
+    redis_ready_at(ns, "127.0.0.1", port, limit)
+}
+
+/// [`redis_ready`] for a redis listening on `addr`.
+pub fn redis_ready_at(ns: &Path, addr: &str, port: u16, limit: Duration) -> bool {
+    let addr = addr.to_string();
     crate::agent::in_netns(ns, move || {
         use std::io::Write;
         let start = Instant::now();
         while start.elapsed() < limit {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            if let Ok(mut s) = std::net::TcpStream::connect((addr.as_str(), port)) {
                 let mut buf = [0u8; 7];
                 if s.write_all(b"PING\r\n").is_ok()
                     && s.read_exact(&mut buf).is_ok()
@@ -158,4 +202,96 @@ pub fn redis_ready(ns: &Path, port: u16, limit: Duration) -> bool {
         }
         false
     })
+}
+
+/// redis-server in a node's namespace on 127.0.0.1:`port` (the agent
+/// reaches it on its own loopback), killed on drop. Fails naming the
+/// Debian package when redis-server is missing.
+#[derive(Debug)]
+pub struct NodeRedis {
+    child: Child,
+    pub port: u16,
+    _dir: crate::TempDir,
+}
+
+impl NodeRedis {
+    pub fn start(ns: &Netns, port: u16) -> NodeRedis {
+        Self::start_on(ns, "127.0.0.1", port)
+    }
+
+    /// A redis-server in `ns` listening on `bind`:`port`.
+    pub fn start_on(ns: &Netns, bind: &str, port: u16) -> NodeRedis {
+        crate::prereq::require_tool("redis-server", "redis-server");
+        let dir = crate::TempDir::new("redis");
+        let child = redis_command_on(ns, bind, port, dir.path())
+            .spawn()
+            .expect("spawn redis-server");
+        let r = NodeRedis {
+            child,
+            port,
+            _dir: dir,
+        };
+        assert!(
+            redis_ready_at(&ns.path(), bind, port, Duration::from_secs(10)),
+            "redis-server did not answer PING on {bind}:{port}"
+        );
+        r
+    }
+}
+
+impl Drop for NodeRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// nats-server with JetStream in a node's namespace on 127.0.0.1:`port`
+/// (the agent reaches it on its own loopback), its store in a temp dir,
+/// killed on drop. Fails naming the Debian package when it is missing.
+#[derive(Debug)]
+pub struct NodeNats {
+    child: Child,
+    pub port: u16,
+    _dir: crate::TempDir,
+}
+
+impl NodeNats {
+    pub fn start(ns: &Netns, port: u16) -> NodeNats {
+        let bin = crate::prereq::require_tool("nats-server", "nats-server");
+        let dir = crate::TempDir::new("nats");
+        let log = dir.path().join("nats.log");
+        let child = ns
+            .command(bin)
+            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+            .arg("-sd")
+            .arg(dir.path().join("js"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("nats log"))
+            .spawn()
+            .expect("spawn nats-server");
+        let n = NodeNats {
+            child,
+            port,
+            _dir: dir,
+        };
+        let start = Instant::now();
+        while !std::fs::read_to_string(&log).is_ok_and(|s| s.contains("Server is ready")) {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "nats-server did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    }
+}
+
+impl Drop for NodeNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -7,6 +7,19 @@
 //! - `/count`: reads key `count` from the node runtime's state store
 //!   (`statestore`), adds one and saves it with first-write concurrency
 //!   (retrying on conflict), answers the new value;
+//! - `GET /dapr/subscribe`, when `NP_APP_SUBSCRIBE` is set: its value
+//!   (Dapr's subscription list, JSON);
+//! - `POST /sub/...`: a pub/sub delivery, recorded for `/deliveries`. The
+//!   message (a CloudEvent's `data`, or the raw body) is JSON with `key`
+//!   and optionally `answer`, a list: the n-th delivery of that key to
+//!   that path is answered by `answer[n-1]` (the last one repeats):
+//!   `SUCCESS`, `RETRY`, `DROP` (as `{"status": ...}`), a status code
+//!   (`404`, `500`), `empty` (200, no body) or `slow:MS` (SUCCESS after MS
+//!   milliseconds). No answer list: SUCCESS. Paths under `/sub/ok/` always
+//!   answer SUCCESS (for dead-letter subscribers);
+//! - `GET /deliveries`: every delivery so far, as a JSON list of `{path,
+//!   key, n, contentType, body}` (`n`: the how-manieth delivery of the key
+//!   to the path);
 //! - anything else: echoes the body, with `x-echo-method`, `x-echo-uri`,
 //!   `x-echo-caller` (the `dapr-caller-app-id` the runtime set),
 //!   `x-echo-traceparent` and `x-echo-h-NAME` for every `x-` header.
@@ -16,10 +29,12 @@
 //! then the body. The runtime's address is `DAPR_HTTP_ENDPOINT` /
 //! `NODEPLANE_RUNTIME_SOCKET` when set, else 169.254.1.1:3500.
 
+use std::collections::HashMap;
 use std::io::{BufReader, Read};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use nodeplane_tests::http1::{read_msg, write_response, Conn, Msg};
@@ -94,6 +109,27 @@ fn answer(req: &Msg) -> (u16, Vec<(String, String)>, Vec<u8>) {
         std::thread::sleep(Duration::from_millis(ms));
         return (200, vec![], b"slow".to_vec());
     }
+    if path == "/dapr/subscribe" {
+        if let Ok(subs) = std::env::var("NP_APP_SUBSCRIBE") {
+            return (
+                200,
+                vec![("content-type".into(), "application/json".into())],
+                subs.into_bytes(),
+            );
+        }
+    }
+    if method == "POST" && path.starts_with("/sub/") {
+        return delivery(req, path);
+    }
+    if path == "/deliveries" {
+        let list = DELIVERIES.lock().unwrap_or_else(|e| e.into_inner());
+        let body = serde_json::to_vec(&*list).unwrap_or_default();
+        return (
+            200,
+            vec![("content-type".into(), "application/json".into())],
+            body,
+        );
+    }
     if path == "/count" {
         return match count() {
             Ok(n) => (200, vec![], n.to_string().into_bytes()),
@@ -118,6 +154,73 @@ fn answer(req: &Msg) -> (u16, Vec<(String, String)>, Vec<u8>) {
         }
     }
     (200, h, req.body.clone())
+}
+
+static DELIVERIES: Mutex<Vec<serde_json::Value>> = Mutex::new(Vec::new());
+static SEEN: Mutex<Option<HashMap<(String, String), usize>>> = Mutex::new(None);
+
+/// Records one pub/sub delivery and answers as its message asks.
+fn delivery(req: &Msg, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    use serde_json::Value;
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    let msg = match body.get("data") {
+        Some(d) if body.get("specversion").is_some() => d.clone(),
+        _ => body.clone(),
+    };
+    let key = msg
+        .get("key")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    let n = {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        let c = seen
+            .get_or_insert_with(HashMap::new)
+            .entry((path.to_string(), key.clone()))
+            .or_insert(0);
+        *c += 1;
+        *c
+    };
+    DELIVERIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(serde_json::json!({
+            "path": path,
+            "key": key,
+            "n": n,
+            "contentType": req.header("content-type").unwrap_or(""),
+            "body": String::from_utf8_lossy(&req.body),
+        }));
+    let answers: Vec<String> = msg
+        .get("answer")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(Value::as_str)
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let answer = if path.starts_with("/sub/ok/") {
+        "SUCCESS"
+    } else {
+        answers
+            .get(n - 1)
+            .or(answers.last())
+            .map_or("SUCCESS", String::as_str)
+    };
+    let status = |s: &str| (200, vec![], format!(r#"{{"status":"{s}"}}"#).into_bytes());
+    if let Some(ms) = answer.strip_prefix("slow:").and_then(|m| m.parse().ok()) {
+        std::thread::sleep(Duration::from_millis(ms));
+        return status("SUCCESS");
+    }
+    if let Ok(code) = answer.parse::<u16>() {
+        return (code, vec![], format!("status {code}").into_bytes());
+    }
+    match answer {
+        "empty" => (200, vec![], Vec::new()),
+        other => status(other),
+    }
 }
 
 /// Where the runtime is, as a Dapr SDK would find it.
