@@ -8,8 +8,8 @@
 //! The events the source sends are applied to the real `Model`, and the
 //! assertions are on the model and on the requests the double received.
 //! The double also serves Dapr's `dapr.io/v1alpha1` Components and
-//! Configurations (or answers 404 for them, as a cluster without the Dapr
-//! CRDs does) to `source::dapr`, whose output feeds a real app runtime's
+//! Configurations and `dapr.io/v2alpha1` Subscriptions (or answers 404 for
+//! them, as a cluster without the Dapr CRDs does) to `source::dapr`, whose output feeds a real app runtime's
 //! component registry with real embedded stores in a temp dir.
 //! Any request the double does not understand (path, method or query
 //! parameter) is printed and makes the test fail.
@@ -46,13 +46,14 @@ enum Res {
     Nodes,
     Components,
     Configurations,
+    Subscriptions,
 }
 
 impl Res {
     /// What the policy source (`source::kube`) reads.
     const ALL: [Res; 4] = [Res::Pods, Res::Namespaces, Res::NetworkPolicies, Res::Nodes];
     /// What the app runtime's component source (`source::dapr`) reads.
-    const DAPR: [Res; 2] = [Res::Components, Res::Configurations];
+    const DAPR: [Res; 3] = [Res::Components, Res::Configurations, Res::Subscriptions];
 
     fn every() -> impl Iterator<Item = Res> {
         Res::ALL.into_iter().chain(Res::DAPR)
@@ -66,6 +67,7 @@ impl Res {
             Res::Nodes => "/api/v1/nodes",
             Res::Components => "/apis/dapr.io/v1alpha1/components",
             Res::Configurations => "/apis/dapr.io/v1alpha1/configurations",
+            Res::Subscriptions => "/apis/dapr.io/v2alpha1/subscriptions",
         }
     }
 
@@ -77,6 +79,7 @@ impl Res {
             Res::Nodes => "Node",
             Res::Components => "Component",
             Res::Configurations => "Configuration",
+            Res::Subscriptions => "Subscription",
         }
     }
 
@@ -84,6 +87,7 @@ impl Res {
         match self {
             Res::NetworkPolicies => "networking.k8s.io/v1",
             Res::Components | Res::Configurations => "dapr.io/v1alpha1",
+            Res::Subscriptions => "dapr.io/v2alpha1",
             _ => "v1",
         }
     }
@@ -1701,6 +1705,25 @@ fn configuration(namespace: &str, name: &str, default_action: &str) -> Value {
     })
 }
 
+/// A Subscription of the app id `b` in `namespace` to `orders` on `pubsub`.
+fn subscription(namespace: &str, name: &str, route: &str) -> Value {
+    json!({
+        "kind": "Subscription", "apiVersion": "dapr.io/v2alpha1",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"pubsubname": "pubsub", "topic": "orders", "routes": {"default": route}},
+        "scopes": ["b"],
+    })
+}
+
+/// How a problem for a collection the API server does not serve starts.
+fn crd_absent(res: Res) -> String {
+    let plural = res.path().rsplit('/').next().expect("a plural");
+    format!(
+        "{} {plural}: not served by the API server",
+        res.api_version()
+    )
+}
+
 fn store_names(reg: &Registry) -> Vec<&str> {
     reg.stores.keys().map(String::as_str).collect()
 }
@@ -1873,12 +1896,10 @@ async fn dapr_crds_absent_then_installed() {
         assert_eq!(store_names(&c.registry()), ["statestore"]);
         assert!(c.rt.outbound_ready().await);
         let problems = c.rt.problems();
-        assert_eq!(problems.len(), 2, "{problems:?}");
-        for (p, plural) in problems.iter().zip(["components", "configurations"]) {
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        for (p, res) in problems.iter().zip(Res::DAPR) {
             assert!(
-                p.starts_with(&format!(
-                    "dapr.io/v1alpha1 {plural}: not served by the API server"
-                )) && p.contains("deploy/daemonset/dapr-crds.yaml"),
+                p.starts_with(&crd_absent(res)) && p.contains("deploy/daemonset/dapr-crds.yaml"),
                 "{p}"
             );
         }
@@ -1978,4 +1999,102 @@ async fn dapr_http_410_on_watch_relists() {
 #[tokio::test]
 async fn dapr_watch_event_error_410_relists() {
     bounded(dapr_expired_resource_version_relists(Gone::Event)).await;
+}
+
+/// A Subscription from the API is in the runtime's registry after the
+/// initial list, as its namespace and scopes say; a MODIFIED changes it
+/// and a DELETED removes it.
+#[tokio::test]
+async fn dapr_subscriptions_follow_the_api() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        d.put(subscription("shop", "orders", "/orders"));
+        let c = Components::start(&d).await;
+        let reg = c.registry();
+        assert!(reg.errors.is_empty(), "{:?}", reg.errors);
+        assert!(c.rt.problems().is_empty(), "{:?}", c.rt.problems());
+        assert_eq!(reg.subscriptions.len(), 1, "{:?}", reg.subscriptions);
+        let s = &reg.subscriptions[0];
+        assert_eq!(s.name, "orders");
+        assert_eq!(s.namespace.as_deref(), Some("shop"));
+        assert_eq!(s.scopes, ["b"]);
+        assert_eq!(s.spec.pubsub, "pubsub");
+        assert_eq!(s.spec.topic, "orders");
+        assert_eq!(s.spec.routes.default.as_deref(), Some("/orders"));
+        assert!(s.applies_to("b", "shop"));
+        assert!(!s.applies_to("a", "shop"), "scopes: b only");
+        assert!(!s.applies_to("b", "default"), "shop's only");
+        drop(reg);
+
+        d.wait_request("the Subscriptions watch", |r| {
+            r.res == Res::Subscriptions && r.is_watch()
+        })
+        .await;
+        d.put(subscription("shop", "orders", "/orders/v2"));
+        let reg = c
+            .until("the changed route", |r| {
+                r.subscriptions.len() == 1
+                    && r.subscriptions[0].spec.routes.default.as_deref() == Some("/orders/v2")
+            })
+            .await;
+        assert!(reg.errors.is_empty(), "{:?}", reg.errors);
+        drop(reg);
+
+        d.delete(Res::Subscriptions, "shop", "orders");
+        c.until("the Subscription deleted", |r| r.subscriptions.is_empty())
+            .await;
+        assert_eq!(
+            d.lists(Res::Subscriptions),
+            1,
+            "Subscriptions were relisted"
+        );
+        assert!(!c.task.is_finished());
+        d.assert_no_unknown_requests();
+    })
+    .await;
+}
+
+/// Without the Subscription CRD (the other two installed) the runtime is
+/// ready with its components and the default store, not held back, and
+/// reports the missing resource; once it is served the Subscription
+/// arrives and the problem clears.
+#[tokio::test]
+async fn dapr_subscription_crd_absent_holds_nothing_back() {
+    bounded(async {
+        let d = ApiDouble::start().await;
+        d.serve_collection(Res::Subscriptions, false);
+        d.put(component("shop", "cache", json!([])));
+        d.put(subscription("shop", "orders", "/orders"));
+        let c = Components::start(&d).await;
+        let reg = c.registry();
+        assert_eq!(store_names(&reg), ["shop/cache", "statestore"]);
+        assert!(reg.pubsubs.contains_key("pubsub"), "the default pub/sub");
+        assert!(reg.subscriptions.is_empty(), "{:?}", reg.subscriptions);
+        assert!(
+            !reg.errors.iter().any(|e| e.contains("held back")),
+            "{:?}",
+            reg.errors
+        );
+        assert!(c.rt.outbound_ready().await);
+        let problems = c.rt.problems();
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].starts_with(&crd_absent(Res::Subscriptions))
+                && problems[0].contains("deploy/daemonset/dapr-crds.yaml"),
+            "{problems:?}"
+        );
+        drop(reg);
+
+        d.serve_collection(Res::Subscriptions, true);
+        c.until("the Subscription arrives", |r| {
+            r.subscriptions.iter().any(|s| s.name == "orders")
+        })
+        .await;
+        c.until_problems("the problem to clear", <[String]>::is_empty)
+            .await;
+        assert!(d.lists(Res::Subscriptions) >= 2);
+        assert_eq!(d.lists(Res::Components), 1);
+        d.assert_no_unknown_requests();
+    })
+    .await;
 }

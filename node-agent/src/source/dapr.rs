@@ -1,6 +1,13 @@
-//! Dapr's `dapr.io/v1alpha1` Components and Configurations from the
-//! Kubernetes API, for the app runtime (Dapr's Kubernetes mode reads its
-//! components the same way, from these two custom resources).
+//! Dapr's Components and Configurations (`dapr.io/v1alpha1`) and
+//! Subscriptions (`dapr.io/v2alpha1`) from the Kubernetes API, for the app
+//! runtime (Dapr's Kubernetes mode reads them the same way, from these
+//! three custom resources).
+//!
+//! Subscriptions are read at `v2alpha1`, Dapr's storage version. When the
+//! CRD serves `v1alpha1` too, the API server hands those objects out
+//! converted: through Dapr's conversion webhook where Dapr is installed
+//! (`route` becomes `routes.default`), or relabelled as they are with this
+//! project's CRD (conversion `None`), whose `route` the runtime reads too.
 //!
 //! Each kind is followed cluster-wide by a kube-runtime [`watcher`] over
 //! [`DynamicObject`]s, with the same list-then-watch, resume and relist
@@ -14,7 +21,9 @@
 //! The CRDs may not be installed (no Dapr in the cluster): a kind the API
 //! server does not serve is reported in [`ApiComponents::problems`] (the
 //! runtime's `/status` problems), counts as answered so the runtime does
-//! not wait for it to be ready, and is retried with the watcher's backoff
+//! not wait for it to be ready, counts as complete (no CRD, no objects) so
+//! it holds nothing back (a cluster may well have the Component CRD but
+//! not the Subscription one), and is retried with the watcher's backoff
 //! until the CRD appears.
 
 use std::collections::BTreeMap;
@@ -30,27 +39,39 @@ use nodeplane_runtime::components::{ApiComponents, Labelled};
 use serde_json::Value;
 use tokio::sync::watch;
 
-/// The API group and version of Dapr's resources.
+/// The API group and version of Dapr's Components and Configurations.
 pub const API_VERSION: &str = "dapr.io/v1alpha1";
+/// The version Subscriptions are read at (Dapr's storage version; the
+/// runtime's parser reads both forms, see the module doc).
+pub const SUBSCRIPTION_API_VERSION: &str = "dapr.io/v2alpha1";
 /// The CRDs for clusters without Dapr installed.
 pub const CRD_MANIFEST: &str = "deploy/daemonset/dapr-crds.yaml";
 /// The agent's read access to them.
 pub const RBAC_MANIFEST: &str = "deploy/daemonset/rbac-dapr.yaml";
 
-/// The two watched kinds, in the order their documents are published.
+/// The watched kinds, in the order their documents are published.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum DaprKind {
     Component,
     Configuration,
+    Subscription,
 }
 
+/// How many kinds are watched.
+const KINDS: usize = 3;
+
 impl DaprKind {
-    const ALL: [DaprKind; 2] = [DaprKind::Component, DaprKind::Configuration];
+    const ALL: [DaprKind; KINDS] = [
+        DaprKind::Component,
+        DaprKind::Configuration,
+        DaprKind::Subscription,
+    ];
 
     fn kind(self) -> &'static str {
         match self {
             DaprKind::Component => "Component",
             DaprKind::Configuration => "Configuration",
+            DaprKind::Subscription => "Subscription",
         }
     }
 
@@ -58,7 +79,21 @@ impl DaprKind {
         match self {
             DaprKind::Component => "components",
             DaprKind::Configuration => "configurations",
+            DaprKind::Subscription => "subscriptions",
         }
+    }
+
+    /// `group/version`, as read and as set on the published documents.
+    fn api_version(self) -> &'static str {
+        match self {
+            DaprKind::Component | DaprKind::Configuration => API_VERSION,
+            DaprKind::Subscription => SUBSCRIPTION_API_VERSION,
+        }
+    }
+
+    fn version(self) -> &'static str {
+        let api = self.api_version();
+        api.split_once('/').map_or(api, |(_, v)| v)
     }
 
     fn index(self) -> usize {
@@ -67,7 +102,7 @@ impl DaprKind {
 
     fn resource(self) -> ApiResource {
         ApiResource::from_gvk_with_plural(
-            &GroupVersionKind::gvk("dapr.io", "v1alpha1", self.kind()),
+            &GroupVersionKind::gvk("dapr.io", self.version(), self.kind()),
             self.plural(),
         )
     }
@@ -86,9 +121,23 @@ struct Known {
     problem: Option<String>,
 }
 
-/// Both kinds, and where their sum is published.
+impl Known {
+    /// The kind cannot be listed now, for `problem`; `absent`: because it
+    /// is not served at all (404).
+    fn failed(&mut self, problem: String, absent: bool) {
+        self.answered = true;
+        self.complete |= absent;
+        if absent {
+            // No CRD, no objects (deleting a CRD deletes its objects).
+            self.objects.clear();
+        }
+        self.problem = Some(problem);
+    }
+}
+
+/// Every kind, and where their sum is published.
 struct Shared {
-    kinds: Mutex<[Known; 2]>,
+    kinds: Mutex<[Known; KINDS]>,
     tx: watch::Sender<ApiComponents>,
 }
 
@@ -121,8 +170,8 @@ impl Shared {
     }
 }
 
-/// Follows Components and Configurations and publishes them to `tx` until
-/// every receiver is gone. API errors never end it (see the module doc).
+/// Follows Components, Configurations and Subscriptions and publishes them
+/// to `tx` until every receiver is gone. API errors never end it (see the module doc).
 pub async fn run(client: Client, tx: watch::Sender<ApiComponents>) {
     let shared = Shared {
         kinds: Mutex::new(Default::default()),
@@ -132,6 +181,7 @@ pub async fn run(client: Client, tx: watch::Sender<ApiComponents>) {
         tokio::join!(
             follow(&client, DaprKind::Component, &shared),
             follow(&client, DaprKind::Configuration, &shared),
+            follow(&client, DaprKind::Subscription, &shared),
         )
     };
     // Nothing is sent on a quiet cluster, so also wait for the close.
@@ -191,16 +241,7 @@ async fn follow(client: &Client, kind: DaprKind, shared: &Shared) {
                     let problem = problem(kind, &e);
                     let absent = status_code(&e) == Some(404);
                     if let Some(p) = &problem {
-                        shared.update(kind, |k| {
-                            k.answered = true;
-                            k.complete |= absent;
-                            if absent {
-                                // No CRD, no objects (deleting a CRD
-                                // deletes its objects).
-                                k.objects.clear();
-                            }
-                            k.problem = Some(p.clone());
-                        });
+                        shared.update(kind, |k| k.failed(p.clone(), absent));
                     }
                     // A CRD deleted while watched answers the watch with
                     // 404: list again (the list reports the problem).
@@ -234,7 +275,7 @@ fn document(kind: DaprKind, obj: DynamicObject) -> ((String, String), Value) {
     );
     let mut doc = serde_json::to_value(&obj).unwrap_or_default();
     if let Some(m) = doc.as_object_mut() {
-        m.insert("apiVersion".into(), API_VERSION.into());
+        m.insert("apiVersion".into(), kind.api_version().into());
         m.insert("kind".into(), kind.kind().into());
     }
     (key, doc)
@@ -254,7 +295,7 @@ fn status_code(e: &watcher::Error) -> Option<u16> {
 /// read: a list that fails, or a watch refused for good (no CRD, no RBAC).
 /// A watch that merely broke is no problem; the watcher resumes it.
 fn problem(kind: DaprKind, e: &watcher::Error) -> Option<String> {
-    let what = format!("{API_VERSION} {}", kind.plural());
+    let what = format!("{} {}", kind.api_version(), kind.plural());
     let listing = matches!(e, watcher::Error::InitialListFailed(_));
     match status_code(e) {
         Some(404) => Some(format!(
@@ -287,6 +328,60 @@ mod tests {
         assert_eq!(doc["metadata"]["namespace"], "shop");
         assert_eq!(doc["spec"]["type"], "state.redis");
         assert_eq!(doc["scopes"][0], "orders");
+    }
+
+    #[test]
+    fn subscriptions_are_read_and_published_at_v2alpha1() {
+        let r = DaprKind::Subscription.resource();
+        assert_eq!(
+            (r.group.as_str(), r.version.as_str(), r.plural.as_str()),
+            ("dapr.io", "v2alpha1", "subscriptions")
+        );
+        assert_eq!(r.api_version, SUBSCRIPTION_API_VERSION);
+        let r = DaprKind::Configuration.resource();
+        assert_eq!(r.api_version, API_VERSION);
+        let obj: DynamicObject = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "orders", "namespace": "shop"},
+            "spec": {"pubsubname": "pubsub", "topic": "orders", "routes": {"default": "/orders"}},
+        }))
+        .expect("object");
+        let (_, doc) = document(DaprKind::Subscription, obj);
+        assert_eq!(doc["apiVersion"], "dapr.io/v2alpha1");
+        assert_eq!(doc["kind"], "Subscription");
+        assert_eq!(doc["spec"]["routes"]["default"], "/orders");
+    }
+
+    #[test]
+    fn an_absent_subscription_crd_holds_nothing_back() {
+        let (tx, rx) = watch::channel(ApiComponents::default());
+        let shared = Shared {
+            kinds: Mutex::new(Default::default()),
+            tx,
+        };
+        for kind in [DaprKind::Component, DaprKind::Configuration] {
+            shared.update(kind, |k| {
+                k.answered = true;
+                k.complete = true;
+            });
+        }
+        assert!(!rx.borrow().settled && !rx.borrow().complete);
+        let absent = watcher::Error::InitialListFailed(kube::Error::Api(
+            kube::core::Status::failure("x", "NotFound")
+                .with_code(404)
+                .boxed(),
+        ));
+        let p = problem(DaprKind::Subscription, &absent).expect("a problem");
+        shared.update(DaprKind::Subscription, |k| {
+            k.failed(p, status_code(&absent) == Some(404))
+        });
+        let now = rx.borrow();
+        assert!(now.settled && now.complete, "{now:?}");
+        assert_eq!(now.problems.len(), 1);
+        assert!(
+            now.problems[0].starts_with("dapr.io/v2alpha1 subscriptions: not served"),
+            "{:?}",
+            now.problems
+        );
     }
 
     #[test]
