@@ -745,7 +745,8 @@ async fn open_broker(
     }
 }
 
-/// The Kubernetes API's `dapr.io/v1alpha1` Components and Configurations
+/// The Kubernetes API's Dapr Components and Configurations (`dapr.io/v1alpha1`)
+/// and Subscriptions (`dapr.io/v2alpha1`)
 /// as the agent's watches last saw them (the agent publishes it through a
 /// `tokio::sync::watch` channel; see nodeplane-agent's `source::dapr`).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -843,7 +844,7 @@ pub async fn watch(
                 }
                 if !settled {
                     errors.push(format!(
-                        "the Kubernetes API has not answered every list of Dapr Components and Configurations in {} s; serving what it has sent until it does",
+                        "the Kubernetes API has not answered every list of Dapr Components, Configurations and Subscriptions in {} s; serving what it has sent until it does",
                         API_WAIT.as_secs()
                     ));
                 }

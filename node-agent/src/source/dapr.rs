@@ -148,7 +148,13 @@ impl Shared {
         change(&mut kinds[kind.index()]);
         let mut next = ApiComponents {
             settled: kinds.iter().all(|k| k.answered),
-            complete: kinds.iter().all(|k| k.complete),
+            // Only the kinds that can define a store or a pub/sub hold back
+            // the defaults: Subscriptions cannot, so an agent that may not
+            // read them (RBAC not yet updated) still serves the defaults.
+            complete: DaprKind::ALL
+                .iter()
+                .filter(|k| **k != DaprKind::Subscription)
+                .all(|k| kinds[k.index()].complete),
             ..ApiComponents::default()
         };
         for k in DaprKind::ALL {
