@@ -260,14 +260,22 @@ async fn post(
     let work = async {
         let mut sender = match rt.pool.idle(addr).await {
             Some(s) => s,
-            None => rt.pool.connect(addr).await.map_err(|e| e.to_string())?,
+            None => rt
+                .pool
+                .connect_untracked(addr)
+                .await
+                .map_err(|e| e.to_string())?,
         };
         let resp = match sender.try_send_request(req).await {
             Ok(r) => r,
             Err(mut e) => match e.take_message() {
                 // A pooled connection closed meanwhile: once more, fresh.
                 Some(back) => {
-                    sender = rt.pool.connect(addr).await.map_err(|e| e.to_string())?;
+                    sender = rt
+                        .pool
+                        .connect_untracked(addr)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     sender.send_request(back).await.map_err(|e| e.to_string())?
                 }
                 None => return Err(e.into_error().to_string()),

@@ -91,7 +91,18 @@ impl Pool {
 
     /// A new connection (records the outcome in the breaker).
     pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<SendRequest<Body>> {
-        let r = async {
+        let r = self.connect_untracked(addr).await;
+        self.record(addr, r.is_ok());
+        r
+    }
+
+    /// A new connection whose outcome the breaker does not see: for the
+    /// runtime's own calls to apps (subscription discovery, pub/sub
+    /// deliveries), which retry on their own schedule. An app that starts
+    /// listening a moment after its pod is ready fails those first calls,
+    /// and they must not open the circuit that invocations are refused by.
+    pub async fn connect_untracked(&self, addr: SocketAddr) -> std::io::Result<SendRequest<Body>> {
+        async {
             let stream =
                 tokio::time::timeout(self.connect_timeout, tokio::net::TcpStream::connect(addr))
                     .await
@@ -107,9 +118,7 @@ impl Pool {
             });
             Ok(sender)
         }
-        .await;
-        self.record(addr, r.is_ok());
-        r
+        .await
     }
 
     fn put_back(&self, addr: SocketAddr, s: SendRequest<Body>) {
@@ -180,5 +189,33 @@ impl hyper::body::Body for PooledBody {
 
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loopback port nothing listens on (bound, then closed).
+    fn refused() -> SocketAddr {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        l.local_addr().expect("addr")
+    }
+
+    #[tokio::test]
+    async fn only_tracked_connection_failures_open_the_breaker() {
+        let pool = Pool::new(Duration::from_secs(1));
+        let addr = refused();
+        for _ in 0..TRIP_AFTER * 2 {
+            assert!(pool.connect_untracked(addr).await.is_err());
+        }
+        assert!(
+            !pool.is_open(addr),
+            "the runtime's own calls (deliveries, discovery) must not open it"
+        );
+        for _ in 0..TRIP_AFTER {
+            assert!(pool.connect(addr).await.is_err());
+        }
+        assert!(pool.is_open(addr), "invocations' failures open it");
     }
 }
