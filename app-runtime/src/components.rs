@@ -75,23 +75,44 @@ pub struct StateComponent {
     pub store: Arc<dyn Store>,
 }
 
+/// May an app (`app`, `namespace`) use a component of `own` namespace
+/// (None: any) and `scopes` (empty: every app)?
+fn visible(
+    own: Option<&str>,
+    scopes: &[String],
+    app: Option<&str>,
+    namespace: Option<&str>,
+) -> bool {
+    own.is_none_or(|n| Some(n) == namespace)
+        && (scopes.is_empty() || app.is_some_and(|a| scopes.iter().any(|s| s == a)))
+}
+
+/// What the registry's per-namespace lookup needs of a component.
+trait Scoped {
+    fn name(&self) -> &str;
+    fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool;
+}
+
 impl StateComponent {
     /// May an app (`app`, `namespace`) use this store?
     pub fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
-        let ns_ok = self
-            .namespace
-            .as_deref()
-            .is_none_or(|n| Some(n) == namespace);
-        let scope_ok =
-            self.scopes.is_empty() || app.is_some_and(|a| self.scopes.iter().any(|s| s == a));
-        ns_ok && scope_ok
+        visible(self.namespace.as_deref(), &self.scopes, app, namespace)
+    }
+}
+
+impl Scoped for StateComponent {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+    fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
+        StateComponent::visible_to(self, app, namespace)
     }
 }
 
 /// One pub/sub component in service.
 #[derive(Debug, Clone)]
 pub struct PubSubComponent {
-    pub spec: nodeplane_pubsub::ComponentSpec,
+    pub spec: ComponentSpec,
     pub namespace: Option<String>,
     pub scopes: Vec<String>,
     /// Topic scoping read from the metadata (`allowedTopics`,
@@ -104,13 +125,16 @@ pub struct PubSubComponent {
 
 impl PubSubComponent {
     pub fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
-        let ns_ok = self
-            .namespace
-            .as_deref()
-            .is_none_or(|n| Some(n) == namespace);
-        let scope_ok =
-            self.scopes.is_empty() || app.is_some_and(|a| self.scopes.iter().any(|s| s == a));
-        ns_ok && scope_ok
+        visible(self.namespace.as_deref(), &self.scopes, app, namespace)
+    }
+}
+
+impl Scoped for PubSubComponent {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+    fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
+        PubSubComponent::visible_to(self, app, namespace)
     }
 }
 
@@ -126,8 +150,12 @@ pub struct DeclaredSubscription {
 
 impl DeclaredSubscription {
     pub fn applies_to(&self, app: &str, namespace: &str) -> bool {
-        self.namespace.as_deref().is_none_or(|n| n == namespace)
-            && (self.scopes.is_empty() || self.scopes.iter().any(|s| s == app))
+        visible(
+            self.namespace.as_deref(),
+            &self.scopes,
+            Some(app),
+            Some(namespace),
+        )
     }
 }
 
@@ -166,6 +194,34 @@ pub fn key(namespace: Option<&str>, name: &str) -> String {
     }
 }
 
+/// `name` in a map keyed by [`key`] as an app sees it: its own namespace's
+/// definition, else one without a namespace, if its scopes let the app in.
+fn lookup<'a, C: Scoped>(
+    map: &'a BTreeMap<String, C>,
+    name: &str,
+    app: Option<&str>,
+    namespace: Option<&str>,
+) -> Option<&'a C> {
+    let own = namespace.and_then(|ns| map.get(&key(Some(ns), name)));
+    own.or_else(|| map.get(name))
+        .filter(|c| c.visible_to(app, namespace))
+}
+
+/// Every component of a map an app sees, one per name, by name.
+fn visible_all<'a, C: Scoped>(
+    map: &'a BTreeMap<String, C>,
+    app: Option<&str>,
+    namespace: Option<&str>,
+) -> Vec<&'a C> {
+    let mut names: Vec<&str> = map.values().map(Scoped::name).collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+        .into_iter()
+        .filter_map(|n| lookup(map, n, app, namespace))
+        .collect()
+}
+
 impl Registry {
     /// The store `name` as an app (`app`, `namespace`) sees it: its own
     /// namespace's definition, else one without a namespace.
@@ -175,9 +231,7 @@ impl Registry {
         app: Option<&str>,
         namespace: Option<&str>,
     ) -> Option<&StateComponent> {
-        let own = namespace.and_then(|ns| self.stores.get(&key(Some(ns), name)));
-        own.or_else(|| self.stores.get(name))
-            .filter(|c| c.visible_to(app, namespace))
+        lookup(&self.stores, name, app, namespace)
     }
 
     /// Every store an app sees, by name.
@@ -186,13 +240,7 @@ impl Registry {
         app: Option<&str>,
         namespace: Option<&str>,
     ) -> Vec<&StateComponent> {
-        let mut names: Vec<&str> = self.stores.values().map(|c| c.spec.name.as_str()).collect();
-        names.sort_unstable();
-        names.dedup();
-        names
-            .into_iter()
-            .filter_map(|n| self.store(n, app, namespace))
-            .collect()
+        visible_all(&self.stores, app, namespace)
     }
 
     /// The pub/sub `name` as an app sees it (same rules as [`Registry::store`]).
@@ -202,9 +250,7 @@ impl Registry {
         app: Option<&str>,
         namespace: Option<&str>,
     ) -> Option<&PubSubComponent> {
-        let own = namespace.and_then(|ns| self.pubsubs.get(&key(Some(ns), name)));
-        own.or_else(|| self.pubsubs.get(name))
-            .filter(|c| c.visible_to(app, namespace))
+        lookup(&self.pubsubs, name, app, namespace)
     }
 
     /// Every pub/sub an app sees, by name.
@@ -213,17 +259,7 @@ impl Registry {
         app: Option<&str>,
         namespace: Option<&str>,
     ) -> Vec<&PubSubComponent> {
-        let mut names: Vec<&str> = self
-            .pubsubs
-            .values()
-            .map(|c| c.spec.name.as_str())
-            .collect();
-        names.sort_unstable();
-        names.dedup();
-        names
-            .into_iter()
-            .filter_map(|n| self.pubsub(n, app, namespace))
-            .collect()
+        visible_all(&self.pubsubs, app, namespace)
     }
 
     /// The names of the Configurations an app of `namespace` can use.
@@ -252,13 +288,9 @@ impl Registry {
 /// One parsed document of interest.
 #[derive(Debug, Clone, PartialEq)]
 enum Doc {
-    State {
+    /// A state store or pub/sub ([`Family::of`] its `spec.type`).
+    Component {
         spec: ComponentSpec,
-        namespace: Option<String>,
-        scopes: Vec<String>,
-    },
-    PubSub {
-        spec: nodeplane_pubsub::ComponentSpec,
         namespace: Option<String>,
         scopes: Vec<String>,
     },
@@ -268,6 +300,25 @@ enum Doc {
         namespace: Option<String>,
         acl: AccessControl,
     },
+}
+
+/// The component families the runtime serves, by `spec.type` prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    State,
+    PubSub,
+}
+
+impl Family {
+    fn of(kind: &str) -> Option<Family> {
+        if kind.starts_with("state.") {
+            Some(Family::State)
+        } else if kind.starts_with("pubsub.") {
+            Some(Family::PubSub)
+        } else {
+            None
+        }
+    }
 }
 
 /// A document to read and the label its errors carry: a file's
@@ -328,8 +379,7 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                 .pointer("/spec/type")
                 .and_then(Value::as_str)
                 .ok_or_else(|| format!("Component {name} has no spec.type (e.g. state.redis)"))?;
-            let is_pubsub = kind_s.starts_with("pubsub.");
-            if !kind_s.starts_with("state.") && !is_pubsub {
+            if Family::of(kind_s).is_none() {
                 // bindings, secrets: a later part of the runtime.
                 return Ok(None);
             }
@@ -365,19 +415,7 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                 .and_then(Value::as_str)
                 .unwrap_or("v1")
                 .to_string();
-            if is_pubsub {
-                return Ok(Some(Doc::PubSub {
-                    spec: nodeplane_pubsub::ComponentSpec {
-                        name: name.clone(),
-                        kind: kind_s.to_string(),
-                        version,
-                        metadata,
-                    },
-                    namespace: namespace(v),
-                    scopes,
-                }));
-            }
-            Ok(Some(Doc::State {
+            Ok(Some(Doc::Component {
                 spec: ComponentSpec {
                     name: name.clone(),
                     kind: kind_s.to_string(),
@@ -505,53 +543,39 @@ pub async fn reload(
 ) -> Arc<Registry> {
     let (mut docs, e) = interpret(docs);
     errors.extend(e);
-    if default_store
-        && !docs.iter().any(
-            |(_, d)| matches!(d, Doc::State { spec, namespace: None, .. } if spec.name == DEFAULT_STORE),
-        )
-    {
-        docs.push((
-            "the default store".into(),
-            Doc::State {
-                spec: ComponentSpec {
-                    name: DEFAULT_STORE.into(),
-                    kind: "state.embedded".into(),
-                    version: "v1".into(),
-                    metadata: BTreeMap::new(),
-                },
-                namespace: None,
-                scopes: Vec::new(),
-            },
-        ));
-    }
-    if default_store
-        && !docs.iter().any(
-            |(_, d)| matches!(d, Doc::PubSub { spec, namespace: None, .. } if spec.name == DEFAULT_PUBSUB),
-        )
-    {
-        docs.push((
-            "the default pub/sub".into(),
-            Doc::PubSub {
-                spec: nodeplane_pubsub::ComponentSpec {
-                    name: DEFAULT_PUBSUB.into(),
-                    kind: "pubsub.embedded".into(),
-                    version: "v1".into(),
-                    metadata: BTreeMap::new(),
-                },
-                namespace: None,
-                scopes: Vec::new(),
-            },
-        ));
+    if default_store {
+        for (name, kind, label) in [
+            (DEFAULT_STORE, "state.embedded", "the default store"),
+            (DEFAULT_PUBSUB, "pubsub.embedded", "the default pub/sub"),
+        ] {
+            let family = Family::of(kind);
+            let defined = docs.iter().any(|(_, d)| {
+                matches!(d, Doc::Component { spec, namespace: None, .. }
+                    if spec.name == name && Family::of(&spec.kind) == family)
+            });
+            if !defined {
+                docs.push((
+                    label.into(),
+                    Doc::Component {
+                        spec: ComponentSpec {
+                            name: name.into(),
+                            kind: kind.into(),
+                            version: "v1".into(),
+                            metadata: BTreeMap::new(),
+                        },
+                        namespace: None,
+                        scopes: Vec::new(),
+                    },
+                ));
+            }
+        }
     }
     // Where each key was first defined, for the "defined twice" message.
     // Components of every type share one name space, as in Dapr.
     let mut first: BTreeMap<(&str, String), String> = BTreeMap::new();
     docs.retain(|(at, d)| {
         let (what, name) = match d {
-            Doc::State {
-                spec, namespace, ..
-            } => ("component", key(namespace.as_deref(), &spec.name)),
-            Doc::PubSub {
+            Doc::Component {
                 spec, namespace, ..
             } => ("component", key(namespace.as_deref(), &spec.name)),
             Doc::Subscription(s) => ("subscription", key(s.namespace.as_deref(), &s.name)),
@@ -571,26 +595,31 @@ pub async fn reload(
 
     let current = || target.read().unwrap_or_else(|e| e.into_inner()).clone();
     let mut prev = current();
-    let changed = |prev: &Registry, ns: &Option<String>, spec: &ComponentSpec| {
-        prev.stores
-            .get(&key(ns.as_deref(), &spec.name))
-            .is_some_and(|old| old.spec != *spec)
+    // The open instance's spec, if a component of that family and key is
+    // in service.
+    let open_spec = |reg: &Registry, family, k: &str| -> Option<ComponentSpec> {
+        match family {
+            Family::State => reg.stores.get(k).map(|c| c.spec.clone()),
+            Family::PubSub => reg.pubsubs.get(k).map(|c| c.spec.clone()),
+        }
     };
-    let changed_pubsub =
-        |prev: &Registry, ns: &Option<String>, spec: &nodeplane_pubsub::ComponentSpec| {
-            prev.pubsubs
-                .get(&key(ns.as_deref(), &spec.name))
-                .is_some_and(|old| old.spec != *spec)
-        };
-    if docs.iter().any(|(_, d)| match d {
-        Doc::State {
-            spec, namespace, ..
-        } => changed(&prev, namespace, spec),
-        Doc::PubSub {
-            spec, namespace, ..
-        } => changed_pubsub(&prev, namespace, spec),
-        _ => false,
-    }) {
+    // Components whose spec changed: (family, key).
+    let changed: Vec<(Family, String)> = docs
+        .iter()
+        .filter_map(|(_, d)| match d {
+            Doc::Component {
+                spec, namespace, ..
+            } => {
+                let family = Family::of(&spec.kind)?;
+                let k = key(namespace.as_deref(), &spec.name);
+                open_spec(&prev, family, &k)
+                    .is_some_and(|old| old != *spec)
+                    .then_some((family, k))
+            }
+            _ => None,
+        })
+        .collect();
+    if !changed.is_empty() {
         let mut interim = Registry {
             stores: prev.stores.clone(),
             pubsubs: prev.pubsubs.clone(),
@@ -599,23 +628,10 @@ pub async fn reload(
             errors: prev.errors.clone(),
             open_failed: prev.open_failed,
         };
-        for (_, d) in &docs {
-            match d {
-                Doc::State {
-                    spec, namespace, ..
-                } if changed(&prev, namespace, spec) => {
-                    interim
-                        .stores
-                        .remove(&key(namespace.as_deref(), &spec.name));
-                }
-                Doc::PubSub {
-                    spec, namespace, ..
-                } if changed_pubsub(&prev, namespace, spec) => {
-                    interim
-                        .pubsubs
-                        .remove(&key(namespace.as_deref(), &spec.name));
-                }
-                _ => {}
+        for (family, k) in &changed {
+            match family {
+                Family::State => drop(interim.stores.remove(k)),
+                Family::PubSub => drop(interim.pubsubs.remove(k)),
             }
         }
         *target.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(interim);
@@ -629,11 +645,11 @@ pub async fn reload(
     for (_, d) in docs {
         match d {
             Doc::Subscription(s) => reg.subscriptions.push(s),
-            Doc::PubSub {
+            Doc::Component {
                 spec,
                 namespace,
                 scopes,
-            } => {
+            } if Family::of(&spec.kind) == Some(Family::PubSub) => {
                 let k = key(namespace.as_deref(), &spec.name);
                 let dir = store_dir(state_dir, namespace.as_deref());
                 let (topics, retry) = match (
@@ -676,7 +692,9 @@ pub async fn reload(
             } => {
                 reg.configs.insert(key(namespace.as_deref(), &name), acl);
             }
-            Doc::State {
+            // Every other component is a state store: `doc` keeps only
+            // the families of [`Family`].
+            Doc::Component {
                 spec,
                 namespace,
                 scopes,
@@ -724,7 +742,7 @@ pub async fn reload(
 /// moment, so the open is tried a few times (and again by [`watch`] after
 /// [`REOPEN_AFTER`]).
 async fn open_broker(
-    spec: &nodeplane_pubsub::ComponentSpec,
+    spec: &ComponentSpec,
     dir: &Path,
 ) -> std::result::Result<Arc<dyn nodeplane_pubsub::Broker>, nodeplane_pubsub::Error> {
     let mut tries = 0;
@@ -940,7 +958,7 @@ spec: {type: state.redis}
         );
         assert_eq!(docs.len(), 3, "{docs:?}");
         match &docs[0] {
-            Doc::State {
+            Doc::Component {
                 spec,
                 namespace,
                 scopes,
@@ -958,7 +976,7 @@ spec: {type: state.redis}
             other => panic!("{other:?}"),
         }
         assert!(
-            matches!(&docs[1], Doc::PubSub { spec, .. } if spec.name == "bus" && spec.kind == "pubsub.redis")
+            matches!(&docs[1], Doc::Component { spec, .. } if spec.name == "bus" && spec.kind == "pubsub.redis")
         );
         assert!(
             matches!(&docs[2], Doc::Config { name, acl, .. } if name == "acl" && acl.policies.len() == 1)

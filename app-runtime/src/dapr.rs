@@ -98,3 +98,17 @@ pub fn no_content() -> Response<Body> {
     *r.status_mut() = StatusCode::NO_CONTENT;
     r
 }
+
+/// The largest request body the state and pub/sub APIs read: a value or a
+/// message is not a file transfer (Dapr's default request limit is 4 MB).
+pub const MAX_BODY: usize = 16 << 20;
+
+/// A request's whole body, at most [`MAX_BODY`] bytes.
+pub async fn read_body(req: http::Request<hyper::body::Incoming>) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    Ok(http_body_util::Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| ApiError::malformed(format!("failed reading the request body: {e}")))?
+        .to_bytes())
+}

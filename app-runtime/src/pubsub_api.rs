@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde_json::{json, Value};
 
@@ -20,9 +19,6 @@ use crate::dapr::{self, ApiError};
 use crate::server::{Body, Caller};
 use crate::state_api::{percent_decode, query};
 use crate::Runtime;
-
-/// Dapr's default request limit is 4 MB; a message is not a file transfer.
-const MAX_BODY: usize = 16 << 20;
 
 pub const CLOUDEVENT_CONTENT_TYPE: &str = "application/cloudevents+json";
 /// Message metadata marking a raw (not enveloped) payload.
@@ -201,14 +197,6 @@ fn content_type_and_trace(req: &Request<Incoming>) -> (String, String) {
     (content_type, traceparent)
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    Ok(http_body_util::Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| ApiError::malformed(format!("failed reading the request body: {e}")))?
-        .to_bytes())
-}
-
 async fn publish(
     rt: &Runtime,
     caller: &Caller,
@@ -221,7 +209,7 @@ async fn publish(
     let t = target(rt, caller, tail)?;
     let (metadata, raw) = query_metadata(req.uri().query())?;
     let (content_type, traceparent) = content_type_and_trace(&req);
-    let body = read_body(req).await?;
+    let body = dapr::read_body(req).await?;
     let msg = t.message(raw, metadata, &content_type, &traceparent, body)?;
     t.send(msg).await.map_err(|e| {
         ApiError::new(
@@ -260,7 +248,7 @@ async fn bulk(
     let t = target(rt, caller, tail)?;
     let (metadata, raw) = query_metadata(req.uri().query())?;
     let (_, traceparent) = content_type_and_trace(&req);
-    let body = read_body(req).await?;
+    let body = dapr::read_body(req).await?;
     let ser = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "ERR_PUBSUB_EVENTS_SER", m);
     let entries: Vec<BulkEntry> = serde_json::from_slice(&body).map_err(|e| {
         ser(format!(

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use nodeplane_state::{Concurrency, Delete, Op, Save};
 use serde::Deserialize;
@@ -18,10 +17,6 @@ use crate::components::{KeyPrefix, StateComponent};
 use crate::dapr::{self, json_response, ApiError};
 use crate::server::{Body, Caller};
 use crate::Runtime;
-
-/// Request bodies larger than this are refused (a state value is not a
-/// file transfer; Dapr's default request limit is 4 MB).
-const MAX_BODY: usize = 16 << 20;
 
 #[derive(Debug, Deserialize, Default)]
 struct Options {
@@ -326,11 +321,7 @@ fn ttl(metadata: &BTreeMap<String, String>) -> Result<Option<Duration>, ApiError
 }
 
 async fn json_body<T: serde::de::DeserializeOwned>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body = http_body_util::Limited::new(req.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(|e| ApiError::malformed(format!("failed reading the request body: {e}")))?
-        .to_bytes();
+    let body = dapr::read_body(req).await?;
     serde_json::from_slice(&body)
         .map_err(|e| ApiError::malformed(format!("failed deserializing HTTP body: {e}")))
 }

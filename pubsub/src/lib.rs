@@ -144,19 +144,9 @@ pub trait Broker: Send + Sync + std::fmt::Debug {
 }
 
 /// A component's `spec` as the app runtime read it from a Dapr
-/// `Component` manifest.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ComponentSpec {
-    /// The component's `metadata.name` (for messages, and the embedded
-    /// log's directory name).
-    pub name: String,
-    /// `spec.type`, e.g. `pubsub.redis`.
-    pub kind: String,
-    /// `spec.version`, e.g. `v1`.
-    pub version: String,
-    /// `spec.metadata` as name → value.
-    pub metadata: BTreeMap<String, String>,
-}
+/// `Component` manifest: the one type every component family shares
+/// (`metadata.name` also names the embedded log's directory).
+pub use nodeplane_state::ComponentSpec;
 
 /// The `spec.type` values this crate opens.
 pub const KINDS: &[&str] = &["pubsub.embedded", "pubsub.redis", "pubsub.jetstream"];

@@ -207,6 +207,16 @@ fn of<'a>(d: &'a [Value], path: &str, key: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+/// `r` is a Dapr error answer with this status and error code.
+fn assert_error(r: &Msg, status: u16, code: &str) {
+    assert_eq!(
+        (r.status(), r.json()["errorCode"].clone()),
+        (status, json!(code)),
+        "{}",
+        r.text()
+    );
+}
+
 fn body_json(v: &Value) -> Value {
     serde_json::from_str(v["body"].as_str().unwrap_or("")).unwrap_or(Value::Null)
 }
@@ -441,12 +451,7 @@ scopes: [dec]
         "application/json",
         dup.to_string().as_bytes(),
     );
-    assert_eq!(
-        (r.status(), r.json()["errorCode"].clone()),
-        (400, json!("ERR_PUBSUB_EVENTS_SER")),
-        "{}",
-        r.text()
-    );
+    assert_error(&r, 400, "ERR_PUBSUB_EVENTS_SER");
 
     // Errors with Dapr's codes and statuses.
     let r = publish(
@@ -455,12 +460,7 @@ scopes: [dec]
         "application/json",
         b"{}",
     );
-    assert_eq!(
-        (r.status(), r.json()["errorCode"].clone()),
-        (400, json!("ERR_PUBSUB_NOT_FOUND")),
-        "{}",
-        r.text()
-    );
+    assert_error(&r, 400, "ERR_PUBSUB_NOT_FOUND");
     // A component scoped to other apps is not there for this one.
     let r = publish(
         publisher,
@@ -468,24 +468,14 @@ scopes: [dec]
         "application/json",
         b"{}",
     );
-    assert_eq!(
-        (r.status(), r.json()["errorCode"].clone()),
-        (400, json!("ERR_PUBSUB_NOT_FOUND")),
-        "{}",
-        r.text()
-    );
+    assert_error(&r, 400, "ERR_PUBSUB_NOT_FOUND");
     let r = publish(
         publisher,
         "/v1.0/publish/scoped/other",
         "application/json",
         b"{}",
     );
-    assert_eq!(
-        (r.status(), r.json()["errorCode"].clone()),
-        (403, json!("ERR_PUBSUB_FORBIDDEN")),
-        "{}",
-        r.text()
-    );
+    assert_error(&r, 403, "ERR_PUBSUB_FORBIDDEN");
     let r = publish(
         publisher,
         "/v1.0/publish/scoped/only",
@@ -494,12 +484,7 @@ scopes: [dec]
     );
     assert_eq!(r.status(), 204, "{}", r.text());
     let r = publish(publisher, "/v1.0/publish/fast/", "application/json", b"{}");
-    assert_eq!(
-        (r.status(), r.json()["errorCode"].clone()),
-        (404, json!("ERR_TOPIC_EMPTY")),
-        "{}",
-        r.text()
-    );
+    assert_error(&r, 404, "ERR_TOPIC_EMPTY");
     // A pod without an app id may not publish.
     let r = publish(
         w.pod("anon"),
@@ -507,12 +492,7 @@ scopes: [dec]
         "application/json",
         b"{}",
     );
-    assert_eq!(
-        (r.status(), r.json()["errorCode"].clone()),
-        (403, json!("ERR_PERMISSION_DENIED")),
-        "{}",
-        r.text()
-    );
+    assert_error(&r, 403, "ERR_PERMISSION_DENIED");
     assert!(r.text().contains("dapr.io/app-id"), "{}", r.text());
 
     // Nothing was delivered twice.
