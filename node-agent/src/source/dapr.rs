@@ -358,7 +358,7 @@ mod tests {
     }
 
     #[test]
-    fn an_absent_subscription_crd_holds_nothing_back() {
+    fn subscriptions_never_hold_back_the_defaults() {
         let (tx, rx) = watch::channel(ApiComponents::default());
         let shared = Shared {
             kinds: Mutex::new(Default::default()),
@@ -370,7 +370,22 @@ mod tests {
                 k.complete = true;
             });
         }
-        assert!(!rx.borrow().settled && !rx.borrow().complete);
+        // Subscriptions not answered yet: not settled, but complete, since
+        // a Subscription defines no store or pub/sub.
+        assert!(!rx.borrow().settled && rx.borrow().complete);
+        let refused = watcher::Error::InitialListFailed(kube::Error::Api(
+            kube::core::Status::failure("x", "Forbidden")
+                .with_code(403)
+                .boxed(),
+        ));
+        let p = problem(DaprKind::Subscription, &refused).expect("a problem");
+        shared.update(DaprKind::Subscription, |k| {
+            k.failed(p, status_code(&refused) == Some(404))
+        });
+        {
+            let now = rx.borrow();
+            assert!(now.settled && now.complete, "403 (old RBAC): {now:?}");
+        }
         let absent = watcher::Error::InitialListFailed(kube::Error::Api(
             kube::core::Status::failure("x", "NotFound")
                 .with_code(404)
