@@ -138,6 +138,24 @@ impl Scoped for PubSubComponent {
     }
 }
 
+/// One configuration store in service.
+#[derive(Debug, Clone)]
+pub struct ConfigStoreComponent {
+    pub spec: ComponentSpec,
+    pub namespace: Option<String>,
+    pub scopes: Vec<String>,
+    pub store: Arc<dyn crate::config_store::ConfigStore>,
+}
+
+impl Scoped for ConfigStoreComponent {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+    fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
+        visible(self.namespace.as_deref(), &self.scopes, app, namespace)
+    }
+}
+
 /// A `kind: Subscription` document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeclaredSubscription {
@@ -173,6 +191,8 @@ pub struct Registry {
     pub stores: BTreeMap<String, StateComponent>,
     /// Pub/sub components, keyed like `stores`.
     pub pubsubs: BTreeMap<String, PubSubComponent>,
+    /// Configuration stores (Dapr's configuration API), keyed like `stores`.
+    pub config_stores: BTreeMap<String, ConfigStoreComponent>,
     /// Declarative subscriptions, in document order.
     pub subscriptions: Vec<DeclaredSubscription>,
     /// Configuration key → its access control.
@@ -262,6 +282,25 @@ impl Registry {
         visible_all(&self.pubsubs, app, namespace)
     }
 
+    /// The configuration store `name` as an app sees it.
+    pub fn config_store(
+        &self,
+        name: &str,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Option<&ConfigStoreComponent> {
+        lookup(&self.config_stores, name, app, namespace)
+    }
+
+    /// Every configuration store an app sees, by name.
+    pub fn visible_config_stores(
+        &self,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Vec<&ConfigStoreComponent> {
+        visible_all(&self.config_stores, app, namespace)
+    }
+
     /// The names of the Configurations an app of `namespace` can use.
     pub fn config_names(&self, namespace: &str) -> Vec<&str> {
         let mut v: Vec<&str> = self
@@ -307,6 +346,8 @@ enum Doc {
 enum Family {
     State,
     PubSub,
+    /// `configuration.*`: configuration stores, not `kind: Configuration`.
+    ConfigStore,
 }
 
 impl Family {
@@ -315,6 +356,8 @@ impl Family {
             Some(Family::State)
         } else if kind.starts_with("pubsub.") {
             Some(Family::PubSub)
+        } else if kind.starts_with("configuration.") {
+            Some(Family::ConfigStore)
         } else {
             None
         }
@@ -601,6 +644,7 @@ pub async fn reload(
         match family {
             Family::State => reg.stores.get(k).map(|c| c.spec.clone()),
             Family::PubSub => reg.pubsubs.get(k).map(|c| c.spec.clone()),
+            Family::ConfigStore => reg.config_stores.get(k).map(|c| c.spec.clone()),
         }
     };
     // Components whose spec changed: (family, key).
@@ -623,6 +667,7 @@ pub async fn reload(
         let mut interim = Registry {
             stores: prev.stores.clone(),
             pubsubs: prev.pubsubs.clone(),
+            config_stores: prev.config_stores.clone(),
             subscriptions: prev.subscriptions.clone(),
             configs: prev.configs.clone(),
             errors: prev.errors.clone(),
@@ -632,6 +677,7 @@ pub async fn reload(
             match family {
                 Family::State => drop(interim.stores.remove(k)),
                 Family::PubSub => drop(interim.pubsubs.remove(k)),
+                Family::ConfigStore => drop(interim.config_stores.remove(k)),
             }
         }
         *target.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(interim);
@@ -682,6 +728,34 @@ pub async fn reload(
                         topics,
                         retry,
                         broker,
+                    },
+                );
+            }
+            Doc::Component {
+                spec,
+                namespace,
+                scopes,
+            } if Family::of(&spec.kind) == Some(Family::ConfigStore) => {
+                let k = key(namespace.as_deref(), &spec.name);
+                let store = match prev.config_stores.get(&k) {
+                    Some(old) if old.spec == spec => old.store.clone(),
+                    _ => match crate::config_store::open(&spec).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            reg.errors.push(format!("component {}: {e}", spec.name));
+                            // A server may come back; try again later.
+                            reg.open_failed |= spec.kind == "configuration.redis";
+                            continue;
+                        }
+                    },
+                };
+                reg.config_stores.insert(
+                    k,
+                    ConfigStoreComponent {
+                        spec,
+                        namespace,
+                        scopes,
+                        store,
                     },
                 );
             }

@@ -246,12 +246,12 @@ async fn ask(rt: &Runtime, pod: &AppPod) -> Result<Vec<u8>, String> {
     })
 }
 
-fn endpoint(p: &AppPod) -> Option<SocketAddr> {
+pub(crate) fn endpoint(p: &AppPod) -> Option<SocketAddr> {
     Some(SocketAddr::new(*p.ips.first()?, p.app_port?))
 }
 
 /// Sends one request to an app pod and reads the whole answer.
-async fn post(
+pub(crate) async fn post(
     rt: &Runtime,
     addr: SocketAddr,
     req: Request<crate::server::Body>,

@@ -9,12 +9,15 @@
 //! - [`pubsub_api`]: publishing; [`subscriptions`] and [`delivery`]:
 //!   what apps subscribe to and delivering to them, over
 //!   [`nodeplane_pubsub`] brokers.
+//! - [`config_api`]: the configuration API over [`config_store`] stores.
 //! - [`directory`]: pods and app ids (fed by the agent's model);
 //!   [`components`]: Dapr Component / Configuration / Subscription
 //!   manifests.
 
 pub mod acl;
 pub mod components;
+pub mod config_api;
+pub mod config_store;
 pub mod dapr;
 pub mod delivery;
 pub mod directory;
@@ -87,6 +90,8 @@ pub struct Runtime {
     api: std::sync::OnceLock<watch::Receiver<components::ApiComponents>>,
     /// What the delivery task subscribes to now (for metadata).
     pubsub_status: std::sync::Mutex<delivery::Status>,
+    /// Configuration subscriptions (pushes of store changes to pods).
+    pub(crate) config_subs: config_api::Subscriptions,
     /// Subscriptions joined at the broker (tasks per key).
     subscribed: std::sync::Mutex<std::collections::BTreeMap<delivery::Key, usize>>,
 }
@@ -110,6 +115,7 @@ impl Runtime {
             problems: std::sync::Mutex::new(Vec::new()),
             api: std::sync::OnceLock::new(),
             pubsub_status: std::sync::Mutex::new(delivery::Status::default()),
+            config_subs: config_api::Subscriptions::default(),
             subscribed: std::sync::Mutex::new(std::collections::BTreeMap::new()),
         })
     }
@@ -230,28 +236,28 @@ impl Runtime {
     /// `/v1.0/metadata`, for the calling app.
     pub fn metadata(&self, caller: &Caller) -> Response<Body> {
         let reg = self.registry();
-        let components: Vec<serde_json::Value> = reg
-            .visible_stores(caller.app_id(), caller.namespace())
-            .into_iter()
-            .map(|c| {
-                serde_json::json!({
-                    "name": c.spec.name,
-                    "type": c.spec.kind,
-                    "version": c.spec.version,
-                    "capabilities": ["ETAG", "TRANSACTIONAL", "TTL"],
-                })
+        let entry = |spec: &nodeplane_state::ComponentSpec, caps: &[&str]| {
+            serde_json::json!({
+                "name": spec.name,
+                "type": spec.kind,
+                "version": spec.version,
+                "capabilities": caps,
             })
+        };
+        let (app, ns) = (caller.app_id(), caller.namespace());
+        let components: Vec<serde_json::Value> = reg
+            .visible_stores(app, ns)
+            .into_iter()
+            .map(|c| entry(&c.spec, &["ETAG", "TRANSACTIONAL", "TTL"]))
             .chain(
-                reg.visible_pubsubs(caller.app_id(), caller.namespace())
+                reg.visible_pubsubs(app, ns)
                     .into_iter()
-                    .map(|c| {
-                        serde_json::json!({
-                            "name": c.spec.name,
-                            "type": c.spec.kind,
-                            "version": c.spec.version,
-                            "capabilities": [],
-                        })
-                    }),
+                    .map(|c| entry(&c.spec, &[])),
+            )
+            .chain(
+                reg.visible_config_stores(app, ns)
+                    .into_iter()
+                    .map(|c| entry(&c.spec, &[])),
             )
             .collect();
         let me = (

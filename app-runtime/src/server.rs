@@ -172,6 +172,13 @@ pub async fn handle(rt: Arc<Runtime>, peer: &Peer, req: Request<Incoming>) -> Re
         let tail = tail.to_string();
         return crate::pubsub_api::handle_bulk(&rt, &caller, &tail, req).await;
     }
+    if let Some(tail) = path
+        .strip_prefix("/v1.0/configuration/")
+        .or_else(|| path.strip_prefix("/v1.0-alpha1/configuration/"))
+    {
+        let tail = tail.to_string();
+        return crate::config_api::handle(&rt, &caller, &tail, req).await;
+    }
     let Some(rest) = path.strip_prefix("/v1.0/") else {
         return ApiError::not_found(&path).into_response();
     };

@@ -75,6 +75,39 @@ impl AppPod {
         self.ns.path()
     }
 
+    /// What np-app has recorded (`GET /deliveries`, asked inside the pod):
+    /// pub/sub deliveries and pushed configuration changes.
+    pub fn deliveries(&self) -> Vec<serde_json::Value> {
+        crate::agent::in_netns(&self.path(), || {
+            let s = std::net::TcpStream::connect(("127.0.0.1", APP_PORT)).expect("connect np-app");
+            crate::http1::Conn::new(s)
+                .request("GET", "/deliveries", &[], b"")
+                .expect("GET /deliveries")
+                .json()
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+    }
+
+    /// Waits until the runtime knows this pod as `pod NAMESPACE/NAME`
+    /// (its `/v1.0/metadata` says so); panics after `limit`.
+    pub fn wait_known(&self, namespace: &str, name: &str, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let m = self.call("GET", "/v1.0/metadata", &[], b"");
+            if m.json()["extended"]["caller"] == format!("pod {namespace}/{name}") {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "the runtime did not learn pod {namespace}/{name}: {}",
+                m.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// One request to the node runtime from this pod; panics on I/O errors.
     pub fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Msg {
         runtime_in(&self.path(), method, path, headers, body)

@@ -6,10 +6,10 @@
 
 use std::time::{Duration, Instant};
 
-use nodeplane_tests::agent::{in_netns, Agent};
-use nodeplane_tests::apps::{self, AppPod, NodeNats, NodeRedis, APP_PORT};
+use nodeplane_tests::agent::Agent;
+use nodeplane_tests::apps::{self, AppPod, NodeNats, NodeRedis};
 use nodeplane_tests::fixture::Node;
-use nodeplane_tests::http1::{Conn, Msg};
+use nodeplane_tests::http1::Msg;
 use nodeplane_tests::{prereq, Netns};
 use serde_json::{json, Value};
 
@@ -167,17 +167,6 @@ fn publish_ok(p: &AppPod, pubsub: &str, topic: &str, msg: Value) {
     assert_eq!(r.status(), 204, "publish to {pubsub}/{topic}: {}", r.text());
 }
 
-/// What np-app in `p` has recorded.
-fn deliveries(p: &AppPod) -> Vec<Value> {
-    in_netns(&p.path(), || {
-        let s = std::net::TcpStream::connect(("127.0.0.1", APP_PORT)).expect("connect np-app");
-        let m = Conn::new(s)
-            .request("GET", "/deliveries", &[], b"")
-            .expect("GET /deliveries");
-        m.json().as_array().cloned().unwrap_or_default()
-    })
-}
-
 /// Waits until `pred` holds for `p`'s deliveries; returns them.
 fn wait_deliveries(
     w: &World,
@@ -187,7 +176,7 @@ fn wait_deliveries(
 ) -> Vec<Value> {
     let start = Instant::now();
     loop {
-        let d = deliveries(p);
+        let d = p.deliveries();
         if pred(&d) {
             return d;
         }
@@ -497,7 +486,7 @@ scopes: [dec]
 
     // Nothing was delivered twice.
     for p in [sub, dec] {
-        for v in deliveries(p).iter().filter(|v| v["key"] != "") {
+        for v in p.deliveries().iter().filter(|v| v["key"] != "") {
             assert_eq!(v["n"], 1, "{v}");
         }
     }
@@ -558,7 +547,7 @@ fn retry_drop_and_dead_letter_follow_the_apps_answers() {
     // Whatever could still come would come within a few retry intervals
     // (100-200 ms): wait well past them before counting.
     std::thread::sleep(Duration::from_secs(2));
-    let d = deliveries(sub);
+    let d = sub.deliveries();
     let count = |path, k| of(&d, path, k).len();
     // RETRY (or 500) then success: delivered twice, attempt 2 taken.
     assert_eq!(count("/sub/work", "retry-once"), 2, "{d:#?}");
@@ -638,7 +627,7 @@ fn pods_of_one_app_id_share_its_messages_each_message_once_per_app() {
     let solo = wait_deliveries(&w, w.pod("solo"), "solo gets all", |d| d.len() == n);
     let start = Instant::now();
     let (a, b) = loop {
-        let (a, b) = (deliveries(w.pod("pair1")), deliveries(w.pod("pair2")));
+        let (a, b) = (w.pod("pair1").deliveries(), w.pod("pair2").deliveries());
         if a.len() + b.len() >= n {
             break (a, b);
         }
@@ -649,7 +638,7 @@ fn pods_of_one_app_id_share_its_messages_each_message_once_per_app() {
         std::thread::sleep(Duration::from_millis(50));
     };
     std::thread::sleep(Duration::from_millis(500));
-    let (a2, b2) = (deliveries(w.pod("pair1")), deliveries(w.pod("pair2")));
+    let (a2, b2) = (w.pod("pair1").deliveries(), w.pod("pair2").deliveries());
     assert_eq!(
         (a2.len(), b2.len()),
         (a.len(), b.len()),
@@ -996,7 +985,7 @@ fn pods_of_one_app_on_two_nodes_compete_through_a_shared_redis() {
     }
     let start = Instant::now();
     let (a, b) = loop {
-        let (a, b) = (deliveries(&w1), deliveries(&w2));
+        let (a, b) = (w1.deliveries(), w2.deliveries());
         if a.len() + b.len() >= n {
             break (a, b);
         }
@@ -1011,7 +1000,7 @@ fn pods_of_one_app_on_two_nodes_compete_through_a_shared_redis() {
         std::thread::sleep(Duration::from_millis(50));
     };
     std::thread::sleep(Duration::from_millis(500));
-    let (a2, b2) = (deliveries(&w1), deliveries(&w2));
+    let (a2, b2) = (w1.deliveries(), w2.deliveries());
     assert_eq!(
         (a2.len(), b2.len()),
         (a.len(), b.len()),
@@ -1031,7 +1020,7 @@ fn pods_of_one_app_on_two_nodes_compete_through_a_shared_redis() {
     );
     let start = Instant::now();
     let audited = loop {
-        let d = deliveries(&audit);
+        let d = audit.deliveries();
         if d.len() >= n {
             break d;
         }
@@ -1135,9 +1124,9 @@ scopes: [dec]
     // The app that no longer subscribes gets nothing: wait well past a
     // delivery (a2 took milliseconds) before looking.
     std::thread::sleep(Duration::from_secs(1));
-    let d = deliveries(w.pod("dec"));
+    let d = w.pod("dec").deliveries();
     assert!(of(&d, "/sub/b", "b2").is_empty(), "{d:#?}");
-    assert_eq!(of(&deliveries(w.pod("sub")), "/sub/a", "a1").len(), 1);
+    assert_eq!(of(&w.pod("sub").deliveries(), "/sub/a", "a1").len(), 1);
 
     // The app's last pod goes from the cluster: its subscription stops.
     // The group stays at the broker, so what is published meanwhile
@@ -1165,7 +1154,7 @@ scopes: [dec]
     }
     publish_ok(w.pod("pub"), "fast", "a", json!({"key": "a3"}));
     std::thread::sleep(Duration::from_secs(1));
-    let d = deliveries(w.pod("sub"));
+    let d = w.pod("sub").deliveries();
     assert!(
         of(&d, "/sub/a", "a3").is_empty(),
         "delivered to a pod that is gone: {d:#?}"

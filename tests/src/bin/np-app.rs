@@ -17,6 +17,8 @@
 //!   (`404`, `500`), `empty` (200, no body) or `slow:MS` (SUCCESS after MS
 //!   milliseconds). No answer list: SUCCESS. Paths under `/sub/ok/` always
 //!   answer SUCCESS (for dead-letter subscribers);
+//! - `POST /configuration/...`: a configuration change pushed by the
+//!   runtime, recorded like a delivery (answered 200);
 //! - `GET /deliveries`: every delivery so far, as a JSON list of `{path,
 //!   key, n, contentType, body}` (`n`: the how-manieth delivery of the key
 //!   to the path);
@@ -118,7 +120,7 @@ fn answer(req: &Msg) -> (u16, Vec<(String, String)>, Vec<u8>) {
             );
         }
     }
-    if method == "POST" && path.starts_with("/sub/") {
+    if method == "POST" && (path.starts_with("/sub/") || path.starts_with("/configuration/")) {
         return delivery(req, path);
     }
     if path == "/deliveries" {
