@@ -388,7 +388,20 @@ impl Ctx {
             attempt,
             token,
         } = d;
+        let began = std::time::Instant::now();
         let outcome = self.call(&msg).await;
+        let label = match &outcome {
+            Outcome::Success => "success",
+            Outcome::Retry(_) => "retry",
+            Outcome::Drop(_) => "drop",
+        };
+        self.rt.metrics.delivered(
+            &self.app,
+            &self.spec.pubsub,
+            &msg.topic,
+            label,
+            began.elapsed(),
+        );
         let policy: RetryPolicy = self.comp.retry;
         let settled = match outcome {
             Outcome::Success => token.ack().await,

@@ -30,10 +30,23 @@ pub async fn handle(
     tail: &str,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    match publish(rt, caller, tail, req).await {
+    let r = match publish(rt, caller, tail, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    count(rt, caller, tail, &r);
+    r
+}
+
+/// Counts a publish (single or bulk) in the runtime's metrics.
+fn count(rt: &Runtime, caller: &Caller, tail: &str, r: &Response<Body>) {
+    let (name, topic) = tail.split_once('/').unwrap_or((tail, ""));
+    rt.metrics.published(
+        caller.app_id().unwrap_or(""),
+        name,
+        topic,
+        r.status().as_u16(),
+    );
 }
 
 /// `/v1.0-alpha1/publish/bulk/{pubsub}/{topic}`.
@@ -43,10 +56,12 @@ pub async fn handle_bulk(
     tail: &str,
     req: Request<Incoming>,
 ) -> Response<Body> {
-    match bulk(rt, caller, tail, req).await {
+    let r = match bulk(rt, caller, tail, req).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
-    }
+    };
+    count(rt, caller, tail, &r);
+    r
 }
 
 /// Where a publish goes, checked: the component, its name, the topic and

@@ -573,6 +573,17 @@ fn retry_drop_and_dead_letter_follow_the_apps_answers() {
         (json!("work"), json!("pub")),
         "{dl}"
     );
+    // The agent's metrics count the publishes and every delivery's outcome.
+    let m = w.agent.get("/metrics").map(|(_, b)| b).unwrap_or_default();
+    for line in [
+        r#"nodeplane_runtime_pubsub_published_total{app="pub",pubsub="fast",topic="work",status="204"} 6"#,
+        r#"nodeplane_runtime_pubsub_deliveries_total{app="sub",pubsub="fast",topic="work",outcome="success"} 2"#,
+        r#"nodeplane_runtime_pubsub_deliveries_total{app="sub",pubsub="fast",topic="work",outcome="retry"} 8"#,
+        r#"nodeplane_runtime_pubsub_deliveries_total{app="sub",pubsub="fast",topic="work",outcome="drop"} 2"#,
+        r#"nodeplane_runtime_pubsub_delivery_duration_seconds_count{app="sub",pubsub="fast",topic="work"} 12"#,
+    ] {
+        assert!(m.contains(line), "{line} not in the metrics:\n{m}");
+    }
 }
 
 #[test]
