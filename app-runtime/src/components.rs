@@ -138,6 +138,21 @@ impl Scoped for PubSubComponent {
     }
 }
 
+impl crate::bindings::BindingComponent {
+    pub fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
+        visible(self.namespace.as_deref(), &self.scopes, app, namespace)
+    }
+}
+
+impl Scoped for crate::bindings::BindingComponent {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+    fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
+        crate::bindings::BindingComponent::visible_to(self, app, namespace)
+    }
+}
+
 /// A `kind: Subscription` document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeclaredSubscription {
@@ -173,6 +188,8 @@ pub struct Registry {
     pub stores: BTreeMap<String, StateComponent>,
     /// Pub/sub components, keyed like `stores`.
     pub pubsubs: BTreeMap<String, PubSubComponent>,
+    /// Bindings (`bindings.*`), keyed like `stores`.
+    pub bindings: BTreeMap<String, crate::bindings::BindingComponent>,
     /// Declarative subscriptions, in document order.
     pub subscriptions: Vec<DeclaredSubscription>,
     /// Configuration key → its access control.
@@ -262,6 +279,25 @@ impl Registry {
         visible_all(&self.pubsubs, app, namespace)
     }
 
+    /// The binding `name` as an app sees it (same rules as [`Registry::store`]).
+    pub fn binding(
+        &self,
+        name: &str,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Option<&crate::bindings::BindingComponent> {
+        lookup(&self.bindings, name, app, namespace)
+    }
+
+    /// Every binding an app sees, by name.
+    pub fn visible_bindings(
+        &self,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Vec<&crate::bindings::BindingComponent> {
+        visible_all(&self.bindings, app, namespace)
+    }
+
     /// The names of the Configurations an app of `namespace` can use.
     pub fn config_names(&self, namespace: &str) -> Vec<&str> {
         let mut v: Vec<&str> = self
@@ -307,6 +343,7 @@ enum Doc {
 enum Family {
     State,
     PubSub,
+    Binding,
 }
 
 impl Family {
@@ -315,6 +352,8 @@ impl Family {
             Some(Family::State)
         } else if kind.starts_with("pubsub.") {
             Some(Family::PubSub)
+        } else if kind.starts_with("bindings.") {
+            Some(Family::Binding)
         } else {
             None
         }
@@ -380,7 +419,7 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                 .and_then(Value::as_str)
                 .ok_or_else(|| format!("Component {name} has no spec.type (e.g. state.redis)"))?;
             if Family::of(kind_s).is_none() {
-                // bindings, secrets: a later part of the runtime.
+                // secrets and others: a later part of the runtime.
                 return Ok(None);
             }
             let mut metadata = BTreeMap::new();
@@ -601,6 +640,7 @@ pub async fn reload(
         match family {
             Family::State => reg.stores.get(k).map(|c| c.spec.clone()),
             Family::PubSub => reg.pubsubs.get(k).map(|c| c.spec.clone()),
+            Family::Binding => reg.bindings.get(k).map(|c| c.spec.clone()),
         }
     };
     // Components whose spec changed: (family, key).
@@ -623,6 +663,7 @@ pub async fn reload(
         let mut interim = Registry {
             stores: prev.stores.clone(),
             pubsubs: prev.pubsubs.clone(),
+            bindings: prev.bindings.clone(),
             subscriptions: prev.subscriptions.clone(),
             configs: prev.configs.clone(),
             errors: prev.errors.clone(),
@@ -632,6 +673,7 @@ pub async fn reload(
             match family {
                 Family::State => drop(interim.stores.remove(k)),
                 Family::PubSub => drop(interim.pubsubs.remove(k)),
+                Family::Binding => drop(interim.bindings.remove(k)),
             }
         }
         *target.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(interim);
@@ -691,6 +733,35 @@ pub async fn reload(
                 acl,
             } => {
                 reg.configs.insert(key(namespace.as_deref(), &name), acl);
+            }
+            Doc::Component {
+                spec,
+                namespace,
+                scopes,
+            } if Family::of(&spec.kind) == Some(Family::Binding) => {
+                let k = key(namespace.as_deref(), &spec.name);
+                // Unchanged: the same instance (its connections, and the
+                // input binding's schedule, go on).
+                let binding = match prev.bindings.get(&k) {
+                    Some(old) if old.spec == spec => old.binding.clone(),
+                    _ => match crate::bindings::open(&spec).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            reg.errors.push(format!("component {}: {e}", spec.name));
+                            reg.open_failed |= !e.is_config();
+                            continue;
+                        }
+                    },
+                };
+                reg.bindings.insert(
+                    k,
+                    crate::bindings::BindingComponent {
+                        spec,
+                        namespace,
+                        scopes,
+                        binding,
+                    },
+                );
             }
             // Every other component is a state store: `doc` keeps only
             // the families of [`Family`].
@@ -872,6 +943,7 @@ pub async fn watch(
             tracing::info!(
                 stores = next.stores.len(),
                 pubsubs = next.pubsubs.len(),
+                bindings = next.bindings.len(),
                 subscriptions = next.subscriptions.len(),
                 configurations = next.configs.len(),
                 errors = next.errors.len(),

@@ -9,11 +9,14 @@
 //! - [`pubsub_api`]: publishing; [`subscriptions`] and [`delivery`]:
 //!   what apps subscribe to and delivering to them, over
 //!   [`nodeplane_pubsub`] brokers.
+//! - [`bindings`]: output bindings (`/v1.0/bindings/{name}`) and input
+//!   bindings (cron schedules delivered to the apps).
 //! - [`directory`]: pods and app ids (fed by the agent's model);
 //!   [`components`]: Dapr Component / Configuration / Subscription
 //!   manifests.
 
 pub mod acl;
+pub mod bindings;
 pub mod components;
 pub mod dapr;
 pub mod delivery;
@@ -142,6 +145,7 @@ impl Runtime {
         // Ready once the first read is in (or the reader failed to start).
         let _ = loaded.await;
         tokio::spawn(delivery::run(self.clone()));
+        tokio::spawn(bindings::input::run(self.clone()));
         self.ready.store(true, Ordering::SeqCst);
     }
 
@@ -243,6 +247,18 @@ impl Runtime {
             })
             .chain(
                 reg.visible_pubsubs(caller.app_id(), caller.namespace())
+                    .into_iter()
+                    .map(|c| {
+                        serde_json::json!({
+                            "name": c.spec.name,
+                            "type": c.spec.kind,
+                            "version": c.spec.version,
+                            "capabilities": [],
+                        })
+                    }),
+            )
+            .chain(
+                reg.visible_bindings(caller.app_id(), caller.namespace())
                     .into_iter()
                     .map(|c| {
                         serde_json::json!({
