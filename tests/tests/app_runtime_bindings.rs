@@ -411,7 +411,14 @@ fn cron_fires_to_the_scoped_apps_retries_failures_and_follows_component_changes(
         &with(&[("route", "/cron/fail-first/x")]),
         &["flaky"],
     );
-    w.components(&format!("{ticker}{flaky}"));
+    // np-app answers OPTIONS /status/404 with 404: it does not listen.
+    let silent = component(
+        "silent",
+        "bindings.cron",
+        &with(&[("route", "/status/404")]),
+        &["other"],
+    );
+    w.components(&format!("{ticker}{flaky}{silent}"));
 
     // The scoped app gets firings, each one POST with Dapr's cron metadata.
     let d = w.wait_firings("tick", "two firings", |d| d.len() >= 2);
@@ -435,8 +442,22 @@ fn cron_fires_to_the_scoped_apps_retries_failures_and_follows_component_changes(
                 .any(|f| f["n"] != 1 && f["readTimeUTC"] == f1["readTimeUTC"])
         })
     });
-    // The app out of scope gets none.
+    // The app out of scope gets none; the one that does not listen on the
+    // route is asked once and then left alone.
     assert!(firings(w.pod("other")).is_empty());
+    let start = Instant::now();
+    while !w
+        .agent
+        .log_text()
+        .contains("the app does not listen on the input binding's route")
+    {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "no OPTIONS verdict for silent; agent log:\n{}",
+            w.agent.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // Removing a component stops its schedule; a new one starts.
     let late = component(
