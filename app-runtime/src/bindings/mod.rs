@@ -383,6 +383,80 @@ mod tests {
         }
     }
 
+    fn doc(name: &str, kind: &str, metadata: Value, scopes: &[&str]) -> (String, Value) {
+        (
+            format!("API Component shop/{name}"),
+            serde_json::json!({
+                "apiVersion": "dapr.io/v1alpha1", "kind": "Component",
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"type": kind, "version": "v1", "metadata": metadata},
+                "scopes": scopes,
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn reload_reads_bindings_with_scopes_and_keeps_unchanged_ones() {
+        let state = std::env::temp_dir().join(format!("np-bind-{}", std::process::id()));
+        let target = std::sync::RwLock::new(Arc::new(crate::components::Registry::default()));
+        let docs = vec![
+            doc(
+                "web",
+                "bindings.http",
+                serde_json::json!([{"name": "url", "value": "http://10.0.0.1:80"}]),
+                &[],
+            ),
+            doc(
+                "tick",
+                "bindings.cron",
+                serde_json::json!([{"name": "schedule", "value": "@every 5s"}]),
+                &["worker"],
+            ),
+            doc("nourl", "bindings.http", Value::Null, &[]),
+            doc("mq", "bindings.kafka", Value::Null, &[]),
+            doc(
+                "wrongway",
+                "bindings.cron",
+                serde_json::json!([{"name": "schedule", "value": "@hourly"}, {"name": "direction", "value": "output"}]),
+                &[],
+            ),
+        ];
+        let reg = crate::components::reload(&target, docs.clone(), Vec::new(), &state, false).await;
+        assert_eq!(
+            reg.bindings.keys().collect::<Vec<_>>(),
+            ["shop/tick", "shop/web"]
+        );
+        let errors = reg.errors.join("\n");
+        assert!(
+            errors.contains("nourl") && errors.contains("metadata url is required"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("bindings.kafka is not supported"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("wrongway") && errors.contains("input binding only"),
+            "{errors}"
+        );
+        assert!(!reg.open_failed, "configuration errors are not retried");
+        assert!(reg.binding("web", Some("a"), Some("shop")).is_some());
+        assert!(reg.binding("web", Some("a"), Some("other")).is_none());
+        assert!(reg.binding("tick", Some("a"), Some("shop")).is_none());
+        assert!(reg.binding("tick", Some("worker"), Some("shop")).is_some());
+        assert_eq!(reg.visible_bindings(Some("worker"), Some("shop")).len(), 2);
+        // Unchanged: the same instance (a running schedule goes on).
+        let again = crate::components::reload(&target, docs, Vec::new(), &state, false).await;
+        match (
+            &reg.bindings["shop/tick"].binding,
+            &again.bindings["shop/tick"].binding,
+        ) {
+            (Binding::Cron(a), Binding::Cron(b)) => assert!(Arc::ptr_eq(a, b)),
+            other => panic!("{other:?}"),
+        }
+        let _ = std::fs::remove_dir_all(&state);
+    }
+
     #[test]
     fn directions() {
         let md = |v: &str| BTreeMap::from([("direction".to_string(), v.to_string())]);
