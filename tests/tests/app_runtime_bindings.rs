@@ -338,6 +338,23 @@ fn redis_binding_creates_gets_increments_and_deletes_keys() {
         json!({"operation": "get", "metadata": {"key": "k2"}}),
     );
     assert_eq!(r.text(), "\"hi\"");
+    // Plain string keys any client reads; the TTL is set.
+    let cli = |args: &[&str]| -> String {
+        let bin = prereq::require_tool("redis-cli", "redis-tools");
+        let out = w
+            .node
+            .ns
+            .command(bin)
+            .args(["-p", &redis.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(cli(&["GET", "k1"]), r#"{"v":1}"#);
+    let ttl: u64 = cli(&["TTL", "k2"]).parse().expect("TTL is a number");
+    assert!((1..=600).contains(&ttl), "TTL of k2: {ttl}");
+    assert_eq!(cli(&["TTL", "k1"]), "-1", "no ttlInSeconds: no expiry");
     for _ in 0..2 {
         let r = invoke(
             front,
