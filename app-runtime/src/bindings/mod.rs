@@ -315,17 +315,8 @@ pub async fn handle(
         Ok(r) => {
             let mut resp = match r.data {
                 None => dapr::no_content(),
-                Some(d) => {
-                    let mut resp = dapr::json_response(StatusCode::OK, d);
-                    if let Some(ct) = r
-                        .metadata
-                        .get("contentType")
-                        .and_then(|v| HeaderValue::from_str(v).ok())
-                    {
-                        resp.headers_mut().insert(::http::header::CONTENT_TYPE, ct);
-                    }
-                    resp
-                }
+                // Always JSON, whatever the data, as Dapr answers.
+                Some(d) => dapr::json_response(StatusCode::OK, d),
             };
             metadata_headers(&mut resp, &r.metadata);
             resp
