@@ -156,6 +156,21 @@ impl Scoped for ConfigStoreComponent {
     }
 }
 
+impl Scoped for crate::bindings::BindingComponent {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+    fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
+        crate::bindings::BindingComponent::visible_to(self, app, namespace)
+    }
+}
+
+impl crate::bindings::BindingComponent {
+    pub fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
+        visible(self.namespace.as_deref(), &self.scopes, app, namespace)
+    }
+}
+
 /// A `kind: Subscription` document.
 #[derive(Debug, Clone, PartialEq)]
 pub struct DeclaredSubscription {
@@ -193,6 +208,8 @@ pub struct Registry {
     pub pubsubs: BTreeMap<String, PubSubComponent>,
     /// Configuration stores (Dapr's configuration API), keyed like `stores`.
     pub config_stores: BTreeMap<String, ConfigStoreComponent>,
+    /// Bindings (`bindings.*`), keyed like `stores`.
+    pub bindings: BTreeMap<String, crate::bindings::BindingComponent>,
     /// Declarative subscriptions, in document order.
     pub subscriptions: Vec<DeclaredSubscription>,
     /// Configuration key → its access control.
@@ -301,6 +318,25 @@ impl Registry {
         visible_all(&self.config_stores, app, namespace)
     }
 
+    /// The binding `name` as an app sees it (same rules as [`Registry::store`]).
+    pub fn binding(
+        &self,
+        name: &str,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Option<&crate::bindings::BindingComponent> {
+        lookup(&self.bindings, name, app, namespace)
+    }
+
+    /// Every binding an app sees, by name.
+    pub fn visible_bindings(
+        &self,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Vec<&crate::bindings::BindingComponent> {
+        visible_all(&self.bindings, app, namespace)
+    }
+
     /// The names of the Configurations an app of `namespace` can use.
     pub fn config_names(&self, namespace: &str) -> Vec<&str> {
         let mut v: Vec<&str> = self
@@ -348,6 +384,7 @@ enum Family {
     PubSub,
     /// `configuration.*`: configuration stores, not `kind: Configuration`.
     ConfigStore,
+    Binding,
 }
 
 impl Family {
@@ -358,6 +395,8 @@ impl Family {
             Some(Family::PubSub)
         } else if kind.starts_with("configuration.") {
             Some(Family::ConfigStore)
+        } else if kind.starts_with("bindings.") {
+            Some(Family::Binding)
         } else {
             None
         }
@@ -423,7 +462,7 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                 .and_then(Value::as_str)
                 .ok_or_else(|| format!("Component {name} has no spec.type (e.g. state.redis)"))?;
             if Family::of(kind_s).is_none() {
-                // bindings, secrets: a later part of the runtime.
+                // secrets and others: a later part of the runtime.
                 return Ok(None);
             }
             let mut metadata = BTreeMap::new();
@@ -645,6 +684,7 @@ pub async fn reload(
             Family::State => reg.stores.get(k).map(|c| c.spec.clone()),
             Family::PubSub => reg.pubsubs.get(k).map(|c| c.spec.clone()),
             Family::ConfigStore => reg.config_stores.get(k).map(|c| c.spec.clone()),
+            Family::Binding => reg.bindings.get(k).map(|c| c.spec.clone()),
         }
     };
     // Components whose spec changed: (family, key).
@@ -668,6 +708,7 @@ pub async fn reload(
             stores: prev.stores.clone(),
             pubsubs: prev.pubsubs.clone(),
             config_stores: prev.config_stores.clone(),
+            bindings: prev.bindings.clone(),
             subscriptions: prev.subscriptions.clone(),
             configs: prev.configs.clone(),
             errors: prev.errors.clone(),
@@ -678,6 +719,7 @@ pub async fn reload(
                 Family::State => drop(interim.stores.remove(k)),
                 Family::PubSub => drop(interim.pubsubs.remove(k)),
                 Family::ConfigStore => drop(interim.config_stores.remove(k)),
+                Family::Binding => drop(interim.bindings.remove(k)),
             }
         }
         *target.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(interim);
@@ -765,6 +807,35 @@ pub async fn reload(
                 acl,
             } => {
                 reg.configs.insert(key(namespace.as_deref(), &name), acl);
+            }
+            Doc::Component {
+                spec,
+                namespace,
+                scopes,
+            } if Family::of(&spec.kind) == Some(Family::Binding) => {
+                let k = key(namespace.as_deref(), &spec.name);
+                // Unchanged: the same instance (its connections, and the
+                // input binding's schedule, go on).
+                let binding = match prev.bindings.get(&k) {
+                    Some(old) if old.spec == spec => old.binding.clone(),
+                    _ => match crate::bindings::open(&spec).await {
+                        Ok(b) => b,
+                        Err(e) => {
+                            reg.errors.push(format!("component {}: {e}", spec.name));
+                            reg.open_failed |= !e.is_config();
+                            continue;
+                        }
+                    },
+                };
+                reg.bindings.insert(
+                    k,
+                    crate::bindings::BindingComponent {
+                        spec,
+                        namespace,
+                        scopes,
+                        binding,
+                    },
+                );
             }
             // Every other component is a state store: `doc` keeps only
             // the families of [`Family`].
@@ -946,6 +1017,7 @@ pub async fn watch(
             tracing::info!(
                 stores = next.stores.len(),
                 pubsubs = next.pubsubs.len(),
+                bindings = next.bindings.len(),
                 subscriptions = next.subscriptions.len(),
                 configurations = next.configs.len(),
                 errors = next.errors.len(),

@@ -257,6 +257,21 @@ pub(crate) async fn post(
     req: Request<crate::server::Body>,
     limit: Duration,
 ) -> Result<(StatusCode, Bytes), String> {
+    let (parts, body) = exchange(rt, addr, req, limit, MAX_ANSWER).await?;
+    Ok((parts.status, body))
+}
+
+/// One request to `addr` over the runtime's pooled HTTP/1 connections,
+/// with the answer's head and its whole body (at most `max` bytes), all
+/// within `limit`. Shared by deliveries, input bindings and the HTTP
+/// output binding.
+pub(crate) async fn exchange(
+    rt: &Runtime,
+    addr: SocketAddr,
+    req: Request<crate::server::Body>,
+    limit: Duration,
+    max: usize,
+) -> Result<(http::response::Parts, Bytes), String> {
     let work = async {
         let mut sender = match rt.pool.idle(addr).await {
             Some(s) => s,
@@ -283,17 +298,48 @@ pub(crate) async fn post(
         };
         let (parts, body) = resp.into_parts();
         let body = rt.pool.body(addr, sender, body);
-        let bytes = http_body_util::Limited::new(body, MAX_ANSWER)
+        let bytes = http_body_util::Limited::new(body, max)
             .collect()
             .await
             .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes();
-        Ok((parts.status, bytes))
+        Ok((parts, bytes))
     };
     match tokio::time::timeout(limit, work).await {
         Ok(r) => r,
         Err(_) => Err(format!("no answer within {limit:?}")),
     }
+}
+
+/// A ready pod of `app` on this node, taking turns by `turn` (round robin
+/// over the pods in name order), and its address; `Err` says why none.
+pub(crate) fn local_pod(
+    rt: &Runtime,
+    ns: &str,
+    app: &str,
+    turn: usize,
+) -> Result<(Arc<AppPod>, SocketAddr), String> {
+    let mut local = local_pods(rt, ns, app);
+    if local.is_empty() {
+        return Err("no ready pod of the app on this node".into());
+    }
+    let pod = local.swap_remove(turn % local.len());
+    match endpoint(&pod) {
+        Some(addr) => Ok((pod, addr)),
+        None => Err(format!("pod {} has no address", pod.key())),
+    }
+}
+
+/// The app's ready pods on this node, in name order.
+pub(crate) fn local_pods(rt: &Runtime, ns: &str, app: &str) -> Vec<Arc<AppPod>> {
+    let mut local: Vec<Arc<AppPod>> = rt
+        .directory()
+        .endpoints(ns, app)
+        .into_iter()
+        .filter(|p| p.local)
+        .collect();
+    local.sort_by(|a, b| a.name.cmp(&b.name));
+    local
 }
 
 /// One broker subscription, until `stop` fires.
@@ -484,21 +530,11 @@ impl Ctx {
         let Some(route) = self.spec.route(event.as_ref()) else {
             return Outcome::Drop("no routing rule matches and there is no default route".into());
         };
-        let dir = self.rt.directory();
-        let mut local: Vec<Arc<AppPod>> = dir
-            .endpoints(&self.ns, &self.app)
-            .into_iter()
-            .filter(|p| p.local)
-            .collect();
-        if local.is_empty() {
-            return Outcome::Retry("no ready pod of the app on this node".into());
-        }
         // Round robin over this node's pods, in a stable order.
-        local.sort_by(|a, b| a.name.cmp(&b.name));
         let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let pod = local[turn % local.len()].clone();
-        let Some(addr) = endpoint(&pod) else {
-            return Outcome::Retry(format!("pod {} has no address", pod.key()));
+        let (pod, addr) = match local_pod(&self.rt, &self.ns, &self.app, turn) {
+            Ok(p) => p,
+            Err(why) => return Outcome::Retry(why),
         };
         let traceparent = crate::trace::next(
             event

@@ -10,11 +10,14 @@
 //!   what apps subscribe to and delivering to them, over
 //!   [`nodeplane_pubsub`] brokers.
 //! - [`config_api`]: the configuration API over [`config_store`] stores.
+//! - [`bindings`]: output bindings (`/v1.0/bindings/{name}`) and input
+//!   bindings (cron schedules delivered to the apps).
 //! - [`directory`]: pods and app ids (fed by the agent's model);
 //!   [`components`]: Dapr Component / Configuration / Subscription
 //!   manifests.
 
 pub mod acl;
+pub mod bindings;
 pub mod components;
 pub mod config_api;
 pub mod config_store;
@@ -148,6 +151,7 @@ impl Runtime {
         // Ready once the first read is in (or the reader failed to start).
         let _ = loaded.await;
         tokio::spawn(delivery::run(self.clone()));
+        tokio::spawn(bindings::input::run(self.clone()));
         self.ready.store(true, Ordering::SeqCst);
     }
 
@@ -256,6 +260,11 @@ impl Runtime {
             )
             .chain(
                 reg.visible_config_stores(app, ns)
+                    .into_iter()
+                    .map(|c| entry(&c.spec, &[])),
+            )
+            .chain(
+                reg.visible_bindings(app, ns)
                     .into_iter()
                     .map(|c| entry(&c.spec, &[])),
             )

@@ -197,6 +197,9 @@ pub async fn handle(rt: Arc<Runtime>, peer: &Peer, req: Request<Incoming>) -> Re
             .into_response(),
         },
         ("publish", tail) => crate::pubsub_api::handle(&rt, &caller, tail, req).await,
+        ("bindings", tail) if !tail.is_empty() && !tail.contains('/') => {
+            crate::bindings::handle(&rt, &caller, tail, req).await
+        }
         ("state", tail) if !tail.is_empty() => {
             crate::state_api::handle(&rt, &caller, tail, req).await
         }

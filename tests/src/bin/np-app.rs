@@ -19,6 +19,11 @@
 //!   answer SUCCESS (for dead-letter subscribers);
 //! - `POST /configuration/...`: a configuration change pushed by the
 //!   runtime, recorded like a delivery (answered 200);
+//! - `POST /cron/...`: an input binding's firing, recorded for
+//!   `/deliveries` like a pub/sub delivery (key `""`, plus the `timeZone`
+//!   and `readTimeUTC` headers); answered 200, except that paths under
+//!   `/cron/fail-first/` answer 500 to their first firing. `OPTIONS
+//!   /cron/...` answers 200 (the runtime's "does the app listen" probe);
 //! - `GET /deliveries`: every delivery so far, as a JSON list of `{path,
 //!   key, n, contentType, body}` (`n`: the how-manieth delivery of the key
 //!   to the path);
@@ -123,6 +128,13 @@ fn answer(req: &Msg) -> (u16, Vec<(String, String)>, Vec<u8>) {
     if method == "POST" && (path.starts_with("/sub/") || path.starts_with("/configuration/")) {
         return delivery(req, path);
     }
+    if path.starts_with("/cron/") {
+        match method.as_str() {
+            "OPTIONS" => return (200, vec![], Vec::new()),
+            "POST" => return firing(req, path),
+            _ => {}
+        }
+    }
     if path == "/deliveries" {
         let list = DELIVERIES.lock().unwrap_or_else(|e| e.into_inner());
         let body = serde_json::to_vec(&*list).unwrap_or_default();
@@ -223,6 +235,35 @@ fn delivery(req: &Msg, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
         "empty" => (200, vec![], Vec::new()),
         other => status(other),
     }
+}
+
+/// Records one input binding firing (see the module docs).
+fn firing(req: &Msg, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let n = {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        let c = seen
+            .get_or_insert_with(HashMap::new)
+            .entry((path.to_string(), String::new()))
+            .or_insert(0);
+        *c += 1;
+        *c
+    };
+    DELIVERIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(serde_json::json!({
+            "path": path,
+            "key": "",
+            "n": n,
+            "contentType": req.header("content-type").unwrap_or(""),
+            "body": String::from_utf8_lossy(&req.body),
+            "timeZone": req.header("timezone").unwrap_or(""),
+            "readTimeUTC": req.header("readtimeutc").unwrap_or(""),
+        }));
+    if path.starts_with("/cron/fail-first/") && n == 1 {
+        return (500, vec![], b"failing the first firing".to_vec());
+    }
+    (200, vec![], Vec::new())
 }
 
 /// Where the runtime is, as a Dapr SDK would find it.
