@@ -17,7 +17,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use nodeplane_state::ComponentSpec;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo};
 
 use super::{Failure, InvokeRequest, InvokeResponse, OpenError};
 
@@ -36,49 +35,6 @@ impl std::fmt::Debug for RedisBinding {
     }
 }
 
-/// The connection settings a component's metadata gives.
-fn settings(spec: &ComponentSpec) -> Result<(String, redis::ConnectionInfo), String> {
-    let field = |k: &str| {
-        spec.metadata
-            .get(k)
-            .map(|v| v.trim())
-            .filter(|v| !v.is_empty())
-    };
-    let host = field("redisHost").ok_or(
-        "metadata redisHost is required: set it to the server's host:port, e.g. redis-master:6379",
-    )?;
-    let (h, port) = match host.rsplit_once(':') {
-        Some((h, p)) => (
-            h.trim_start_matches('[').trim_end_matches(']'),
-            p.parse::<u16>().map_err(|_| {
-                format!("metadata redisHost {host:?}: the port is not a number; write host:port")
-            })?,
-        ),
-        None => (host, 6379),
-    };
-    if field("enableTLS").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-        return Err("metadata enableTLS=true is not supported by this runtime; remove it or use a plain-TCP Redis".into());
-    }
-    let mut s = RedisConnectionInfo::default();
-    if let Some(db) = field("redisDB") {
-        let db = db.parse::<i64>().map_err(|_| {
-            format!("metadata redisDB {db:?} is not a number; write a database index such as 0")
-        })?;
-        s = s.set_db(db);
-    }
-    if let Some(user) = field("redisUsername") {
-        s = s.set_username(user);
-    }
-    if let Some(pw) = spec.metadata.get("redisPassword").filter(|p| !p.is_empty()) {
-        s = s.set_password(pw);
-    }
-    let info = ConnectionAddr::Tcp(h.to_owned(), port)
-        .into_connection_info()
-        .map_err(|e| format!("metadata redisHost {host:?}: {e}"))?
-        .set_redis_settings(s);
-    Ok((host.to_string(), info))
-}
-
 /// Request metadata `ttlInSeconds`: None when absent or not positive.
 fn ttl(req: &InvokeRequest) -> Result<Option<u64>, String> {
     match req.metadata.get("ttlInSeconds").map(|v| v.trim()) {
@@ -92,10 +48,9 @@ fn ttl(req: &InvokeRequest) -> Result<Option<u64>, String> {
 
 impl RedisBinding {
     pub async fn open(spec: &ComponentSpec) -> Result<RedisBinding, OpenError> {
-        let (host, info) = settings(spec)
-            .map_err(|m| OpenError::Config(format!("{} (bindings.redis): {m}", spec.name)))?;
-        let client = redis::Client::open(info)
-            .map_err(|e| OpenError::Config(format!("{} (bindings.redis): {e}", spec.name)))?;
+        // Its errors already name the component and its type.
+        let (client, host) =
+            nodeplane_state::redis_client(spec).map_err(|e| OpenError::Config(e.to_string()))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(10)))
@@ -181,6 +136,12 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
+        // The workspace's one reading of Redis metadata.
+        let settings = |s: &ComponentSpec| {
+            nodeplane_state::redis_client(s)
+                .map(|(_, host)| host)
+                .map_err(|e| e.to_string())
+        };
         assert!(settings(&spec(&[]))
             .expect_err("no host")
             .contains("redisHost"));
@@ -195,7 +156,7 @@ mod tests {
         assert!(settings(&spec(&[("redisHost", "h:1"), ("redisDB", "x")]))
             .expect_err("db")
             .contains("redisDB"));
-        let (host, _) = settings(&spec(&[("redisHost", "127.0.0.1:6380")])).expect("ok");
+        let host = settings(&spec(&[("redisHost", "127.0.0.1:6380")])).expect("ok");
         assert_eq!(host, "127.0.0.1:6380");
         let r = |v: &str| InvokeRequest {
             metadata: [("ttlInSeconds".to_string(), v.to_string())].into(),
