@@ -83,40 +83,6 @@ impl RedisStore {
     pub(crate) async fn open(spec: &ComponentSpec) -> Result<Self> {
         let name = &spec.name;
         let bad = |msg: String| Error::Config(format!("component {name} (state.redis): {msg}"));
-        let host = field(spec, "redisHost").ok_or_else(|| {
-            bad("metadata redisHost is required: set it to the server's host:port, e.g. redis-master:6379".into())
-        })?;
-        let (h, port) = match host.rsplit_once(':') {
-            Some((h, p)) => (
-                h.trim_start_matches('[').trim_end_matches(']'),
-                p.parse::<u16>().map_err(|_| {
-                    bad(format!(
-                        "metadata redisHost {host:?}: the port is not a number; write host:port"
-                    ))
-                })?,
-            ),
-            None => (host, 6379),
-        };
-        if field(spec, "enableTLS").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-            return Err(bad(
-                "metadata enableTLS=true is not supported by this runtime; remove it or use a plain-TCP Redis".into(),
-            ));
-        }
-        let mut settings = RedisConnectionInfo::default();
-        if let Some(db) = field(spec, "redisDB") {
-            let db = db.parse::<i64>().map_err(|_| {
-                bad(format!(
-                    "metadata redisDB {db:?} is not a number; write a database index such as 0"
-                ))
-            })?;
-            settings = settings.set_db(db);
-        }
-        if let Some(user) = field(spec, "redisUsername") {
-            settings = settings.set_username(user);
-        }
-        if let Some(pw) = spec.metadata.get("redisPassword").filter(|p| !p.is_empty()) {
-            settings = settings.set_password(pw);
-        }
         let default_ttl = match field(spec, "ttlInSeconds") {
             None => None,
             Some(t) => {
@@ -131,25 +97,10 @@ impl RedisStore {
                     .map(Duration::from_secs)
             }
         };
-        let info = ConnectionAddr::Tcp(h.to_owned(), port)
-            .into_connection_info()
-            .map_err(|e| bad(format!("metadata redisHost {host:?}: {e}")))?
-            .set_redis_settings(settings);
-        let client = redis::Client::open(info).map_err(|e| bad(format!("{e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| {
-                Error::Backend(format!(
-                    "component {name} (state.redis): cannot connect to {host}: {e}"
-                ))
-            })?;
+        let (conn, host) = connect(spec).await?;
         Ok(RedisStore {
             name: name.clone(),
-            host: host.to_owned(),
+            host,
             conn,
             default_ttl,
             apply: Script::new(APPLY),
@@ -275,4 +226,63 @@ impl Store for RedisStore {
             .map_err(|e| self.backend(e))?;
         Ok(())
     }
+}
+
+/// A connection to the server of a Redis component (`state.redis`,
+/// `lock.redis`): metadata redisHost, redisDB, redisUsername,
+/// redisPassword; enableTLS is refused. Returns it and the host:port.
+pub(crate) async fn connect(spec: &ComponentSpec) -> Result<(ConnectionManager, String)> {
+    let (name, kind) = (&spec.name, &spec.kind);
+    let bad = |msg: String| Error::Config(format!("component {name} ({kind}): {msg}"));
+    let host = field(spec, "redisHost").ok_or_else(|| {
+        bad("metadata redisHost is required: set it to the server's host:port, e.g. redis-master:6379".into())
+    })?;
+    let (h, port) = match host.rsplit_once(':') {
+        Some((h, p)) => (
+            h.trim_start_matches('[').trim_end_matches(']'),
+            p.parse::<u16>().map_err(|_| {
+                bad(format!(
+                    "metadata redisHost {host:?}: the port is not a number; write host:port"
+                ))
+            })?,
+        ),
+        None => (host, 6379),
+    };
+    if field(spec, "enableTLS").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Err(bad(
+            "metadata enableTLS=true is not supported by this runtime; remove it or use a plain-TCP Redis".into(),
+        ));
+    }
+    let mut settings = RedisConnectionInfo::default();
+    if let Some(db) = field(spec, "redisDB") {
+        let db = db.parse::<i64>().map_err(|_| {
+            bad(format!(
+                "metadata redisDB {db:?} is not a number; write a database index such as 0"
+            ))
+        })?;
+        settings = settings.set_db(db);
+    }
+    if let Some(user) = field(spec, "redisUsername") {
+        settings = settings.set_username(user);
+    }
+    if let Some(pw) = spec.metadata.get("redisPassword").filter(|p| !p.is_empty()) {
+        settings = settings.set_password(pw);
+    }
+    let info = ConnectionAddr::Tcp(h.to_owned(), port)
+        .into_connection_info()
+        .map_err(|e| bad(format!("metadata redisHost {host:?}: {e}")))?
+        .set_redis_settings(settings);
+    let client = redis::Client::open(info).map_err(|e| bad(format!("{e}")))?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(10)))
+        .set_number_of_retries(2);
+    let conn = ConnectionManager::new_with_config(client, config)
+        .await
+        .map_err(|e| {
+            Error::Backend(format!(
+                "component {name} ({kind}): cannot connect to {host}: {e}"
+            ))
+        })?;
+    Ok((conn, host.to_owned()))
 }
