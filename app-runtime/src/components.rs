@@ -1583,6 +1583,123 @@ spec: {type: state.redis}
         assert_eq!(gone.stores.keys().collect::<Vec<_>>(), [DEFAULT_STORE]);
     }
 
+    /// Secrets of two namespaces, for resolving secretKeyRef.
+    #[derive(Debug)]
+    struct FakeSecrets;
+
+    #[async_trait::async_trait]
+    impl crate::Secrets for FakeSecrets {
+        async fn get(
+            &self,
+            namespace: &str,
+            name: &str,
+        ) -> std::result::Result<Option<crate::secrets::SecretValues>, String> {
+            Ok((name == "redis").then(|| {
+                crate::secrets::SecretValues::from([("password".into(), format!("{namespace}-pw"))])
+            }))
+        }
+        async fn list(
+            &self,
+            _: &str,
+        ) -> std::result::Result<BTreeMap<String, crate::secrets::SecretValues>, String> {
+            Ok(BTreeMap::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn secret_refs_are_resolved_or_the_component_is_reported() {
+        let state = TempDir::new("refs");
+        std::fs::write(state.0.join("s.json"), r#"{"lock": {"prefix": "shared"}}"#).expect("write");
+        let with_ref = |ns: &str, name: &str, kind: &str, secret: &str, auth: Option<&str>| {
+            let mut c = api_component(
+                ns,
+                name,
+                kind,
+                serde_json::json!([{"name": "keyPrefix", "secretKeyRef": {"name": secret, "key": "password"}}]),
+            );
+            if let Some(a) = auth {
+                c.1["auth"] = serde_json::json!({"secretStore": a});
+            }
+            c
+        };
+        let docs = vec![
+            api_component(
+                "shop",
+                "files",
+                "secretstores.local.file",
+                serde_json::json!([{"name": "secretsFile", "value": "s.json"}, {"name": "nestedSeparator", "value": "."}]),
+            ),
+            // From the default `kubernetes` store, shop's Secrets.
+            with_ref("shop", "locks", "lock.embedded", "redis", None),
+            // From the file store: the nested key, flattened.
+            {
+                let mut c = api_component(
+                    "shop",
+                    "shared",
+                    "lock.embedded",
+                    serde_json::json!([{"name": "keyPrefix", "secretKeyRef": {"name": "lock.prefix"}}]),
+                );
+                c.1["auth"] = serde_json::json!({"secretStore": "files"});
+                c
+            },
+            with_ref("shop", "missing", "lock.embedded", "nope", None),
+            with_ref("shop", "nostore", "lock.embedded", "redis", Some("vault")),
+        ];
+        let ctx = SecretsContext {
+            provider: Some(Arc::new(FakeSecrets)),
+            kubernetes: true,
+            base_dir: None,
+        };
+        let reg = reload_with(&empty(), docs, Vec::new(), &state.0, true, &ctx).await;
+        let shop = |n| reg.lock_store(n, Some("a"), Some("shop"));
+        assert_eq!(
+            shop("locks").expect("locks").key_prefix,
+            KeyPrefix::Custom("shop-pw".into())
+        );
+        assert_eq!(
+            shop("shared").expect("shared").key_prefix,
+            KeyPrefix::Custom("shared".into())
+        );
+        assert!(shop("missing").is_none() && shop("nostore").is_none());
+        assert!(reg
+            .lock_store("locks", Some("a"), Some("default"))
+            .is_none());
+        assert_eq!(reg.errors.len(), 2, "{:?}", reg.errors);
+        assert!(
+            reg.errors[0].contains("component missing: metadata keyPrefix: secret nope key password from secret store kubernetes: the secret does not exist"),
+            "{:?}",
+            reg.errors
+        );
+        assert!(
+            reg.errors[1].contains("component nostore")
+                && reg.errors[1].contains("secret store vault: no such secret store"),
+            "{:?}",
+            reg.errors
+        );
+        // The default store, for every namespace; the file store for shop.
+        assert!(reg
+            .secret_store(DEFAULT_SECRET_STORE, Some("a"), Some("x"))
+            .is_some());
+        assert!(reg.secret_store("files", Some("a"), Some("shop")).is_some());
+        assert!(reg.secret_store("files", Some("a"), Some("x")).is_none());
+        // Standalone: no default store, and secretKeyRef needs auth.
+        let other = TempDir::new("refs-standalone");
+        let standalone = reload(
+            &empty(),
+            vec![with_ref("shop", "locks", "lock.embedded", "redis", None)],
+            Vec::new(),
+            &other.0,
+            false,
+        )
+        .await;
+        assert!(standalone.secret_stores.is_empty());
+        assert!(
+            standalone.errors[0].contains("no auth.secretStore"),
+            "{:?}",
+            standalone.errors
+        );
+    }
+
     #[tokio::test]
     async fn watch_reads_the_api_feed_and_follows_its_changes() {
         let state = TempDir::new("watch");
