@@ -178,6 +178,8 @@ fn embedded_locks_are_exclusive_per_app_and_expire() {
                 + &lock_component("shared", "lock.embedded", "{name: keyPrefix, value: name}"),
         )],
     );
+    wait_component(&w, "a1", "locks");
+    wait_component(&w, "a1", "shared");
     lock_semantics(&w, "locks");
     // keyPrefix name: one lock space for every app.
     assert!(lock(w.pod("a1"), "shared", "r", "o1", 60));
