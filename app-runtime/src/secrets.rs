@@ -423,9 +423,9 @@ mod tests {
     #[test]
     fn bad_files_are_reported() {
         assert!(parse_file("[1]", ":", false)
-            .unwrap_err()
+            .expect_err("an error")
             .contains("JSON object"));
-        let dup = parse_file(r#"{"a:b": "1", "a": {"b": "2"}}"#, ":", false).unwrap_err();
+        let dup = parse_file(r#"{"a:b": "1", "a": {"b": "2"}}"#, ":", false).expect_err("an error");
         assert!(dup.contains("twice"), "{dup}");
         let spec = |meta: &[(&str, &str)]| ComponentSpec {
             name: "files".into(),
@@ -438,15 +438,15 @@ mod tests {
         };
         let base = Path::new("/nonexistent-np");
         assert!(Backend::of(&spec(&[]), base)
-            .unwrap_err()
+            .expect_err("an error")
             .contains("secretsFile"));
-        let e = Backend::of(&spec(&[("secretsFile", "s.json")]), base).unwrap_err();
+        let e = Backend::of(&spec(&[("secretsFile", "s.json")]), base).expect_err("an error");
         assert!(e.contains("/nonexistent-np/s.json"), "{e}");
         let e = Backend::of(
             &spec(&[("secretsFile", "s.json"), ("multiValued", "yes")]),
             base,
         )
-        .unwrap_err();
+        .expect_err("an error");
         assert!(e.contains("multiValued"), "{e}");
     }
 }
