@@ -223,6 +223,8 @@ pub struct Registry {
     pub secret_stores: BTreeMap<String, SecretComponent>,
     /// Configuration key → its access control.
     pub configs: BTreeMap<String, AccessControl>,
+    /// Configuration key → its `spec.secrets.scopes` (when it has any).
+    pub secret_scopes: BTreeMap<String, Vec<crate::secrets::SecretScope>>,
     /// Problems of the last read (file, document, what is wrong).
     pub errors: Vec<String>,
     /// A store or broker could not be opened (a server down, an embedded
@@ -357,6 +359,21 @@ impl Registry {
         v
     }
 
+    /// The secret scopes of Configuration `name` for an app of
+    /// `namespace` (the same Configuration [`Registry::config`] finds).
+    pub fn secret_scopes(&self, name: &str, namespace: &str) -> &[crate::secrets::SecretScope] {
+        let own = key(Some(namespace), name);
+        let k = if self.configs.contains_key(&own) {
+            own
+        } else {
+            name.to_string()
+        };
+        self.secret_scopes
+            .get(&k)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
     /// The Configuration `name` for an app of `namespace`.
     pub fn config(&self, name: &str, namespace: &str) -> Option<&AccessControl> {
         self.configs
@@ -383,6 +400,8 @@ enum Doc {
         name: String,
         namespace: Option<String>,
         acl: AccessControl,
+        /// `spec.secrets.scopes`.
+        secret_scopes: Vec<crate::secrets::SecretScope>,
     },
 }
 
@@ -561,10 +580,16 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                     .map_err(|e| format!("Configuration {name}: spec.accessControl: {e}"))?,
                 None => AccessControl::default(),
             };
+            let secret_scopes = match v.pointer("/spec/secrets/scopes") {
+                Some(a) => serde_json::from_value(a.clone())
+                    .map_err(|e| format!("Configuration {name}: spec.secrets.scopes: {e}"))?,
+                None => Vec::new(),
+            };
             Ok(Some(Doc::Config {
                 name,
                 namespace: namespace(v),
                 acl,
+                secret_scopes,
             }))
         }
         _ => Ok(None),
@@ -837,6 +862,7 @@ pub async fn reload_with(
             locks: prev.locks.clone(),
             secret_stores: prev.secret_stores.clone(),
             configs: prev.configs.clone(),
+            secret_scopes: prev.secret_scopes.clone(),
             errors: prev.errors.clone(),
             open_failed: prev.open_failed,
         };
@@ -944,8 +970,13 @@ pub async fn reload_with(
                 name,
                 namespace,
                 acl,
+                secret_scopes,
             } => {
-                reg.configs.insert(key(namespace.as_deref(), &name), acl);
+                let k = key(namespace.as_deref(), &name);
+                if !secret_scopes.is_empty() {
+                    reg.secret_scopes.insert(k.clone(), secret_scopes);
+                }
+                reg.configs.insert(k, acl);
             }
             // Every other component is a state store: `doc` keeps only
             // the families of [`Family`], and secret stores are done above.

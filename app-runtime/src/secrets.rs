@@ -72,6 +72,53 @@ pub enum Backend {
     Kubernetes,
 }
 
+/// One entry of a Configuration's `spec.secrets.scopes`: which secrets of
+/// `storeName` the apps using that Configuration may read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretScope {
+    pub store_name: String,
+    /// `allow` (the default) or `deny`.
+    #[serde(default)]
+    pub default_access: Option<String>,
+    #[serde(default)]
+    pub allowed_secrets: Vec<String>,
+    #[serde(default)]
+    pub denied_secrets: Vec<String>,
+}
+
+impl SecretScope {
+    /// Dapr's rule: a non-empty `allowedSecrets` is the whole answer;
+    /// else a secret in `deniedSecrets` is refused; else `defaultAccess`.
+    pub fn allows(&self, secret: &str) -> bool {
+        if !self.allowed_secrets.is_empty() {
+            return self.allowed_secrets.iter().any(|s| s == secret);
+        }
+        if self.denied_secrets.iter().any(|s| s == secret) {
+            return false;
+        }
+        !self
+            .default_access
+            .as_deref()
+            .is_some_and(|a| a.eq_ignore_ascii_case("deny"))
+    }
+}
+
+/// May `caller` read `secret` of `store` under its Configuration's
+/// secret scopes (no Configuration, or no scope for the store: yes)?
+fn allowed(reg: &crate::components::Registry, caller: &Caller, store: &str, secret: &str) -> bool {
+    let Caller::Pod(p) = caller else {
+        return true;
+    };
+    let Some(config) = p.config.as_deref() else {
+        return true;
+    };
+    reg.secret_scopes(config, &p.namespace)
+        .iter()
+        .filter(|s| s.store_name == store)
+        .all(|s| s.allows(secret))
+}
+
 /// One secret store in service.
 #[derive(Debug, Clone)]
 pub struct SecretComponent {
@@ -346,7 +393,7 @@ async fn route(
         ),
     };
     let body = if name == "bulk" {
-        let all = comp
+        let mut all = comp
             .bulk(provider.as_deref(), caller.namespace())
             .await
             .map_err(|e| {
@@ -355,8 +402,17 @@ async fn route(
                     format!("failed getting secrets from secret store {store}"),
                 )
             })?;
+        // As Dapr: a bulk read leaves out what the scopes deny.
+        all.retain(|secret, _| allowed(&reg, caller, store, secret));
         serde_json::to_vec(&all)
     } else {
+        if !allowed(&reg, caller, store, name) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "ERR_PERMISSION_DENIED",
+                format!("access denied by policy to get {name:?} from {store:?}"),
+            ));
+        }
         let what = || format!("failed getting secret with key {name} from secret store {store}");
         let one = comp
             .get(provider.as_deref(), caller.namespace(), name)
@@ -418,6 +474,27 @@ mod tests {
         assert_eq!(s["redisPassword"]["redisPassword"], "pw");
         // As Dapr: only strings and objects at the top.
         assert!(!s.contains_key("port") && !s.contains_key("hosts"));
+    }
+
+    #[test]
+    fn secret_scopes_follow_dapr_rules() {
+        let scope = |v: Value| -> SecretScope { serde_json::from_value(v).expect("scope") };
+        let open = scope(serde_json::json!({"storeName": "s", "deniedSecrets": ["x"]}));
+        assert!(open.allows("a") && !open.allows("x"));
+        let closed = scope(serde_json::json!({"storeName": "s", "defaultAccess": "deny"}));
+        assert!(!closed.allows("a"));
+        let listed = scope(serde_json::json!({
+            "storeName": "s", "defaultAccess": "deny",
+            "allowedSecrets": ["a"], "deniedSecrets": ["a"],
+        }));
+        assert!(
+            listed.allows("a") && !listed.allows("b"),
+            "allowedSecrets wins"
+        );
+        assert!(serde_json::from_value::<SecretScope>(
+            serde_json::json!({"storeName": "s", "allowed": []})
+        )
+        .is_err());
     }
 
     #[test]

@@ -24,15 +24,23 @@ struct World {
 }
 
 /// A node with an agent whose manifests are the namespaces, a pod per
-/// `(namespace, name, app)` and `files`; waits until the runtime knows
-/// every pod.
-fn world(pods: &[(&str, &str, &str)], files: &[(&str, String)]) -> World {
+/// `(namespace, name, app)` (with the pod annotations `annotations` gives
+/// by pod name) and `files`; waits until the runtime knows every pod.
+fn world(
+    pods: &[(&str, &str, &str)],
+    annotations: &[(&str, &str)],
+    files: &[(&str, String)],
+) -> World {
     prereq::require_root();
     let mut node = Node::new(&[CIDR]);
     let agent = Agent::start(&mut node, &[CIDR], &[]);
     let mut cluster = NAMESPACES.to_string();
     for (ns, name, app) in pods {
-        cluster.push_str(&apps::pod_yaml(ns, name, Some(app), "", ""));
+        let ann = annotations
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or("", |(_, a)| a);
+        cluster.push_str(&apps::pod_yaml(ns, name, Some(app), ann, ""));
     }
     let mut all = vec![("cluster.yaml", cluster)];
     all.extend(files.iter().map(|(n, t)| (*n, t.clone())));
@@ -172,6 +180,7 @@ const LOCK_PODS: &[(&str, &str, &str)] =
 fn embedded_locks_are_exclusive_per_app_and_expire() {
     let w = world(
         LOCK_PODS,
+        &[],
         &[(
             "locks.yaml",
             lock_component("locks", "lock.embedded", "")
@@ -335,11 +344,26 @@ fn kubernetes_secrets_are_the_callers_namespace_only_and_files_are_flattened() {
         + &secret_yaml("default", "only-default", "k: v")
         // data is base64: "hunter2".
         + "apiVersion: v1\nkind: Secret\nmetadata: {name: encoded, namespace: shop}\ndata: {password: aHVudGVyMg==}\n---\n";
+    // Pod c's Configuration lets it read only `db` of the kube store.
+    let scopes = "apiVersion: dapr.io/v1alpha1
+kind: Configuration
+metadata: {name: only-db, namespace: shop}
+spec:
+  secrets:
+    scopes:
+    - {storeName: kube, defaultAccess: deny, allowedSecrets: [db]}
+---
+";
     let w = world(
-        &[("shop", "s", "s"), ("default", "d", "d")],
+        &[
+            ("shop", "s", "s"),
+            ("default", "d", "d"),
+            ("shop", "c", "c"),
+        ],
+        &[("c", "dapr.io/config: only-db")],
         &[
             ("secrets.yaml", secrets),
-            ("stores.yaml", SECRET_STORES.to_string()),
+            ("stores.yaml", SECRET_STORES.to_string() + scopes),
             ("local-secrets.txt", LOCAL.to_string()),
         ],
     );
@@ -369,6 +393,26 @@ fn kubernetes_secrets_are_the_callers_namespace_only_and_files_are_flattened() {
         "{}",
         r.text()
     );
+    // Configuration secret scopes: c reads db, not encoded; bulk leaves
+    // encoded out; other stores are not limited.
+    let c = w.pod("c");
+    let r = get(c, "/v1.0/secrets/kube/db");
+    assert_eq!(r.json()["password"], "shop-pw", "{}", r.text());
+    assert_error(
+        &get(c, "/v1.0/secrets/kube/encoded"),
+        403,
+        "ERR_PERMISSION_DENIED",
+        "encoded",
+    );
+    let r = get(c, "/v1.0/secrets/kube/bulk");
+    assert_eq!(
+        r.json().as_object().map(|o| o.len()),
+        Some(1),
+        "{}",
+        r.text()
+    );
+    let r = get(c, "/v1.0/secrets/files/token");
+    assert_eq!(r.json(), json!({"token": "t0"}), "{}", r.text());
     assert_error(
         &get(s, "/v1.0/secrets/vault/db"),
         401,
