@@ -476,6 +476,27 @@ mod tests {
         assert!(!s.contains_key("port") && !s.contains_key("hosts"));
     }
 
+    #[tokio::test]
+    async fn a_kubernetes_store_refuses_callers_without_a_namespace() {
+        let c = SecretComponent {
+            spec: ComponentSpec {
+                name: "kubernetes".into(),
+                kind: "secretstores.kubernetes".into(),
+                ..ComponentSpec::default()
+            },
+            namespace: None,
+            scopes: Vec::new(),
+            backend: Backend::Kubernetes,
+        };
+        let e = c.get(None, None, "db").await.expect_err("refused");
+        assert!(
+            matches!(&e, SecretError::NoNamespace(m) if m.contains("not a pod")),
+            "{e}"
+        );
+        let e = c.bulk(None, Some("shop")).await.expect_err("no provider");
+        assert!(matches!(e, SecretError::Failed(_)), "{e}");
+    }
+
     #[test]
     fn secret_scopes_follow_dapr_rules() {
         let scope = |v: Value| -> SecretScope { serde_json::from_value(v).expect("scope") };

@@ -207,6 +207,96 @@ items:
         assert_eq!(s.len(), 3);
     }
 
+    /// A test double of the API server: answers Secret gets and lists of
+    /// namespace shop from `secrets`, 404 for anything else, one request
+    /// per connection; records the paths asked.
+    async fn api_double(
+        secrets: Vec<Value>,
+    ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", l.local_addr().expect("addr"));
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = l.accept().await {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut chunk).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let head = String::from_utf8_lossy(&buf).to_string();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let path = path.split('?').next().unwrap_or("").to_string();
+                log.lock().expect("log").push(path.clone());
+                let prefix = "/api/v1/namespaces/shop/secrets";
+                let (status, body) = if path == prefix {
+                    (
+                        "200 OK",
+                        serde_json::json!({"apiVersion": "v1", "kind": "SecretList", "metadata": {}, "items": secrets}),
+                    )
+                } else if let Some(s) = path
+                    .strip_prefix(prefix)
+                    .and_then(|n| n.strip_prefix('/'))
+                    .and_then(|n| secrets.iter().find(|s| s["metadata"]["name"] == n))
+                {
+                    ("200 OK", s.clone())
+                } else {
+                    (
+                        "404 Not Found",
+                        serde_json::json!({"apiVersion": "v1", "kind": "Status", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"}),
+                    )
+                };
+                let body = body.to_string();
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = c.write_all(resp.as_bytes()).await;
+            }
+        });
+        (url, seen)
+    }
+
+    #[tokio::test]
+    async fn kube_secrets_are_read_from_the_namespace_asked() {
+        let secret = serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "db", "namespace": "shop"},
+            "data": {"password": "aHVudGVyMg=="},
+        });
+        let (url, seen) = api_double(vec![secret]).await;
+        let client = crate::source::kube::client_from_url(&url)
+            .await
+            .expect("client");
+        let k = KubeSecrets { client };
+        assert_eq!(
+            k.get("shop", "db").await.expect("get").expect("db")["password"],
+            "hunter2"
+        );
+        assert!(
+            k.get("shop", "nope").await.expect("get").is_none(),
+            "404 is None"
+        );
+        assert!(k.get("default", "db").await.expect("get").is_none());
+        let all = k.list("shop").await.expect("list");
+        assert_eq!(all.keys().collect::<Vec<_>>(), ["db"]);
+        assert_eq!(
+            *seen.lock().expect("log"),
+            [
+                "/api/v1/namespaces/shop/secrets/db",
+                "/api/v1/namespaces/shop/secrets/nope",
+                "/api/v1/namespaces/default/secrets/db",
+                "/api/v1/namespaces/shop/secrets",
+            ]
+        );
+    }
+
     #[tokio::test]
     async fn a_namespace_sees_only_its_own_secrets() {
         let dir = std::env::temp_dir().join(format!("np-secrets-{}", std::process::id()));
