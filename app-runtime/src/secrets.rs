@@ -295,6 +295,14 @@ impl SecretComponent {
                 .map_err(SecretError::Failed)?
                 .remove(name)),
             Backend::Kubernetes => {
+                // The name goes into an API path: only what Kubernetes
+                // allows in an object name, so `../` can never reach
+                // another namespace's Secret.
+                if !is_object_name(name) {
+                    return Err(SecretError::Failed(format!(
+                        "{name:?} is not a Kubernetes Secret name (lowercase letters, digits, '-' and '.')"
+                    )));
+                }
                 let (p, ns) = self.kubernetes(provider, namespace)?;
                 p.get(ns, name).await.map_err(SecretError::Failed)
             }
@@ -335,6 +343,17 @@ impl SecretComponent {
         })?;
         Ok((p, ns))
     }
+}
+
+/// A DNS-subdomain object name, as Kubernetes requires of a Secret's.
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
 /// `GET /v1.0/secrets/{store}/{name}` and `.../bulk`; `tail` is what
@@ -493,6 +512,16 @@ mod tests {
             matches!(&e, SecretError::NoNamespace(m) if m.contains("not a pod")),
             "{e}"
         );
+        for bad in ["../default/secrets/db", "a/b", "..", "Db", "db%2F"] {
+            let e = c
+                .get(None, Some("shop"), bad)
+                .await
+                .expect_err("not a name");
+            assert!(
+                e.to_string().contains("not a Kubernetes Secret name"),
+                "{e}"
+            );
+        }
         let e = c.bulk(None, Some("shop")).await.expect_err("no provider");
         assert!(matches!(e, SecretError::Failed(_)), "{e}");
     }

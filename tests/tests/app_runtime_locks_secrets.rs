@@ -381,6 +381,7 @@ spec:
     for path in [
         "/v1.0/secrets/kube/only-default",
         "/v1.0/secrets/kube/only-default?metadata.namespace=default",
+        "/v1.0/secrets/kube/../../namespaces/default/secrets/only-default",
     ] {
         assert_error(&get(s, path), 500, "ERR_SECRET_GET", "only-default");
     }
