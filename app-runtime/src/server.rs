@@ -168,10 +168,6 @@ where
 pub async fn handle(rt: Arc<Runtime>, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
     let caller = rt.caller(peer);
     let path = req.uri().path().to_string();
-    if let Some(tail) = path.strip_prefix("/v1.0-alpha1/publish/bulk/") {
-        let tail = tail.to_string();
-        return crate::pubsub_api::handle_bulk(&rt, &caller, &tail, req).await;
-    }
     for (prefix, unlock) in [
         ("/v1.0-alpha1/lock/", false),
         ("/v1.0-alpha1/unlock/", true),
@@ -180,6 +176,10 @@ pub async fn handle(rt: Arc<Runtime>, peer: &Peer, req: Request<Incoming>) -> Re
             let store = store.to_string();
             return crate::lock_api::handle(&rt, &caller, unlock, &store, req).await;
         }
+    }
+    if let Some(tail) = path.strip_prefix("/v1.0-alpha1/publish/bulk/") {
+        let tail = tail.to_string();
+        return crate::pubsub_api::handle_bulk(&rt, &caller, &tail, req).await;
     }
     let Some(rest) = path.strip_prefix("/v1.0/") else {
         return ApiError::not_found(&path).into_response();

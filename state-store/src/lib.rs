@@ -21,6 +21,7 @@ mod postgres;
 mod redis_store;
 mod sweep;
 pub use error::{Error, Result};
+pub use redis_store::redis_client;
 
 /// Dapr's `options.concurrency`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

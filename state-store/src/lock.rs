@@ -56,7 +56,19 @@ pub async fn open_lock(spec: &ComponentSpec, state_dir: &Path) -> Result<Arc<dyn
     match spec.kind.as_str() {
         "lock.embedded" => Ok(Arc::new(EmbeddedLock::open(spec, state_dir).await?)),
         "lock.redis" => {
-            let (conn, host) = crate::redis_store::connect(spec).await?;
+            let (client, host) = crate::redis_client(spec)?;
+            let config = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_response_timeout(Some(Duration::from_secs(10)))
+                .set_number_of_retries(2);
+            let conn = ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(|e| {
+                    Error::Backend(format!(
+                        "component {} (lock.redis): cannot connect to {host}: {e}",
+                        spec.name
+                    ))
+                })?;
             Ok(Arc::new(RedisLock {
                 name: spec.name.clone(),
                 host,

@@ -79,10 +79,61 @@ fn field<'a>(spec: &'a ComponentSpec, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty())
 }
 
+/// A client for the Redis server a component's metadata names
+/// (`redisHost`, `redisDB`, `redisUsername`, `redisPassword`, as Dapr's
+/// Redis components read them), and the `host:port` for messages. Every
+/// Redis-backed component (state, configuration, locks, bindings) opens
+/// its server through this, so they all read the same keys the same way.
+pub fn redis_client(spec: &ComponentSpec) -> Result<(redis::Client, String)> {
+    let (name, kind) = (&spec.name, &spec.kind);
+    let bad = |msg: String| Error::Config(format!("component {name} ({kind}): {msg}"));
+    let host = field(spec, "redisHost").ok_or_else(|| {
+        bad("metadata redisHost is required: set it to the server's host:port, e.g. redis-master:6379".into())
+    })?;
+    let (h, port) = match host.rsplit_once(':') {
+        Some((h, p)) => (
+            h.trim_start_matches('[').trim_end_matches(']'),
+            p.parse::<u16>().map_err(|_| {
+                bad(format!(
+                    "metadata redisHost {host:?}: the port is not a number; write host:port"
+                ))
+            })?,
+        ),
+        None => (host, 6379),
+    };
+    if field(spec, "enableTLS").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
+        return Err(bad(
+            "metadata enableTLS=true is not supported by this runtime; remove it or use a plain-TCP Redis".into(),
+        ));
+    }
+    let mut settings = RedisConnectionInfo::default();
+    if let Some(db) = field(spec, "redisDB") {
+        let db = db.parse::<i64>().map_err(|_| {
+            bad(format!(
+                "metadata redisDB {db:?} is not a number; write a database index such as 0"
+            ))
+        })?;
+        settings = settings.set_db(db);
+    }
+    if let Some(user) = field(spec, "redisUsername") {
+        settings = settings.set_username(user);
+    }
+    if let Some(pw) = spec.metadata.get("redisPassword").filter(|p| !p.is_empty()) {
+        settings = settings.set_password(pw);
+    }
+    let info = ConnectionAddr::Tcp(h.to_owned(), port)
+        .into_connection_info()
+        .map_err(|e| bad(format!("metadata redisHost {host:?}: {e}")))?
+        .set_redis_settings(settings);
+    let client = redis::Client::open(info).map_err(|e| bad(format!("{e}")))?;
+    Ok((client, host.to_owned()))
+}
+
 impl RedisStore {
     pub(crate) async fn open(spec: &ComponentSpec) -> Result<Self> {
         let name = &spec.name;
         let bad = |msg: String| Error::Config(format!("component {name} (state.redis): {msg}"));
+        let (client, host) = redis_client(spec)?;
         let default_ttl = match field(spec, "ttlInSeconds") {
             None => None,
             Some(t) => {
@@ -97,7 +148,17 @@ impl RedisStore {
                     .map(Duration::from_secs)
             }
         };
-        let (conn, host) = connect(spec).await?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_number_of_retries(2);
+        let conn = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(|e| {
+                Error::Backend(format!(
+                    "component {name} (state.redis): cannot connect to {host}: {e}"
+                ))
+            })?;
         Ok(RedisStore {
             name: name.clone(),
             host,
@@ -226,63 +287,4 @@ impl Store for RedisStore {
             .map_err(|e| self.backend(e))?;
         Ok(())
     }
-}
-
-/// A connection to the server of a Redis component (`state.redis`,
-/// `lock.redis`): metadata redisHost, redisDB, redisUsername,
-/// redisPassword; enableTLS is refused. Returns it and the host:port.
-pub(crate) async fn connect(spec: &ComponentSpec) -> Result<(ConnectionManager, String)> {
-    let (name, kind) = (&spec.name, &spec.kind);
-    let bad = |msg: String| Error::Config(format!("component {name} ({kind}): {msg}"));
-    let host = field(spec, "redisHost").ok_or_else(|| {
-        bad("metadata redisHost is required: set it to the server's host:port, e.g. redis-master:6379".into())
-    })?;
-    let (h, port) = match host.rsplit_once(':') {
-        Some((h, p)) => (
-            h.trim_start_matches('[').trim_end_matches(']'),
-            p.parse::<u16>().map_err(|_| {
-                bad(format!(
-                    "metadata redisHost {host:?}: the port is not a number; write host:port"
-                ))
-            })?,
-        ),
-        None => (host, 6379),
-    };
-    if field(spec, "enableTLS").is_some_and(|v| v.eq_ignore_ascii_case("true")) {
-        return Err(bad(
-            "metadata enableTLS=true is not supported by this runtime; remove it or use a plain-TCP Redis".into(),
-        ));
-    }
-    let mut settings = RedisConnectionInfo::default();
-    if let Some(db) = field(spec, "redisDB") {
-        let db = db.parse::<i64>().map_err(|_| {
-            bad(format!(
-                "metadata redisDB {db:?} is not a number; write a database index such as 0"
-            ))
-        })?;
-        settings = settings.set_db(db);
-    }
-    if let Some(user) = field(spec, "redisUsername") {
-        settings = settings.set_username(user);
-    }
-    if let Some(pw) = spec.metadata.get("redisPassword").filter(|p| !p.is_empty()) {
-        settings = settings.set_password(pw);
-    }
-    let info = ConnectionAddr::Tcp(h.to_owned(), port)
-        .into_connection_info()
-        .map_err(|e| bad(format!("metadata redisHost {host:?}: {e}")))?
-        .set_redis_settings(settings);
-    let client = redis::Client::open(info).map_err(|e| bad(format!("{e}")))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(10)))
-        .set_number_of_retries(2);
-    let conn = ConnectionManager::new_with_config(client, config)
-        .await
-        .map_err(|e| {
-            Error::Backend(format!(
-                "component {name} ({kind}): cannot connect to {host}: {e}"
-            ))
-        })?;
-    Ok((conn, host.to_owned()))
 }
