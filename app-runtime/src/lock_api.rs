@@ -179,3 +179,76 @@ fn lock_key(comp: &LockComponent, caller: &Caller, resource: &str) -> Result<Str
         KeyPrefix::Custom(p) => format!("lock{SEP}{p}{SEP}{resource}"),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Debug)]
+    struct NoStore;
+
+    #[async_trait::async_trait]
+    impl nodeplane_state::lock::LockStore for NoStore {
+        async fn try_lock(&self, _: &str, _: &str, _: Duration) -> nodeplane_state::Result<bool> {
+            Ok(false)
+        }
+        async fn unlock(
+            &self,
+            _: &str,
+            _: &str,
+        ) -> nodeplane_state::Result<nodeplane_state::lock::UnlockStatus> {
+            Ok(nodeplane_state::lock::UnlockStatus::LockDoesNotExist)
+        }
+        async fn ping(&self) -> nodeplane_state::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn comp(prefix: KeyPrefix) -> LockComponent {
+        LockComponent {
+            spec: nodeplane_state::ComponentSpec {
+                name: "locks".into(),
+                kind: "lock.embedded".into(),
+                ..Default::default()
+            },
+            namespace: None,
+            scopes: Vec::new(),
+            key_prefix: prefix,
+            store: Arc::new(NoStore),
+        }
+    }
+
+    #[test]
+    fn keys_follow_dapr_lock_keys() {
+        let pod = Caller::Pod(Arc::new(crate::directory::AppPod {
+            namespace: "shop".into(),
+            name: "p".into(),
+            app_id: Some("orders".into()),
+            ..Default::default()
+        }));
+        let key = |p, c: &Caller| lock_key(&comp(p), c, "r1");
+        assert_eq!(
+            key(KeyPrefix::AppId, &pod).as_deref(),
+            Ok("lock||orders||r1")
+        );
+        assert_eq!(
+            key(KeyPrefix::Namespace, &pod).as_deref(),
+            Ok("lock||shop.orders||r1")
+        );
+        assert_eq!(key(KeyPrefix::Name, &pod).as_deref(), Ok("lock||locks||r1"));
+        assert_eq!(key(KeyPrefix::None, &pod).as_deref(), Ok("lock||r1"));
+        assert_eq!(
+            key(KeyPrefix::Custom("team".into()), &pod).as_deref(),
+            Ok("lock||team||r1")
+        );
+        let e = key(KeyPrefix::AppId, &Caller::Node).expect_err("no app id");
+        assert!(e.contains("dapr.io/app-id"), "{e}");
+        assert_eq!(
+            key(KeyPrefix::Name, &Caller::Node).as_deref(),
+            Ok("lock||locks||r1")
+        );
+        let e = lock_key(&comp(KeyPrefix::AppId), &pod, "a||b").expect_err("separator");
+        assert!(e.contains("||"), "{e}");
+    }
+}
