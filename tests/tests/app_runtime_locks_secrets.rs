@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nodeplane_tests::agent::{in_netns, Agent};
 use nodeplane_tests::apps::{self, AppPod, NodeRedis};
 use nodeplane_tests::fixture::Node;
-use nodeplane_tests::http1::Msg;
+use nodeplane_tests::http1::{Conn, Msg};
 use nodeplane_tests::prereq;
 use serde_json::{json, Value};
 
@@ -394,6 +394,27 @@ spec:
         "{}",
         r.text()
     );
+    // A process of the node (the unix socket, outside any container) has
+    // no namespace: the Kubernetes store refuses it; the file store serves.
+    let sock = w.agent.state.path().join("runtime").join("runtime.sock");
+    let node_get = |path: &str| {
+        let stream =
+            std::os::unix::net::UnixStream::connect(&sock).expect("connect the runtime socket");
+        Conn::new(stream)
+            .request("GET", path, &[], b"")
+            .expect("request over the socket")
+    };
+    assert_error(
+        &node_get("/v1.0/secrets/kube/db"),
+        403,
+        "ERR_PERMISSION_DENIED",
+        "not a pod",
+    );
+    assert_eq!(
+        node_get("/v1.0/secrets/files/token").json(),
+        json!({"token": "t0"})
+    );
+
     // Configuration secret scopes: c reads db, not encoded; bulk leaves
     // encoded out; other stores are not limited.
     let c = w.pod("c");
