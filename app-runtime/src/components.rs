@@ -20,6 +20,7 @@ use nodeplane_state::{ComponentSpec, Store};
 use serde_json::Value;
 
 use crate::acl::AccessControl;
+use crate::secrets::{SecretComponent, SecretsContext, DEFAULT_SECRET_STORE};
 use crate::{Error, Result};
 
 /// The state store every app gets without any component: Dapr's usual
@@ -77,7 +78,7 @@ pub struct StateComponent {
 
 /// May an app (`app`, `namespace`) use a component of `own` namespace
 /// (None: any) and `scopes` (empty: every app)?
-fn visible(
+pub(crate) fn visible(
     own: Option<&str>,
     scopes: &[String],
     app: Option<&str>,
@@ -156,6 +157,26 @@ impl Scoped for ConfigStoreComponent {
     }
 }
 
+/// One lock store in service (`lock.*`).
+#[derive(Debug, Clone)]
+pub struct LockComponent {
+    pub spec: ComponentSpec,
+    pub namespace: Option<String>,
+    pub scopes: Vec<String>,
+    /// `keyPrefix`, as Dapr's lock stores read it (see [`crate::lock_api`]).
+    pub key_prefix: KeyPrefix,
+    pub store: Arc<dyn nodeplane_state::lock::LockStore>,
+}
+
+impl Scoped for LockComponent {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+    fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
+        visible(self.namespace.as_deref(), &self.scopes, app, namespace)
+    }
+}
+
 impl Scoped for crate::bindings::BindingComponent {
     fn name(&self) -> &str {
         &self.spec.name
@@ -169,6 +190,27 @@ impl crate::bindings::BindingComponent {
     pub fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
         visible(self.namespace.as_deref(), &self.scopes, app, namespace)
     }
+}
+
+impl Scoped for SecretComponent {
+    fn name(&self) -> &str {
+        &self.spec.name
+    }
+    fn visible_to(&self, app: Option<&str>, namespace: Option<&str>) -> bool {
+        SecretComponent::visible_to(self, app, namespace)
+    }
+}
+
+/// A component metadata entry read from a secret
+/// (`secretKeyRef: {name, key}`), resolved when the component is loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SecretRef {
+    /// The metadata entry's name, e.g. `redisPassword`.
+    pub field: String,
+    /// The secret's name.
+    pub secret: String,
+    /// The key in the secret (empty: the secret's name, as Dapr does).
+    pub key: String,
 }
 
 /// A `kind: Subscription` document.
@@ -212,8 +254,14 @@ pub struct Registry {
     pub bindings: BTreeMap<String, crate::bindings::BindingComponent>,
     /// Declarative subscriptions, in document order.
     pub subscriptions: Vec<DeclaredSubscription>,
+    /// Lock stores, keyed like `stores`.
+    pub locks: BTreeMap<String, LockComponent>,
+    /// Secret stores, keyed like `stores`.
+    pub secret_stores: BTreeMap<String, SecretComponent>,
     /// Configuration key → its access control.
     pub configs: BTreeMap<String, AccessControl>,
+    /// Configuration key → its `spec.secrets.scopes` (when it has any).
+    pub secret_scopes: BTreeMap<String, Vec<crate::secrets::SecretScope>>,
     /// Problems of the last read (file, document, what is wrong).
     pub errors: Vec<String>,
     /// A store or broker could not be opened (a server down, an embedded
@@ -337,6 +385,40 @@ impl Registry {
         visible_all(&self.bindings, app, namespace)
     }
 
+    /// The lock store `name` as an app sees it (same rules as [`Registry::store`]).
+    pub fn lock_store(
+        &self,
+        name: &str,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Option<&LockComponent> {
+        lookup(&self.locks, name, app, namespace)
+    }
+
+    /// Every lock store an app sees, by name.
+    pub fn visible_locks(&self, app: Option<&str>, namespace: Option<&str>) -> Vec<&LockComponent> {
+        visible_all(&self.locks, app, namespace)
+    }
+
+    /// The secret store `name` as an app sees it (same rules as [`Registry::store`]).
+    pub fn secret_store(
+        &self,
+        name: &str,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Option<&SecretComponent> {
+        lookup(&self.secret_stores, name, app, namespace)
+    }
+
+    /// Every secret store an app sees, by name.
+    pub fn visible_secret_stores(
+        &self,
+        app: Option<&str>,
+        namespace: Option<&str>,
+    ) -> Vec<&SecretComponent> {
+        visible_all(&self.secret_stores, app, namespace)
+    }
+
     /// The names of the Configurations an app of `namespace` can use.
     pub fn config_names(&self, namespace: &str) -> Vec<&str> {
         let mut v: Vec<&str> = self
@@ -352,6 +434,21 @@ impl Registry {
         v
     }
 
+    /// The secret scopes of Configuration `name` for an app of
+    /// `namespace` (the same Configuration [`Registry::config`] finds).
+    pub fn secret_scopes(&self, name: &str, namespace: &str) -> &[crate::secrets::SecretScope] {
+        let own = key(Some(namespace), name);
+        let k = if self.configs.contains_key(&own) {
+            own
+        } else {
+            name.to_string()
+        };
+        self.secret_scopes
+            .get(&k)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
     /// The Configuration `name` for an app of `namespace`.
     pub fn config(&self, name: &str, namespace: &str) -> Option<&AccessControl> {
         self.configs
@@ -363,17 +460,23 @@ impl Registry {
 /// One parsed document of interest.
 #[derive(Debug, Clone, PartialEq)]
 enum Doc {
-    /// A state store or pub/sub ([`Family::of`] its `spec.type`).
+    /// A component of one of the [`Family`]s (by its `spec.type`).
     Component {
         spec: ComponentSpec,
         namespace: Option<String>,
         scopes: Vec<String>,
+        /// Metadata entries to read from secrets before opening.
+        refs: Vec<SecretRef>,
+        /// `auth.secretStore`: where `refs` are read.
+        auth: Option<String>,
     },
     Subscription(DeclaredSubscription),
     Config {
         name: String,
         namespace: Option<String>,
         acl: AccessControl,
+        /// `spec.secrets.scopes`.
+        secret_scopes: Vec<crate::secrets::SecretScope>,
     },
 }
 
@@ -385,6 +488,8 @@ enum Family {
     /// `configuration.*`: configuration stores, not `kind: Configuration`.
     ConfigStore,
     Binding,
+    Lock,
+    Secret,
 }
 
 impl Family {
@@ -397,6 +502,10 @@ impl Family {
             Some(Family::ConfigStore)
         } else if kind.starts_with("bindings.") {
             Some(Family::Binding)
+        } else if kind.starts_with("lock.") {
+            Some(Family::Lock)
+        } else if kind.starts_with("secretstores.") {
+            Some(Family::Secret)
         } else {
             None
         }
@@ -462,10 +571,11 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                 .and_then(Value::as_str)
                 .ok_or_else(|| format!("Component {name} has no spec.type (e.g. state.redis)"))?;
             if Family::of(kind_s).is_none() {
-                // secrets and others: a later part of the runtime.
+                // other types: not served by this runtime.
                 return Ok(None);
             }
             let mut metadata = BTreeMap::new();
+            let mut refs = Vec::new();
             for item in v
                 .pointer("/spec/metadata")
                 .and_then(Value::as_array)
@@ -475,6 +585,25 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                 let key = item.get("name").and_then(Value::as_str).ok_or_else(|| {
                     format!("Component {name}: a spec.metadata entry has no name")
                 })?;
+                if let Some(r) = item.get("secretKeyRef") {
+                    let secret = r
+                        .get("name")
+                        .and_then(Value::as_str)
+                        .filter(|n| !n.is_empty())
+                        .ok_or_else(|| {
+                            format!("Component {name}: metadata {key}: secretKeyRef has no name (the secret's name)")
+                        })?;
+                    refs.push(SecretRef {
+                        field: key.to_string(),
+                        secret: secret.to_string(),
+                        key: r
+                            .get("key")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                    });
+                    continue;
+                }
                 let value = match item.get("value") {
                     Some(Value::String(s)) => s.clone(),
                     Some(Value::Null) | None => String::new(),
@@ -506,6 +635,12 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                 },
                 namespace: namespace(v),
                 scopes,
+                refs,
+                auth: v
+                    .pointer("/auth/secretStore")
+                    .and_then(Value::as_str)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_string),
             }))
         }
         "Subscription" => {
@@ -527,10 +662,16 @@ fn doc(v: &Value) -> std::result::Result<Option<Doc>, String> {
                     .map_err(|e| format!("Configuration {name}: spec.accessControl: {e}"))?,
                 None => AccessControl::default(),
             };
+            let secret_scopes = match v.pointer("/spec/secrets/scopes") {
+                Some(a) => serde_json::from_value(a.clone())
+                    .map_err(|e| format!("Configuration {name}: spec.secrets.scopes: {e}"))?,
+                None => Vec::new(),
+            };
             Ok(Some(Doc::Config {
                 name,
                 namespace: namespace(v),
                 acl,
+                secret_scopes,
             }))
         }
         _ => Ok(None),
@@ -619,17 +760,41 @@ fn dir_docs(dir: &Path) -> (Vec<Labelled>, Vec<String>) {
 pub async fn reload(
     target: &std::sync::RwLock<Arc<Registry>>,
     docs: Vec<Labelled>,
-    mut errors: Vec<String>,
+    errors: Vec<String>,
     state_dir: &Path,
     default_store: bool,
 ) -> Arc<Registry> {
+    let ctx = SecretsContext::default();
+    reload_with(target, docs, errors, state_dir, default_store, &ctx).await
+}
+
+/// [`reload`], with what resolving secrets needs: the Kubernetes Secrets,
+/// and in Kubernetes mode the default `kubernetes` secret store.
+pub async fn reload_with(
+    target: &std::sync::RwLock<Arc<Registry>>,
+    docs: Vec<Labelled>,
+    mut errors: Vec<String>,
+    state_dir: &Path,
+    default_store: bool,
+    ctx: &SecretsContext,
+) -> Arc<Registry> {
     let (mut docs, e) = interpret(docs);
     errors.extend(e);
+    let mut defaults = Vec::new();
     if default_store {
-        for (name, kind, label) in [
-            (DEFAULT_STORE, "state.embedded", "the default store"),
-            (DEFAULT_PUBSUB, "pubsub.embedded", "the default pub/sub"),
-        ] {
+        defaults.push((DEFAULT_STORE, "state.embedded", "the default store"));
+        defaults.push((DEFAULT_PUBSUB, "pubsub.embedded", "the default pub/sub"));
+    }
+    if ctx.kubernetes {
+        // As Dapr in Kubernetes mode; Secrets are no store to hold back.
+        defaults.push((
+            DEFAULT_SECRET_STORE,
+            "secretstores.kubernetes",
+            "the default secret store",
+        ));
+    }
+    {
+        for (name, kind, label) in defaults {
             let family = Family::of(kind);
             let defined = docs.iter().any(|(_, d)| {
                 matches!(d, Doc::Component { spec, namespace: None, .. }
@@ -647,6 +812,8 @@ pub async fn reload(
                         },
                         namespace: None,
                         scopes: Vec::new(),
+                        refs: Vec::new(),
+                        auth: None,
                     },
                 ));
             }
@@ -675,6 +842,71 @@ pub async fn reload(
         true
     });
 
+    // Secret stores first: other components' secretKeyRefs read from them.
+    // They hold nothing open, so they are simply rebuilt.
+    let mut secret_stores = BTreeMap::new();
+    let base = ctx.base_dir.as_deref().unwrap_or(state_dir);
+    docs.retain(|(at, d)| match d {
+        Doc::Component {
+            spec,
+            namespace,
+            scopes,
+            refs,
+            ..
+        } if Family::of(&spec.kind) == Some(Family::Secret) => {
+            if !refs.is_empty() {
+                errors.push(format!(
+                    "{at}: component {}: a secret store's metadata cannot use secretKeyRef; give the values",
+                    spec.name
+                ));
+                return false;
+            }
+            match crate::secrets::Backend::of(spec, base) {
+                Ok(backend) => {
+                    secret_stores.insert(
+                        key(namespace.as_deref(), &spec.name),
+                        SecretComponent {
+                            spec: spec.clone(),
+                            namespace: namespace.clone(),
+                            scopes: scopes.clone(),
+                            backend,
+                        },
+                    );
+                }
+                Err(e) => errors.push(format!("{at}: component {}: {e}", spec.name)),
+            }
+            false
+        }
+        _ => true,
+    });
+    let mut resolved = Vec::with_capacity(docs.len());
+    for (at, mut d) in docs {
+        if let Doc::Component {
+            spec,
+            namespace,
+            refs,
+            auth,
+            ..
+        } = &mut d
+        {
+            if let Err(e) = resolve_refs(
+                &secret_stores,
+                ctx,
+                spec,
+                namespace.as_deref(),
+                refs,
+                auth.as_deref(),
+            )
+            .await
+            {
+                errors.push(format!("{at}: {e}"));
+                continue;
+            }
+        }
+        resolved.push((at, d));
+    }
+    let docs = resolved;
+
     let current = || target.read().unwrap_or_else(|e| e.into_inner()).clone();
     let mut prev = current();
     // The open instance's spec, if a component of that family and key is
@@ -685,6 +917,9 @@ pub async fn reload(
             Family::PubSub => reg.pubsubs.get(k).map(|c| c.spec.clone()),
             Family::ConfigStore => reg.config_stores.get(k).map(|c| c.spec.clone()),
             Family::Binding => reg.bindings.get(k).map(|c| c.spec.clone()),
+            Family::Lock => reg.locks.get(k).map(|c| c.spec.clone()),
+            // Rebuilt on every read (above).
+            Family::Secret => None,
         }
     };
     // Components whose spec changed: (family, key).
@@ -710,7 +945,10 @@ pub async fn reload(
             config_stores: prev.config_stores.clone(),
             bindings: prev.bindings.clone(),
             subscriptions: prev.subscriptions.clone(),
+            locks: prev.locks.clone(),
+            secret_stores: prev.secret_stores.clone(),
             configs: prev.configs.clone(),
+            secret_scopes: prev.secret_scopes.clone(),
             errors: prev.errors.clone(),
             open_failed: prev.open_failed,
         };
@@ -720,6 +958,8 @@ pub async fn reload(
                 Family::PubSub => drop(interim.pubsubs.remove(k)),
                 Family::ConfigStore => drop(interim.config_stores.remove(k)),
                 Family::Binding => drop(interim.bindings.remove(k)),
+                Family::Lock => drop(interim.locks.remove(k)),
+                Family::Secret => {}
             }
         }
         *target.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(interim);
@@ -728,6 +968,7 @@ pub async fn reload(
 
     let mut reg = Registry {
         errors,
+        secret_stores,
         ..Registry::default()
     };
     for (_, d) in docs {
@@ -737,6 +978,46 @@ pub async fn reload(
                 spec,
                 namespace,
                 scopes,
+                ..
+            } if Family::of(&spec.kind) == Some(Family::Lock) => {
+                let k = key(namespace.as_deref(), &spec.name);
+                let dir = store_dir(state_dir, namespace.as_deref());
+                let key_prefix =
+                    KeyPrefix::parse(spec.metadata.get("keyPrefix").map(String::as_str));
+                if matches!(&key_prefix, KeyPrefix::Custom(p) if p.contains("||")) {
+                    reg.errors.push(format!(
+                        "component {}: metadata keyPrefix can't contain '||'",
+                        spec.name
+                    ));
+                    continue;
+                }
+                let store = match prev.locks.get(&k) {
+                    Some(old) if old.spec == spec => old.store.clone(),
+                    _ => match nodeplane_state::lock::open_lock(&spec, &dir).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            reg.errors.push(format!("component {}: {e}", spec.name));
+                            reg.open_failed |= !matches!(e, nodeplane_state::Error::Config(_));
+                            continue;
+                        }
+                    },
+                };
+                reg.locks.insert(
+                    k,
+                    LockComponent {
+                        spec,
+                        namespace,
+                        scopes,
+                        key_prefix,
+                        store,
+                    },
+                );
+            }
+            Doc::Component {
+                spec,
+                namespace,
+                scopes,
+                ..
             } if Family::of(&spec.kind) == Some(Family::PubSub) => {
                 let k = key(namespace.as_deref(), &spec.name);
                 let dir = store_dir(state_dir, namespace.as_deref());
@@ -777,6 +1058,7 @@ pub async fn reload(
                 spec,
                 namespace,
                 scopes,
+                ..
             } if Family::of(&spec.kind) == Some(Family::ConfigStore) => {
                 let k = key(namespace.as_deref(), &spec.name);
                 let store = match prev.config_stores.get(&k) {
@@ -805,13 +1087,19 @@ pub async fn reload(
                 name,
                 namespace,
                 acl,
+                secret_scopes,
             } => {
-                reg.configs.insert(key(namespace.as_deref(), &name), acl);
+                let k = key(namespace.as_deref(), &name);
+                if !secret_scopes.is_empty() {
+                    reg.secret_scopes.insert(k.clone(), secret_scopes);
+                }
+                reg.configs.insert(k, acl);
             }
             Doc::Component {
                 spec,
                 namespace,
                 scopes,
+                ..
             } if Family::of(&spec.kind) == Some(Family::Binding) => {
                 let k = key(namespace.as_deref(), &spec.name);
                 // Unchanged: the same instance (its connections, and the
@@ -838,11 +1126,12 @@ pub async fn reload(
                 );
             }
             // Every other component is a state store: `doc` keeps only
-            // the families of [`Family`].
+            // the families of [`Family`], and secret stores are done above.
             Doc::Component {
                 spec,
                 namespace,
                 scopes,
+                ..
             } => {
                 let k = key(namespace.as_deref(), &spec.name);
                 let dir = store_dir(state_dir, namespace.as_deref());
@@ -880,6 +1169,58 @@ pub async fn reload(
     let reg = Arc::new(reg);
     *target.write().unwrap_or_else(|e| e.into_inner()) = reg.clone();
     reg
+}
+
+/// Fills `spec`'s metadata entries that `refs` read from secrets: from
+/// `auth` (`auth.secretStore`), else in Kubernetes mode the default
+/// `kubernetes` store, with the Secrets of the component's namespace
+/// (`default` for a file's component without one). The error names the
+/// component, the field, the secret and the store.
+async fn resolve_refs(
+    stores: &BTreeMap<String, SecretComponent>,
+    ctx: &SecretsContext,
+    spec: &mut ComponentSpec,
+    namespace: Option<&str>,
+    refs: &[SecretRef],
+    auth: Option<&str>,
+) -> std::result::Result<(), String> {
+    let Some(first) = refs.first() else {
+        return Ok(());
+    };
+    let store_name = match auth {
+        Some(s) => s,
+        None if ctx.kubernetes => DEFAULT_SECRET_STORE,
+        None => {
+            return Err(format!(
+                "component {}: metadata {} uses secretKeyRef, and the component has no auth.secretStore (outside Kubernetes mode there is no default secret store)",
+                spec.name, first.field
+            ))
+        }
+    };
+    for r in refs {
+        let k = if r.key.is_empty() { &r.secret } else { &r.key };
+        let what = format!(
+            "component {}: metadata {}: secret {} key {k} from secret store {store_name}",
+            spec.name, r.field, r.secret
+        );
+        // Scoped secret stores serve apps, not components.
+        let store = lookup(stores, store_name, None, namespace)
+            .ok_or_else(|| format!("{what}: no such secret store is defined"))?;
+        let values = store
+            .get(
+                ctx.provider.as_deref(),
+                Some(namespace.unwrap_or("default")),
+                &r.secret,
+            )
+            .await
+            .map_err(|e| format!("{what}: {e}"))?
+            .ok_or_else(|| format!("{what}: the secret does not exist"))?;
+        let v = values
+            .get(k)
+            .ok_or_else(|| format!("{what}: the secret has no key {k}"))?;
+        spec.metadata.insert(r.field.clone(), v.clone());
+    }
+    Ok(())
 }
 
 /// Opens a broker; an embedded one whose previous instance is still
@@ -959,6 +1300,19 @@ pub async fn watch(
     every: Duration,
     loaded: tokio::sync::oneshot::Sender<()>,
 ) -> Result<()> {
+    let ctx = SecretsContext::default();
+    watch_with(sources, state_dir, target, every, loaded, ctx).await
+}
+
+/// [`watch`], resolving secrets with `ctx` (see [`reload_with`]).
+pub async fn watch_with(
+    sources: Sources,
+    state_dir: PathBuf,
+    target: Arc<std::sync::RwLock<Arc<Registry>>>,
+    every: Duration,
+    loaded: tokio::sync::oneshot::Sender<()>,
+    ctx: SecretsContext,
+) -> Result<()> {
     std::fs::create_dir_all(&state_dir)
         .map_err(|e| Error::io(format!("create {}", state_dir.display()), e))?;
     let Sources { dir, mut api } = sources;
@@ -1013,7 +1367,7 @@ pub async fn watch(
                 }
                 docs.extend(api_docs.iter().cloned());
             }
-            let next = reload(&target, docs, errors, &state_dir, default_store).await;
+            let next = reload_with(&target, docs, errors, &state_dir, default_store, &ctx).await;
             tracing::info!(
                 stores = next.stores.len(),
                 pubsubs = next.pubsubs.len(),
@@ -1108,6 +1462,7 @@ spec: {type: state.redis}
                 spec,
                 namespace,
                 scopes,
+                ..
             } => {
                 assert_eq!(spec.kind, "state.redis");
                 assert_eq!(spec.metadata["redisHost"], "127.0.0.1:6379");
@@ -1405,6 +1760,123 @@ spec: {type: state.redis}
 
         let gone = reload(&target, Vec::new(), Vec::new(), &state.0, true).await;
         assert_eq!(gone.stores.keys().collect::<Vec<_>>(), [DEFAULT_STORE]);
+    }
+
+    /// Secrets of two namespaces, for resolving secretKeyRef.
+    #[derive(Debug)]
+    struct FakeSecrets;
+
+    #[async_trait::async_trait]
+    impl crate::Secrets for FakeSecrets {
+        async fn get(
+            &self,
+            namespace: &str,
+            name: &str,
+        ) -> std::result::Result<Option<crate::secrets::SecretValues>, String> {
+            Ok((name == "redis").then(|| {
+                crate::secrets::SecretValues::from([("password".into(), format!("{namespace}-pw"))])
+            }))
+        }
+        async fn list(
+            &self,
+            _: &str,
+        ) -> std::result::Result<BTreeMap<String, crate::secrets::SecretValues>, String> {
+            Ok(BTreeMap::new())
+        }
+    }
+
+    #[tokio::test]
+    async fn secret_refs_are_resolved_or_the_component_is_reported() {
+        let state = TempDir::new("refs");
+        std::fs::write(state.0.join("s.json"), r#"{"lock": {"prefix": "shared"}}"#).expect("write");
+        let with_ref = |ns: &str, name: &str, kind: &str, secret: &str, auth: Option<&str>| {
+            let mut c = api_component(
+                ns,
+                name,
+                kind,
+                serde_json::json!([{"name": "keyPrefix", "secretKeyRef": {"name": secret, "key": "password"}}]),
+            );
+            if let Some(a) = auth {
+                c.1["auth"] = serde_json::json!({"secretStore": a});
+            }
+            c
+        };
+        let docs = vec![
+            api_component(
+                "shop",
+                "files",
+                "secretstores.local.file",
+                serde_json::json!([{"name": "secretsFile", "value": "s.json"}, {"name": "nestedSeparator", "value": "."}]),
+            ),
+            // From the default `kubernetes` store, shop's Secrets.
+            with_ref("shop", "locks", "lock.embedded", "redis", None),
+            // From the file store: the nested key, flattened.
+            {
+                let mut c = api_component(
+                    "shop",
+                    "shared",
+                    "lock.embedded",
+                    serde_json::json!([{"name": "keyPrefix", "secretKeyRef": {"name": "lock.prefix"}}]),
+                );
+                c.1["auth"] = serde_json::json!({"secretStore": "files"});
+                c
+            },
+            with_ref("shop", "missing", "lock.embedded", "nope", None),
+            with_ref("shop", "nostore", "lock.embedded", "redis", Some("vault")),
+        ];
+        let ctx = SecretsContext {
+            provider: Some(Arc::new(FakeSecrets)),
+            kubernetes: true,
+            base_dir: None,
+        };
+        let reg = reload_with(&empty(), docs, Vec::new(), &state.0, true, &ctx).await;
+        let shop = |n| reg.lock_store(n, Some("a"), Some("shop"));
+        assert_eq!(
+            shop("locks").expect("locks").key_prefix,
+            KeyPrefix::Custom("shop-pw".into())
+        );
+        assert_eq!(
+            shop("shared").expect("shared").key_prefix,
+            KeyPrefix::Custom("shared".into())
+        );
+        assert!(shop("missing").is_none() && shop("nostore").is_none());
+        assert!(reg
+            .lock_store("locks", Some("a"), Some("default"))
+            .is_none());
+        assert_eq!(reg.errors.len(), 2, "{:?}", reg.errors);
+        assert!(
+            reg.errors[0].contains("component missing: metadata keyPrefix: secret nope key password from secret store kubernetes: the secret does not exist"),
+            "{:?}",
+            reg.errors
+        );
+        assert!(
+            reg.errors[1].contains("component nostore")
+                && reg.errors[1].contains("secret store vault: no such secret store"),
+            "{:?}",
+            reg.errors
+        );
+        // The default store, for every namespace; the file store for shop.
+        assert!(reg
+            .secret_store(DEFAULT_SECRET_STORE, Some("a"), Some("x"))
+            .is_some());
+        assert!(reg.secret_store("files", Some("a"), Some("shop")).is_some());
+        assert!(reg.secret_store("files", Some("a"), Some("x")).is_none());
+        // Standalone: no default store, and secretKeyRef needs auth.
+        let other = TempDir::new("refs-standalone");
+        let standalone = reload(
+            &empty(),
+            vec![with_ref("shop", "locks", "lock.embedded", "redis", None)],
+            Vec::new(),
+            &other.0,
+            false,
+        )
+        .await;
+        assert!(standalone.secret_stores.is_empty());
+        assert!(
+            standalone.errors[0].contains("no auth.secretStore"),
+            "{:?}",
+            standalone.errors
+        );
     }
 
     #[tokio::test]

@@ -15,6 +15,8 @@
 //! - [`directory`]: pods and app ids (fed by the agent's model);
 //!   [`components`]: Dapr Component / Configuration / Subscription
 //!   manifests.
+//! - [`lock_api`]: distributed locks over [`nodeplane_state::lock`];
+//!   [`secrets`]: secret stores and the secrets API.
 
 pub mod acl;
 pub mod bindings;
@@ -26,11 +28,13 @@ pub mod delivery;
 pub mod directory;
 mod error;
 pub mod invoke;
+pub mod lock_api;
 pub mod mesh;
 pub mod metrics;
 pub mod peer;
 pub mod pool;
 pub mod pubsub_api;
+pub mod secrets;
 pub mod server;
 pub mod state_api;
 pub mod subscriptions;
@@ -45,6 +49,7 @@ use http::{Response, StatusCode};
 use tokio::sync::watch;
 
 pub use error::{Error, Result};
+pub use secrets::Secrets;
 
 use components::Registry;
 use directory::Directory;
@@ -97,6 +102,8 @@ pub struct Runtime {
     pub(crate) config_subs: config_api::Subscriptions,
     /// Subscriptions joined at the broker (tasks per key).
     subscribed: std::sync::Mutex<std::collections::BTreeMap<delivery::Key, usize>>,
+    /// The Kubernetes Secrets (set by [`Runtime::set_secrets`]).
+    secrets: std::sync::OnceLock<Arc<dyn Secrets>>,
 }
 
 impl Runtime {
@@ -120,7 +127,20 @@ impl Runtime {
             pubsub_status: std::sync::Mutex::new(delivery::Status::default()),
             config_subs: config_api::Subscriptions::default(),
             subscribed: std::sync::Mutex::new(std::collections::BTreeMap::new()),
+            secrets: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives the runtime the node's Kubernetes Secrets (for
+    /// `secretstores.kubernetes` and `secretKeyRef`); call it before
+    /// [`Runtime::start_components`]. A second call is ignored.
+    pub fn set_secrets(&self, secrets: Arc<dyn Secrets>) {
+        let _ = self.secrets.set(secrets);
+    }
+
+    /// The Kubernetes Secrets, if the agent gave any.
+    pub fn secrets(&self) -> Option<Arc<dyn Secrets>> {
+        self.secrets.get().cloned()
     }
 
     /// Reads the components now and keeps them current, from the
@@ -141,10 +161,16 @@ impl Runtime {
             dir: self.opts.components_dir.clone(),
             api,
         };
+        // With the API as a source the agent runs in Kubernetes mode.
+        let ctx = secrets::SecretsContext {
+            provider: self.secrets(),
+            kubernetes: sources.api.is_some(),
+            base_dir: self.opts.components_dir.clone(),
+        };
         let (state, target) = (self.opts.state_dir.clone(), self.registry.clone());
         let (tx, loaded) = tokio::sync::oneshot::channel();
         tokio::spawn(async move {
-            if let Err(e) = components::watch(sources, state, target, every, tx).await {
+            if let Err(e) = components::watch_with(sources, state, target, every, tx, ctx).await {
                 tracing::error!(error = %e, "app runtime components no longer reloaded");
             }
         });
@@ -212,6 +238,11 @@ impl Runtime {
                 return false;
             }
         }
+        for c in self.registry().locks.values() {
+            if c.store.ping().await.is_err() {
+                return false;
+            }
+        }
         true
     }
 
@@ -265,6 +296,16 @@ impl Runtime {
             )
             .chain(
                 reg.visible_bindings(app, ns)
+                    .into_iter()
+                    .map(|c| entry(&c.spec, &[])),
+            )
+            .chain(
+                reg.visible_locks(app, ns)
+                    .into_iter()
+                    .map(|c| entry(&c.spec, &[])),
+            )
+            .chain(
+                reg.visible_secret_stores(app, ns)
                     .into_iter()
                     .map(|c| entry(&c.spec, &[])),
             )

@@ -168,6 +168,15 @@ where
 pub async fn handle(rt: Arc<Runtime>, peer: &Peer, req: Request<Incoming>) -> Response<Body> {
     let caller = rt.caller(peer);
     let path = req.uri().path().to_string();
+    for (prefix, unlock) in [
+        ("/v1.0-alpha1/lock/", false),
+        ("/v1.0-alpha1/unlock/", true),
+    ] {
+        if let Some(store) = path.strip_prefix(prefix) {
+            let store = store.to_string();
+            return crate::lock_api::handle(&rt, &caller, unlock, &store, req).await;
+        }
+    }
     if let Some(tail) = path.strip_prefix("/v1.0-alpha1/publish/bulk/") {
         let tail = tail.to_string();
         return crate::pubsub_api::handle_bulk(&rt, &caller, &tail, req).await;
@@ -203,6 +212,7 @@ pub async fn handle(rt: Arc<Runtime>, peer: &Peer, req: Request<Incoming>) -> Re
         ("state", tail) if !tail.is_empty() => {
             crate::state_api::handle(&rt, &caller, tail, req).await
         }
+        ("secrets", tail) => crate::secrets::handle(&rt, &caller, tail, req).await,
         ("healthz", "") if req.method() == Method::GET => {
             if rt.is_ready() {
                 dapr::no_content()

@@ -7,7 +7,8 @@
 //! connections a change denies). The CNI plugin reaches the agent through
 //! the local API in [`api`]; [`http`] serves health and metrics;
 //! [`lifecycle`] keeps the pods the CRI shim reports; [`runtime`] serves
-//! the app runtime (nodeplane-runtime) from the same model. The data
+//! the app runtime (nodeplane-runtime) from the same model, and
+//! [`secrets`] its Kubernetes Secrets. The data
 //! path never waits for the agent: the plugin adds and deletes pods
 //! without it.
 
@@ -26,6 +27,7 @@ pub mod nftnl;
 pub mod policy;
 pub mod run;
 pub mod runtime;
+pub mod secrets;
 pub mod source;
 
 pub use error::{Error, Result};

@@ -80,6 +80,16 @@ pub async fn run(cfg: Config) -> Result<()> {
     tokio::spawn(crate::api::serve(listener, call_tx, lifecycle.clone()));
     let shim = lifecycle.clone();
     let (dir_tx, dir_rx) = tokio::sync::watch::channel(Arc::new(Default::default()));
+    // The app runtime's Kubernetes Secrets: the API's, or standalone the
+    // manifests directory's `kind: Secret` documents.
+    let secrets: Arc<dyn nodeplane_runtime::Secrets> = match &kube_client {
+        Some(client) => Arc::new(crate::secrets::KubeSecrets {
+            client: client.clone(),
+        }),
+        None => Arc::new(crate::secrets::ManifestSecrets {
+            dir: cfg.manifests_dir.clone(),
+        }),
+    };
     let runtime = match &cfg.runtime {
         Some(rc) => Some(
             crate::runtime::start(
@@ -89,6 +99,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 lifecycle.clone(),
                 &cfg.node_name,
                 kube_client,
+                secrets,
             )
             .await,
         ),

@@ -101,6 +101,7 @@ pub async fn start(
     shim: Arc<Lifecycle>,
     node_name: &str,
     api: Option<kube::Client>,
+    secrets: Arc<dyn nodeplane_runtime::Secrets>,
 ) -> Arc<Runtime> {
     let connect_timeout = Duration::from_secs(2);
     let mut problems = Vec::new();
@@ -129,6 +130,7 @@ pub async fn start(
         Some(Arc::new(ShimContainers(shim))),
         peers,
     );
+    rt.set_secrets(secrets);
     let api = api.map(|client| {
         let (tx, rx) = watch::channel(Default::default());
         tokio::spawn(crate::source::dapr::run(client, tx));

@@ -61,7 +61,7 @@ fn encode(version: u64, expires_ms: u64, value: &[u8]) -> Vec<u8> {
     out
 }
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -237,11 +237,13 @@ fn sweep_expired(db: &Weak<Database>, name: &str) -> Result<()> {
     txn.commit().map_err(|e| backend(name, e))
 }
 
-fn backend(name: &str, e: impl Into<redb::Error>) -> Error {
+pub(crate) fn backend(name: &str, e: impl Into<redb::Error>) -> Error {
     Error::Backend(format!("component {name}: embedded store: {}", e.into()))
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::Backend(format!("embedded store task failed: {e}")))?

@@ -16,6 +16,7 @@ use bytes::Bytes;
 mod embedded;
 mod error;
 mod expect;
+pub mod lock;
 mod postgres;
 mod redis_store;
 mod sweep;

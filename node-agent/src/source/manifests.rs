@@ -62,6 +62,10 @@ fn object_or_list(doc: Value, out: &mut Vec<Object>) -> std::result::Result<(), 
     {
         return Ok(());
     }
+    // Core Secrets are the app runtime's (crate::secrets), not the model's.
+    if crate::secrets::is_secret(&doc) {
+        return Ok(());
+    }
     let kind = doc
         .get("kind")
         .and_then(Value::as_str)
@@ -105,6 +109,9 @@ fn object_or_list(doc: Value, out: &mut Vec<Object>) -> std::result::Result<(), 
             _ => return Err(format!("{kind} without an `items` list")),
         };
         for item in items {
+            if crate::secrets::is_secret(&item) {
+                continue;
+            }
             out.push(typed(item)?);
         }
     } else {
