@@ -200,7 +200,7 @@ DESC="identity: pod c has no app id, app-scoped state is refused (403)"; check g
 # stock's metadata lists the subscription as joined before publishing.
 for _ in $(seq 1 200); do rt_call b GET /v1.0/metadata 2>/dev/null | grep -q '"topic":"orders"' && break; sleep 0.1; done
 out=$(rt_call b GET /v1.0/metadata 2>&1 || true)
-echo "    stock's subscriptions (its /v1.0/metadata): $(grep -o '"subscriptions":\[[^]]*\]' <<<"$out" || echo none)"
+echo "    stock's subscriptions (its /v1.0/metadata): $(grep -o '"subscriptions":.*' <<<"$out" | grep -o '"pubsubname":"[^"]*"\|"topic":"[^"]*"' | tr '\n' ' ')"
 DESC="pub/sub: stock's subscription to pubsub/orders is joined"; check grep -q '"topic":"orders"' <<<"$out"
 out=$(rt_call a POST /v1.0/publish/pubsub/orders '{"key":"hello"}' 2>&1 || true)
 echo "    orders publishes {\"key\":\"hello\"} to pubsub/orders: $out"

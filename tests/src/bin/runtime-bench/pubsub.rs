@@ -485,6 +485,14 @@ struct Row {
     hwm: u64,
 }
 
+/// One broker's figures: (label, through the runtime, direct, max throughput).
+type Results = (
+    &'static str,
+    Result<Row, String>,
+    Result<Row, String>,
+    Option<MaxRow>,
+);
+
 /// A max-throughput (closed-loop) run's figures.
 #[derive(Debug)]
 struct MaxRow {
@@ -559,12 +567,7 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
          same rate and messages, no runtime; redis-server without persistence, nats-server -js with its file store"
     );
 
-    let mut rows: Vec<(
-        &str,
-        Result<Row, String>,
-        Result<Row, String>,
-        Option<MaxRow>,
-    )> = Vec::new();
+    let mut rows: Vec<Results> = Vec::new();
     for b in &active {
         let uri = format!("/v1.0/publish/{}/{TOPIC}", b.component);
         let via = runtime_run(&w, p, &uri, b.label, &inbox, rate, secs);
