@@ -10,7 +10,8 @@
 # NetworkPolicy and shows an allowed and a denied connection. Then the app
 # runtime: two demo apps (np-app) in pods a and b invoke each other and keep
 # state through the node's runtime (Dapr's HTTP API at 169.254.1.1:3500),
-# and a pod without an app id is refused app-scoped state. Then the CSI
+# a pod without an app id is refused app-scoped state, and b subscribes to
+# a topic that a publishes to (the node's embedded pub/sub). Then the CSI
 # driver: `nodeplane-agent csi` in standalone mode on a pool image it makes
 # in a temp dir (a loop-mounted xfs, in a private mount namespace, so neither
 # the host disk nor the host's mounts are used), provisions a 64 MiB volume
@@ -76,6 +77,15 @@ wait_policies() {
   echo "quickstart: the agent did not program $1 policies; its log:" >&2
   cat /run/nodeplane-demo/agent.log >&2
   return 1
+}
+# Waits (up to 5 s) until something in pod $1 listens on TCP port $2: a
+# server started in the background a moment ago may not have bound yet.
+wait_listen() {
+  for _ in $(seq 1 50); do
+    ip netns exec "np-demo-$1" ss -Hltn "sport = :$2" | grep -q . && return 0
+    sleep 0.1
+  done
+  echo "quickstart: nothing listens on pod $1 port $2 after 5 s" >&2
 }
 # The CSI demo's world: a temp dir with the pool image, a mount namespace
 # held by a sleeping process, the driver in it. Torn down on every exit.
@@ -144,7 +154,7 @@ DESC="ping  pod a -> pod c  ${V6[c]}"; check ip netns exec np-demo-a busybox pin
 DESC="ping  node  -> pod b  ${V4[b]}"; check ip netns exec "$NODE" busybox ping -c1 -W2 "${V4[b]}"
 DESC="ping  pod c -> node   10.10.0.1"; check ip netns exec np-demo-c busybox ping -c1 -W2 10.10.0.1
 ip netns exec np-demo-b busybox nc -l -p 8080 > /run/nodeplane-demo/received & srv=$!
-sleep 0.3
+wait_listen b 8080
 DESC="tcp   pod a -> pod b  ${V4[b]}:8080"; check sh -c "echo hello-from-a | ip netns exec np-demo-a busybox nc -w 2 ${V4[b]} 8080"
 wait $srv || true
 echo "    pod b received: $(cat /run/nodeplane-demo/received)"
@@ -153,18 +163,23 @@ echo "==> NetworkPolicy: applying deploy/standalone/policy.yaml (role=web accept
 cp deploy/standalone/policy.yaml "$MANIFESTS/"
 wait_policies 1
 ip netns exec np-demo-b busybox nc -ll -p 8080 -e echo web-b-says-hi & srv=$!
-sleep 0.3
+wait_listen b 8080
 DESC="allowed: pod a (client) -> pod b (web) :8080"; check sh -c "ip netns exec np-demo-a busybox nc -w 2 ${V4[b]} 8080 </dev/null | grep -q web-b-says-hi"
 DESC="denied:  pod c (other)  -> pod b (web) :8080"; check sh -c "! ip netns exec np-demo-c busybox nc -w 2 ${V4[b]} 8080 </dev/null | grep -q web-b-says-hi"
 DESC="allowed: pod c -> pod a (not selected by any policy)"; check ip netns exec np-demo-c busybox ping -c1 -W2 "${V4[a]}"
 kill $srv 2>/dev/null || true
+wait $srv 2>/dev/null || true
 echo "    per-policy counter: $(agent_get /metrics | grep '^nodeplane_policy_allowed_packets_total' | head -1)"
 echo "    dropped:            $(agent_get /metrics | grep '^nodeplane_dropped_packets_total{reason="denied_ingress"}')"
 
 echo "==> app runtime: pod a is app \"orders\", pod b app \"stock\" (np-app on :8080); they call the node runtime at 169.254.1.1:3500"
 APPS=()
-for p in a b; do ip netns exec "np-demo-$p" "$BIN/np-app" serve 8080 > /dev/null & APPS+=($!); done
-sleep 0.3
+# stock subscribes to topic "orders" of the node's embedded pub/sub (its
+# answer to the runtime's GET /dapr/subscribe; deliveries go to /sub/orders).
+SUBS='[{"pubsubname":"pubsub","topic":"orders","route":"/sub/orders"}]'
+ip netns exec np-demo-a "$BIN/np-app" serve 8080 > /dev/null & APPS+=($!)
+NP_APP_SUBSCRIBE="$SUBS" ip netns exec np-demo-b "$BIN/np-app" serve 8080 > /dev/null & APPS+=($!)
+wait_listen a 8080; wait_listen b 8080
 rt_call() { ip netns exec "np-demo-$1" "$BIN/np-app" call "${@:2}"; }
 for _ in $(seq 1 50); do rt_call a GET /v1.0/metadata 2>/dev/null | grep -q '"id":"orders"' && break; sleep 0.1; done
 out=$(rt_call a POST /v1.0/invoke/stock/method/reserve '{"item":"apple"}' 2>&1 || true)
@@ -180,6 +195,24 @@ DESC="state keys are per app: stock's own count is empty (204)"; check grep -q '
 out=$(rt_call c POST /v1.0/state/statestore '[{"key":"k","value":1}]' 2>&1 || true)
 echo "    pod c (no app id) saving state: $out"
 DESC="identity: pod c has no app id, app-scoped state is refused (403)"; check grep -q '^403' <<<"$out"
+# The runtime asks an app for its subscriptions once the pod is ready and
+# again while the app does not answer (backing off up to 6.4 s): wait until
+# stock's metadata lists the subscription as joined before publishing.
+for _ in $(seq 1 200); do rt_call b GET /v1.0/metadata 2>/dev/null | grep -q '"topic":"orders"' && break; sleep 0.1; done
+out=$(rt_call b GET /v1.0/metadata 2>&1 || true)
+echo "    stock's subscriptions (its /v1.0/metadata): $(grep -o '"subscriptions":.*' <<<"$out" | grep -o '"pubsubname":"[^"]*"\|"topic":"[^"]*"' | tr '\n' ' ')"
+DESC="pub/sub: stock's subscription to pubsub/orders is joined"; check grep -q '"topic":"orders"' <<<"$out"
+out=$(rt_call a POST /v1.0/publish/pubsub/orders '{"key":"hello"}' 2>&1 || true)
+echo "    orders publishes {\"key\":\"hello\"} to pubsub/orders: $out"
+DESC="pub/sub: the runtime accepted the publish (204)"; check grep -q '^204' <<<"$out"
+got=""
+for _ in $(seq 1 50); do
+  got=$(ip netns exec np-demo-b "$BIN/np-app" call GET http://127.0.0.1:8080/deliveries 2>/dev/null || true)
+  grep -q '"key":"hello"' <<<"$got" && break
+  sleep 0.1
+done
+echo "    stock's deliveries: $(grep -o '"key":"[^"]*"\|"path":"[^"]*"\|"contentType":"[^"]*"' <<<"$got" | tr '\n' ' ')"
+DESC="pub/sub: stock got the message at /sub/orders (a CloudEvent)"; check bash -c 'grep -q "\"key\":\"hello\"" <<<"$1" && grep -q "\"path\":\"/sub/orders\"" <<<"$1"' _ "$got"
 kill "${APPS[@]}" 2>/dev/null || true
 
 echo "==> CSI driver, standalone: nodeplane-agent csi on a 1 GiB xfs pool image (loop device, private mount namespace)"

@@ -291,17 +291,11 @@ pub struct NodeNats {
 
 impl NodeNats {
     pub fn start(ns: &Netns, port: u16) -> NodeNats {
-        let bin = crate::prereq::require_tool("nats-server", "nats-server");
+        crate::prereq::require_tool("nats-server", "nats-server");
         let dir = crate::TempDir::new("nats");
         let log = dir.path().join("nats.log");
-        let child = ns
-            .command(bin)
-            .args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
-            .arg("-sd")
-            .arg(dir.path().join("js"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("nats log"))
+        let child = nats_command(ns, port, dir.path())
+            .expect("nats log")
             .spawn()
             .expect("spawn nats-server");
         let n = NodeNats {
@@ -309,17 +303,41 @@ impl NodeNats {
             port,
             _dir: dir,
         };
-        let start = Instant::now();
-        while !std::fs::read_to_string(&log).is_ok_and(|s| s.contains("Server is ready")) {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "nats-server did not start: {}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        assert!(
+            nats_ready(&log, Duration::from_secs(10)),
+            "nats-server did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
         n
     }
+}
+
+/// nats-server with JetStream for a node namespace, where the agent
+/// reaches it on its own loopback: 127.0.0.1:`port`, its store under
+/// `dir`, its log in `dir`/nats.log (for [`nats_ready`]).
+pub fn nats_command(ns: &Netns, port: u16, dir: &Path) -> std::io::Result<Command> {
+    let log = std::fs::File::create(dir.join("nats.log"))?;
+    let mut c = ns.command("nats-server");
+    c.args(["-js", "-a", "127.0.0.1", "-p", &port.to_string()])
+        .arg("-sd")
+        .arg(dir.join("js"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log);
+    Ok(c)
+}
+
+/// Waits until the nats-server whose log is `log` says it is ready
+/// (JetStream included); false after `limit`.
+pub fn nats_ready(log: impl AsRef<Path>, limit: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if std::fs::read_to_string(log.as_ref()).is_ok_and(|s| s.contains("Server is ready")) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
 
 impl Drop for NodeNats {

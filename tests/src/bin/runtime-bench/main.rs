@@ -7,6 +7,9 @@
 //! 3. The agent's memory with 100 app pods registered against 1.
 //! 4. State save/get throughput, the embedded store against Redis.
 //! 5. Across two nodes (mTLS): not built yet.
+//! 6. Pub/sub publish → deliver latency and throughput per broker
+//!    (embedded, Redis, JetStream), against each broker without the
+//!    runtime, with the agent's CPU and memory.
 //!
 //! Not a test: it prints figures, baselines, differences and target
 //! verdicts; the exit status is 0 whatever they say. Run as root:
@@ -21,6 +24,7 @@ use nodeplane_tests::bench::guard;
 mod invoke;
 mod load;
 mod pods;
+mod pubsub;
 mod state;
 mod stats;
 mod world;
@@ -39,7 +43,12 @@ usage (as root): runtime-bench [options]
   --pods N          pods: app pods in the many-pods case (default 100)
   --state-secs N    state: seconds per store and operation (default 4)
   --state-conns N   state: concurrent connections (default 4)
-  --only SECTION    invoke (sections 1 and 2), pods, state or cross
+  --pubsub-secs N   pubsub: timed seconds per broker (after 2 s warm-up;
+                    default 10)
+  --pubsub-rate N   pubsub: messages per second offered (default 1000)
+  --pubsub-max N    pubsub: 1 runs a closed-loop max-throughput run per
+                    broker too, 0 does not (default 1)
+  --only SECTION    invoke (sections 1 and 2), pods, state, cross or pubsub
                     (default: all)
   -h, --help        this text
 
@@ -56,6 +65,9 @@ pub struct Opts {
     pub pods: usize,
     pub state_secs: u64,
     pub state_conns: usize,
+    pub pubsub_secs: u64,
+    pub pubsub_rate: u32,
+    pub pubsub_max: bool,
     pub only: Option<String>,
 }
 
@@ -67,6 +79,9 @@ fn parse_args() -> Result<Opts, String> {
         pods: 100,
         state_secs: 4,
         state_conns: 4,
+        pubsub_secs: 10,
+        pubsub_rate: 1000,
+        pubsub_max: true,
         only: None,
     };
     let mut args = std::env::args().skip(1);
@@ -95,9 +110,18 @@ fn parse_args() -> Result<Opts, String> {
             }
             "--state-secs" => o.state_secs = num(&value)? as u64,
             "--state-conns" => o.state_conns = num(&value)?,
+            "--pubsub-secs" => o.pubsub_secs = num(&value)? as u64,
+            "--pubsub-rate" => {
+                o.pubsub_rate = u32::try_from(num(&value)?).map_err(|e| e.to_string())?
+            }
+            "--pubsub-max" => match value.as_str() {
+                "0" => o.pubsub_max = false,
+                "1" => o.pubsub_max = true,
+                v => return Err(format!("--pubsub-max {v}: 0 or 1")),
+            },
             "--only" => match value.as_str() {
-                "invoke" | "pods" | "state" | "cross" => o.only = Some(value),
-                v => return Err(format!("--only {v}: invoke, pods, state or cross")),
+                "invoke" | "pods" | "state" | "cross" | "pubsub" => o.only = Some(value),
+                v => return Err(format!("--only {v}: invoke, pods, state, cross or pubsub")),
             },
             _ => return Err(format!("unknown option {flag}")),
         }
@@ -148,6 +172,9 @@ fn main() {
     if run("cross") {
         cross::section(&opts, &mut report);
     }
+    if run("pubsub") {
+        pubsub::section(&opts, &mut report);
+    }
     report.print_summary();
     println!(
         "\ntotal bench time {:.1} s, load average at the end {}",
@@ -156,7 +183,7 @@ fn main() {
     );
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()

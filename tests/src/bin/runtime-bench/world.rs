@@ -92,14 +92,25 @@ impl World {
 
     /// ADDs pod `name` through nodeplane-cni and starts np-app in it.
     pub fn add_pod(&mut self, name: &str) -> Result<usize, String> {
+        self.add_pod_with(name, true)
+    }
+
+    /// ADDs pod `name` with nothing serving in it: the bench itself serves
+    /// the app port there (pubsub: a subscriber that timestamps deliveries
+    /// on the publisher's clock).
+    pub fn add_bare_pod(&mut self, name: &str) -> Result<usize, String> {
+        self.add_pod_with(name, false)
+    }
+
+    fn add_pod_with(&mut self, name: &str, np_app: bool) -> Result<usize, String> {
         let ns = Ns::new("nprb");
         let res = self
             .node
             .add_pod(&format!("bench-{name}"), &ns, K8S_NS, name);
         let ip = ip_of(&res, 0);
-        let app = start_app(&ns)?;
+        let app = if np_app { Some(start_app(&ns)?) } else { None };
         self.pods.push(Pod {
-            app: Some(app),
+            app,
             ns,
             ip,
             name: name.to_string(),
