@@ -7,10 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use nodeplane_tests::agent::{in_netns, Agent};
+use nodeplane_tests::agent::Agent;
 use nodeplane_tests::apps::{self, AppPod, NodeRedis, APP_PORT};
 use nodeplane_tests::fixture::Node;
-use nodeplane_tests::http1::{Conn, Msg};
+use nodeplane_tests::http1::Msg;
 use nodeplane_tests::prereq;
 use serde_json::{json, Value};
 
@@ -46,21 +46,8 @@ fn world(pods: &[(&str, &str)]) -> World {
         pods,
         cluster,
     };
-    let start = Instant::now();
     for (name, p) in &w.pods {
-        loop {
-            let m = p.call("GET", "/v1.0/metadata", &[], b"");
-            if m.json()["extended"]["caller"] == format!("pod shop/{name}") {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "the runtime did not learn pod {name}: {}; agent log:\n{}",
-                m.text(),
-                w.agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        p.wait_known("shop", name, Duration::from_secs(20));
     }
     w
 }
@@ -140,16 +127,10 @@ fn component(name: &str, kind: &str, metadata: &[(&str, &str)], scopes: &[&str])
 
 /// What np-app in `p` recorded under `/cron/`.
 fn firings(p: &AppPod) -> Vec<Value> {
-    in_netns(&p.path(), || {
-        let s = std::net::TcpStream::connect(("127.0.0.1", APP_PORT)).expect("connect np-app");
-        let m = Conn::new(s)
-            .request("GET", "/deliveries", &[], b"")
-            .expect("GET /deliveries");
-        m.json().as_array().cloned().unwrap_or_default()
-    })
-    .into_iter()
-    .filter(|d| d["path"].as_str().is_some_and(|p| p.starts_with("/cron/")))
-    .collect()
+    p.deliveries()
+        .into_iter()
+        .filter(|d| d["path"].as_str().is_some_and(|p| p.starts_with("/cron/")))
+        .collect()
 }
 
 fn invoke(p: &AppPod, binding: &str, body: Value) -> Msg {
@@ -502,4 +483,49 @@ fn cron_fires_to_the_scoped_apps_retries_failures_and_follows_component_changes(
         after <= before + 1,
         "ticker still fires: {before} then {after}"
     );
+}
+
+/// The UTC time now as a firing's `readTimeUTC` starts (`YYYY-MM-DD
+/// HH:MM:SS`), so that the two compare as strings.
+fn utc_now() -> String {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M:%S"])
+        .output()
+        .expect("date");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn cron_firings_waiting_for_the_app_survive_an_agent_kill9() {
+    let mut w = world(&[("tick", "tick")]);
+    let ticker = component(
+        "ticker",
+        "bindings.cron",
+        &[
+            ("schedule", "@every 1s"),
+            ("route", "/cron/tick"),
+            ("maxDeliveryAttempts", "1000"),
+            ("retryInitialInterval", "100ms"),
+            ("retryMaxInterval", "300ms"),
+        ],
+        &["tick"],
+    );
+    w.components(&ticker);
+    w.wait_firings("tick", "a first firing", |d| !d.is_empty());
+    // The app stops answering: the next firings wait in the log, retried.
+    w.pods[0].1.stop_app();
+    std::thread::sleep(Duration::from_millis(2500));
+    let killed = utc_now();
+    w.agent.kill9();
+    w.pods[0].1.start_app();
+    w.agent.restart(&w.node.ns);
+    // Firings due before the kill reach the app after the restart.
+    let d = w.wait_firings("tick", "a firing from before the kill", |d| {
+        d.iter().any(|f| {
+            f["readTimeUTC"]
+                .as_str()
+                .is_some_and(|t| t < killed.as_str())
+        })
+    });
+    assert!(d.iter().all(|f| f["path"] == "/cron/tick"), "{d:#?}");
 }

@@ -7,21 +7,26 @@
 //! when the app appears or the component is added, restarts when the
 //! component's spec changes, and stops when either goes away.
 //!
-//! Each firing is POSTed to the binding's route on ONE ready local pod of
-//! the app (round robin), with an empty body and Dapr's cron metadata as
-//! headers (`timeZone`, `readTimeUTC`). A 2xx answer settles it; a 404
-//! drops it; anything else (another status, no connection, no answer in
-//! [`ANSWER_TIMEOUT`]) is retried with the pub/sub backoff
-//! ([`RetryPolicy`], the component's `maxDeliveryAttempts`,
-//! `retryInitialInterval`, `retryMaxInterval`), then dropped with a
-//! warning. At most [`IN_FLIGHT`] firings of one schedule are being
-//! delivered at once; a firing due beyond that is skipped with a warning.
+//! Each firing is first appended to a durable log (an embedded pub/sub
+//! log of the runtime's own, `_input-bindings.pubsub` in the state
+//! directory, one topic per schedule and the app id as its group), then
+//! delivered from it exactly as a pub/sub message is: POSTed to the
+//! binding's route on ONE ready local pod of the app (round robin), with
+//! an empty body and Dapr's cron metadata as headers (`timeZone`,
+//! `readTimeUTC`). A 2xx answer acks it; a 404 drops it; anything else
+//! (another status, no connection, no answer within ¾ of the log's ack
+//! timeout) is retried with the pub/sub backoff ([`RetryPolicy`], the
+//! component's `maxDeliveryAttempts`, `retryInitialInterval`,
+//! `retryMaxInterval`), then dropped with a warning. At most
+//! [`IN_FLIGHT`] firings of one schedule wait unsettled; a firing due
+//! beyond that is skipped with a warning.
 //!
-//! What is kept: a firing, once started, is retried until settled while
-//! the agent runs and the app keeps a pod here; firings are not persisted,
-//! so those due while the agent was down are not replayed (an `@every`
-//! schedule counts again from the agent's start), and one being retried
-//! when the agent stops or the component changes is given up.
+//! What is kept: the pub/sub guarantee. A firing, once in the log, is
+//! delivered at least once even across an agent kill -9 (the log hands
+//! out unsettled firings again after the restart, with their original
+//! `readTimeUTC`). Firings due while the agent was down are not made up
+//! (an `@every` schedule counts again from the agent's start), as with a
+//! Dapr sidecar that was down.
 //!
 //! Before the first delivery to a pod, as Dapr does, the runtime asks
 //! `OPTIONS {route}`: a 2xx or 405 answer means the app listens there;
@@ -39,6 +44,8 @@ use bytes::Bytes;
 use http::{Method, Request, StatusCode};
 use tokio::sync::{watch, Semaphore};
 
+use nodeplane_pubsub::{Broker, Delivery, Message, Subscription};
+
 use super::cron::{go_time_utc, CronBinding, Schedule};
 use super::Binding;
 use crate::directory::AppPod;
@@ -48,8 +55,13 @@ use crate::Runtime;
 const TICK: Duration = Duration::from_millis(200);
 /// Firings of one schedule being delivered at once.
 pub const IN_FLIGHT: usize = 16;
-/// How long an app may take to answer a firing.
-pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// The durable log's component name: Kubernetes names never start with
+/// `_`, so no user's pub/sub can share its directory.
+const LOG_NAME: &str = "_input-bindings";
+/// The firing's time, as its message metadata carries it.
+const READ_TIME: &str = "readTimeUTC";
+/// How long to wait before trying the log again after a failure.
+const LOG_RETRY: Duration = Duration::from_secs(1);
 /// How long the `OPTIONS` probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -64,6 +76,7 @@ struct Running {
 
 /// Keeps the schedules current; runs for the runtime's life.
 pub async fn run(rt: Arc<Runtime>) {
+    let log = open_log(&rt).await;
     let mut running: BTreeMap<Key, Running> = BTreeMap::new();
     loop {
         let dir = rt.directory();
@@ -107,6 +120,9 @@ pub async fn run(rt: Arc<Runtime>) {
                 schedule = %cron.schedule_text, route = %cron.route, "input binding started");
             let ctx = Arc::new(Ctx {
                 rt: rt.clone(),
+                log: log.clone(),
+                topic: format!("{}/{}/{}", key.0, key.1, key.2),
+                pending: AtomicUsize::new(0),
                 ns: key.0.clone(),
                 app: key.1.clone(),
                 name,
@@ -121,8 +137,39 @@ pub async fn run(rt: Arc<Runtime>) {
     }
 }
 
+/// Opens the firings' log, trying until it opens (a failure is reported
+/// in the runtime's problems and logged).
+async fn open_log(rt: &Runtime) -> Arc<dyn Broker> {
+    let spec = nodeplane_pubsub::ComponentSpec {
+        name: LOG_NAME.into(),
+        kind: "pubsub.embedded".into(),
+        version: "v1".into(),
+        metadata: BTreeMap::new(),
+    };
+    let mut reported = false;
+    loop {
+        match nodeplane_pubsub::open(&spec, &rt.opts.state_dir).await {
+            Ok(b) => return b,
+            Err(e) => {
+                tracing::error!(error = %e, "input bindings' firing log cannot be opened; trying again");
+                if !reported {
+                    rt.report_problem(format!("input bindings' firing log: {e}"));
+                    reported = true;
+                }
+                tokio::time::sleep(LOG_RETRY).await;
+            }
+        }
+    }
+}
+
 struct Ctx {
     rt: Arc<Runtime>,
+    /// Where firings wait until the app has them.
+    log: Arc<dyn Broker>,
+    /// This schedule's topic in the log.
+    topic: String,
+    /// Firings in the log not yet settled (by this instance).
+    pending: AtomicUsize,
     ns: String,
     app: String,
     /// The component's name, for messages.
@@ -134,10 +181,25 @@ struct Ctx {
     listens: Mutex<HashMap<(String, Vec<IpAddr>), bool>>,
 }
 
-/// Fires on the schedule until `stop` is dropped.
+/// Fires on the schedule until `stop` is dropped: joins the log first (a
+/// new group sees only what is appended after it joined), then appends
+/// each firing, while [`consume`] delivers them.
 async fn schedule(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let sub = loop {
+        match ctx.log.subscribe(&ctx.topic, &ctx.app).await {
+            Ok(s) => break s,
+            Err(e) => {
+                tracing::warn!(error = %e, binding = %ctx.name, "joining the firing log failed; trying again");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(LOG_RETRY) => {}
+                }
+            }
+        }
+    };
+    tokio::spawn(consume(ctx.clone(), sub, stop.clone()));
     let mut last = SystemTime::now();
+    let mut seq: u64 = 0;
     loop {
         let Some(at) = ctx.cron.schedule.next(last) else {
             tracing::warn!(binding = %ctx.name, schedule = %ctx.cron.schedule_text, "the schedule never fires");
@@ -156,17 +218,58 @@ async fn schedule(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
             Schedule::Every(_) => at,
             Schedule::Fields(_) => at.max(SystemTime::now()),
         };
-        match slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let (ctx, stop) = (ctx.clone(), stop.clone());
+        if ctx.pending.load(Ordering::Relaxed) >= IN_FLIGHT {
+            tracing::warn!(app = %ctx.app, binding = %ctx.name,
+                "firing skipped: {IN_FLIGHT} earlier firings are still being delivered");
+            continue;
+        }
+        seq += 1;
+        let stamp = go_time_utc(at);
+        let msg = Message {
+            id: format!("{}-{stamp}-{seq}", ctx.topic),
+            topic: ctx.topic.clone(),
+            data: Bytes::new(),
+            content_type: "application/json".into(),
+            metadata: BTreeMap::from([(READ_TIME.to_string(), stamp)]),
+        };
+        ctx.pending.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = ctx.log.publish(msg).await {
+            ctx.settled();
+            tracing::warn!(error = %e, app = %ctx.app, binding = %ctx.name, "firing not recorded: skipped");
+        }
+    }
+}
+
+/// Delivers the schedule's firings from the log, [`IN_FLIGHT`] at a time,
+/// until `stop`.
+async fn consume(ctx: Arc<Ctx>, mut sub: Box<dyn Subscription>, mut stop: watch::Receiver<bool>) {
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.changed() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let got = tokio::select! {
+            _ = stop.changed() => return,
+            d = sub.next() => d,
+        };
+        match got {
+            Ok(d) => {
+                let ctx = ctx.clone();
                 tokio::spawn(async move {
-                    deliver(&ctx, at, stop).await;
+                    deliver(&ctx, d).await;
                     drop(permit);
                 });
             }
-            Err(_) => {
-                tracing::warn!(app = %ctx.app, binding = %ctx.name,
-                    "firing skipped: {IN_FLIGHT} earlier firings are still being delivered");
+            Err(e) => {
+                tracing::warn!(error = %e, binding = %ctx.name, "reading the firing log failed; trying again");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(LOG_RETRY) => {}
+                }
             }
         }
     }
@@ -180,35 +283,38 @@ enum Outcome {
     Drop(String),
 }
 
-/// One firing, retried until settled (or `stop`).
-async fn deliver(ctx: &Ctx, fired: SystemTime, mut stop: watch::Receiver<bool>) {
+/// One delivery of a firing: acked once settled, else put back in the
+/// log with the retry policy's delay.
+async fn deliver(ctx: &Ctx, d: Delivery) {
     let policy = ctx.cron.retry;
-    let mut attempt = 1;
-    loop {
-        let outcome = tokio::select! {
-            _ = stop.changed() => return,
-            o = ctx.call(fired) => o,
-        };
-        match outcome {
-            Outcome::Success => return,
-            Outcome::Drop(why) => {
-                tracing::debug!(app = %ctx.app, binding = %ctx.name, why = %why, "firing not delivered");
-                return;
-            }
-            Outcome::Retry(why) if attempt >= policy.max_attempts => {
-                tracing::warn!(app = %ctx.app, binding = %ctx.name, attempt, why = %why,
-                    "retry budget spent: firing dropped");
-                return;
-            }
-            Outcome::Retry(why) => {
-                tracing::debug!(app = %ctx.app, binding = %ctx.name, attempt, why = %why, "firing to retry");
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    () = tokio::time::sleep(policy.backoff(attempt)) => {}
-                }
-                attempt += 1;
-            }
+    let Delivery {
+        msg,
+        attempt,
+        token,
+    } = d;
+    let read_time = msg.metadata.get(READ_TIME).cloned().unwrap_or_default();
+    let settled = match ctx.call(&read_time).await {
+        Outcome::Success => token.ack().await,
+        Outcome::Drop(why) => {
+            tracing::debug!(app = %ctx.app, binding = %ctx.name, why = %why, "firing not delivered");
+            token.ack().await
         }
+        Outcome::Retry(why) if attempt >= policy.max_attempts => {
+            tracing::warn!(app = %ctx.app, binding = %ctx.name, attempt, why = %why,
+                "retry budget spent: firing dropped");
+            token.ack().await
+        }
+        Outcome::Retry(why) => {
+            tracing::debug!(app = %ctx.app, binding = %ctx.name, attempt, why = %why, "firing to retry");
+            if let Err(e) = token.nack(policy.backoff(attempt)).await {
+                tracing::warn!(error = %e, binding = %ctx.name, "putting a firing back failed (it comes again)");
+            }
+            return;
+        }
+    };
+    ctx.settled();
+    if let Err(e) = settled {
+        tracing::warn!(error = %e, binding = %ctx.name, "settling a firing failed (it comes again)");
     }
 }
 
@@ -230,6 +336,16 @@ fn outcome(status: StatusCode) -> Outcome {
 }
 
 impl Ctx {
+    /// One firing fewer waits (those recovered after a restart were never
+    /// counted, hence saturating).
+    fn settled(&self) {
+        let _ = self
+            .pending
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                Some(n.saturating_sub(1))
+            });
+    }
+
     /// Whether `pod` listens on the route (asked once per pod).
     async fn probe(&self, pod: &AppPod, addr: std::net::SocketAddr) -> Result<bool, String> {
         if self.cron.directions.explicit && self.cron.directions.input {
@@ -267,7 +383,7 @@ impl Ctx {
     }
 
     /// One POST to a ready local pod of the app that listens on the route.
-    async fn call(&self, fired: SystemTime) -> Outcome {
+    async fn call(&self, read_time: &str) -> Outcome {
         let pods = crate::delivery::local_pods(&self.rt, &self.ns, &self.app).len();
         if pods == 0 {
             return Outcome::Retry("no ready pod of the app on this node".into());
@@ -300,13 +416,18 @@ impl Ctx {
             .header(http::header::CONTENT_TYPE, "application/json")
             .header("traceparent", crate::trace::next(None))
             .header("timeZone", "UTC")
-            .header("readTimeUTC", go_time_utc(fired))
+            .header("readTimeUTC", read_time)
             .body(crate::server::full(Bytes::new()));
         let req = match req {
             Ok(r) => r,
             Err(e) => return Outcome::Drop(format!("route {:?}: {e}", self.cron.route)),
         };
-        match crate::delivery::post(&self.rt, addr, req, ANSWER_TIMEOUT).await {
+        // Answered before the log would hand the firing out again.
+        let limit = self
+            .log
+            .ack_timeout()
+            .map_or(Duration::from_secs(60), |t| t * 3 / 4);
+        match crate::delivery::post(&self.rt, addr, req, limit).await {
             Err(e) => Outcome::Retry(format!("pod {}: {e}", pod.key())),
             Ok((status, _)) => outcome(status),
         }
