@@ -88,20 +88,15 @@ struct RedisConfig {
     name: String,
     host: String,
     client: redis::Client,
-    conn: redis::aio::MultiplexedConnection,
+    conn: redis::aio::ConnectionManager,
     db: i64,
 }
 
 impl RedisConfig {
     async fn open(spec: &ComponentSpec) -> Result<Self, String> {
-        let (client, host) = nodeplane_state::redis_client(spec).map_err(|e| e.to_string())?;
-        let conn = tokio::time::timeout(
-            Duration::from_secs(5),
-            client.get_multiplexed_async_connection(),
-        )
-        .await
-        .map_err(|_| format!("cannot connect to {host}: no answer within 5s"))?
-        .map_err(|e| format!("cannot connect to {host}: {e}"))?;
+        let (conn, client, host) = nodeplane_state::redis_connect(spec)
+            .await
+            .map_err(|e| e.to_string())?;
         let db = client.get_connection_info().redis_settings().db();
         Ok(RedisConfig {
             name: spec.name.clone(),

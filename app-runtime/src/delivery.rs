@@ -342,6 +342,76 @@ pub(crate) fn local_pods(rt: &Runtime, ns: &str, app: &str) -> Vec<Arc<AppPod>> 
     local
 }
 
+/// Joins `topic` as consumer group `group` at `broker`, trying again
+/// every second; `None` when `stop` came first.
+pub(crate) async fn join(
+    broker: &dyn nodeplane_pubsub::Broker,
+    topic: &str,
+    group: &str,
+    stop: &mut watch::Receiver<bool>,
+) -> Option<Box<dyn nodeplane_pubsub::Subscription>> {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return None,
+            s = broker.subscribe(topic, group) => match s {
+                Ok(s) => return Some(s),
+                Err(e) => {
+                    tracing::warn!(error = %e, group, topic, "subscribe failed; trying again");
+                    tokio::select! {
+                        _ = stop.changed() => return None,
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Hands `sub`'s deliveries to `handle`, each in a task of its own and at
+/// most `limit` at once, until `stop` fires. `what` names the
+/// subscription in logs.
+pub(crate) async fn pump<F, Fut>(
+    sub: &mut dyn nodeplane_pubsub::Subscription,
+    limit: usize,
+    stop: &mut watch::Receiver<bool>,
+    what: &str,
+    handle: F,
+) where
+    F: Fn(nodeplane_pubsub::Delivery) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limit));
+    loop {
+        let permit = tokio::select! {
+            _ = stop.changed() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
+        let d = tokio::select! {
+            _ = stop.changed() => return,
+            d = sub.next() => d,
+        };
+        match d {
+            Ok(d) => {
+                let work = handle(d);
+                tokio::spawn(async move {
+                    work.await;
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, what, "receiving failed; trying again");
+                tokio::select! {
+                    _ = stop.changed() => return,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        }
+    }
+}
+
 /// One broker subscription, until `stop` fires.
 async fn subscription(
     rt: Arc<Runtime>,
@@ -351,23 +421,10 @@ async fn subscription(
     mut stop: watch::Receiver<bool>,
 ) {
     let (ns, app, _, topic) = key.clone();
-    let mut sub = loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            s = comp.broker.subscribe(&topic, &app) => match s {
-                Ok(s) => break s,
-                Err(e) => {
-                    tracing::warn!(error = %e, app = %app, topic = %topic, "subscribe failed; trying again");
-                    tokio::select! {
-                        _ = stop.changed() => return,
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    }
-                }
-            },
-        }
+    let Some(mut sub) = join(comp.broker.as_ref(), &topic, &app, &mut stop).await else {
+        return;
     };
     rt.count_subscribed(&key, true);
-    let slots = Arc::new(Semaphore::new(CONCURRENCY));
     let ctx = Arc::new(Ctx {
         rt,
         ns,
@@ -376,32 +433,12 @@ async fn subscription(
         comp,
         next: std::sync::atomic::AtomicUsize::new(0),
     });
-    loop {
-        let permit = tokio::select! {
-            _ = stop.changed() => break,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
-        let d = tokio::select! {
-            _ = stop.changed() => break,
-            d = sub.next() => d,
-        };
-        match d {
-            Ok(d) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    ctx.deliver(d).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, app = %ctx.app, topic = %ctx.spec.topic, "receiving failed");
-                tokio::time::sleep(Duration::from_millis(500)).await;
-            }
-        }
-    }
+    let what = format!("app {} topic {}", ctx.app, ctx.spec.topic);
+    pump(sub.as_mut(), CONCURRENCY, &mut stop, &what, |d| {
+        let ctx = ctx.clone();
+        async move { ctx.deliver(d).await }
+    })
+    .await;
     tracing::info!(app = %ctx.app, topic = %ctx.spec.topic, pubsub = %ctx.spec.pubsub, "unsubscribing");
     ctx.rt.count_subscribed(&key, false);
     if let Err(e) = sub.close().await {
@@ -419,9 +456,10 @@ struct Ctx {
     next: std::sync::atomic::AtomicUsize,
 }
 
-/// How the app took a delivery.
+/// How the app took a delivery (a pub/sub message or an input binding's
+/// firing).
 #[derive(Debug, PartialEq, Eq)]
-enum Outcome {
+pub(crate) enum Outcome {
     Success,
     Retry(String),
     Drop(String),

@@ -86,37 +86,7 @@ impl Embedded {
         let p = path.clone();
         let n = name.clone();
         let db = blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                Error::Backend(format!(
-                    "component {n}: cannot create state dir {}: {e}",
-                    dir.display()
-                ))
-            })?;
-            // A store dropped a moment ago may still have a blocking call in
-            // flight (its caller gave up) that holds the file: wait a little.
-            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
-            let db = loop {
-                match Database::create(&p) {
-                    Ok(db) => break db,
-                    Err(redb::DatabaseError::DatabaseAlreadyOpen)
-                        if std::time::Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(std::time::Duration::from_millis(50));
-                    }
-                    Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
-                        return Err(Error::Backend(format!(
-                            "component {n}: {} is already open (another agent, or this component opened twice)",
-                            p.display()
-                        )))
-                    }
-                    Err(e) => {
-                        return Err(Error::Backend(format!(
-                            "component {n}: cannot open {}: {e}",
-                            p.display()
-                        )))
-                    }
-                }
-            };
+            let db = open_file(&dir, &p, &n)?;
             // Create both tables so readers never meet a missing one.
             let txn = db.begin_write().map_err(|e| backend(&n, e))?;
             txn.open_table(DATA).map_err(|e| backend(&n, e))?;
@@ -235,6 +205,42 @@ fn sweep_expired(db: &Weak<Database>, name: &str) -> Result<()> {
         return txn.abort().map_err(|e| backend(name, e));
     }
     txn.commit().map_err(|e| backend(name, e))
+}
+
+/// Creates `dir` and opens (or creates) component `name`'s redb file `p`
+/// in it, blocking. A store dropped a moment ago may still have a blocking
+/// call in flight (its caller gave up) that holds the file: it is tried
+/// again for up to a second.
+pub(crate) fn open_file(dir: &Path, p: &Path, name: &str) -> Result<Database> {
+    std::fs::create_dir_all(dir).map_err(|e| {
+        Error::Backend(format!(
+            "component {name}: cannot create state dir {}: {e}",
+            dir.display()
+        ))
+    })?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    loop {
+        match Database::create(p) {
+            Ok(db) => return Ok(db),
+            Err(redb::DatabaseError::DatabaseAlreadyOpen)
+                if std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                return Err(Error::Backend(format!(
+                    "component {name}: {} is already open (another agent, or this component opened twice)",
+                    p.display()
+                )))
+            }
+            Err(e) => {
+                return Err(Error::Backend(format!(
+                    "component {name}: cannot open {}: {e}",
+                    p.display()
+                )))
+            }
+        }
+    }
 }
 
 pub(crate) fn backend(name: &str, e: impl Into<redb::Error>) -> Error {

@@ -21,7 +21,7 @@ mod postgres;
 mod redis_store;
 mod sweep;
 pub use error::{Error, Result};
-pub use redis_store::redis_client;
+pub use redis_store::{redis_client, redis_connect};
 
 /// Dapr's `options.concurrency`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

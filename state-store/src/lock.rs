@@ -56,19 +56,7 @@ pub async fn open_lock(spec: &ComponentSpec, state_dir: &Path) -> Result<Arc<dyn
     match spec.kind.as_str() {
         "lock.embedded" => Ok(Arc::new(EmbeddedLock::open(spec, state_dir).await?)),
         "lock.redis" => {
-            let (client, host) = crate::redis_client(spec)?;
-            let config = redis::aio::ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_response_timeout(Some(Duration::from_secs(10)))
-                .set_number_of_retries(2);
-            let conn = ConnectionManager::new_with_config(client, config)
-                .await
-                .map_err(|e| {
-                    Error::Backend(format!(
-                        "component {} (lock.redis): cannot connect to {host}: {e}",
-                        spec.name
-                    ))
-                })?;
+            let (conn, _, host) = crate::redis_connect(spec).await?;
             Ok(Arc::new(RedisLock {
                 name: spec.name.clone(),
                 host,
@@ -230,30 +218,8 @@ impl EmbeddedLock {
         let path = state_dir.join(format!("{name}.lock.redb"));
         let (dir, p, n) = (state_dir.to_owned(), path.clone(), name.clone());
         let db = blocking(move || {
-            std::fs::create_dir_all(&dir).map_err(|e| {
-                Error::Backend(format!(
-                    "component {n}: cannot create state dir {}: {e}",
-                    dir.display()
-                ))
-            })?;
             // The instance this one replaces may still be closing.
-            let deadline = std::time::Instant::now() + Duration::from_secs(1);
-            let db = loop {
-                match redb::Database::create(&p) {
-                    Ok(db) => break db,
-                    Err(redb::DatabaseError::DatabaseAlreadyOpen)
-                        if std::time::Instant::now() < deadline =>
-                    {
-                        std::thread::sleep(Duration::from_millis(50));
-                    }
-                    Err(e) => {
-                        return Err(Error::Backend(format!(
-                            "component {n}: cannot open {}: {e}",
-                            p.display()
-                        )))
-                    }
-                }
-            };
+            let db = crate::embedded::open_file(&dir, &p, &n)?;
             let txn = db.begin_write().map_err(|e| backend(&n, e))?;
             txn.open_table(LOCKS).map_err(|e| backend(&n, e))?;
             txn.commit().map_err(|e| backend(&n, e))?;

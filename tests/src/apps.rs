@@ -91,8 +91,15 @@ impl AppPod {
     }
 
     /// Waits until the runtime knows this pod as `pod NAMESPACE/NAME`
-    /// (its `/v1.0/metadata` says so); panics after `limit`.
-    pub fn wait_known(&self, namespace: &str, name: &str, limit: Duration) {
+    /// (its `/v1.0/metadata` says so); panics after `limit`, with `log()`
+    /// (e.g. the agent's log).
+    pub fn wait_known(
+        &self,
+        namespace: &str,
+        name: &str,
+        limit: Duration,
+        log: impl Fn() -> String,
+    ) {
         let start = Instant::now();
         loop {
             let m = self.call("GET", "/v1.0/metadata", &[], b"");
@@ -101,8 +108,31 @@ impl AppPod {
             }
             assert!(
                 start.elapsed() < limit,
-                "the runtime did not learn pod {namespace}/{name}: {}",
-                m.text()
+                "the runtime did not learn pod {namespace}/{name}: {}; log:\n{}",
+                m.text(),
+                log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Waits until this pod's `/v1.0/metadata` lists component `name`;
+    /// panics after `limit`, with `log()` (e.g. the agent's log).
+    pub fn wait_component(&self, name: &str, limit: Duration, log: impl Fn() -> String) {
+        let start = Instant::now();
+        loop {
+            let m = self.call("GET", "/v1.0/metadata", &[], b"").json();
+            let seen = m["components"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|c| c["name"] == name));
+            if seen {
+                return;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "component {name} not seen by {}: {m}; log:\n{}",
+                self.ns.name,
+                log()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -223,10 +253,12 @@ pub fn redis_ready_at(ns: &Path, addr: &str, port: u16, limit: Duration) -> bool
         let start = Instant::now();
         while start.elapsed() < limit {
             if let Ok(mut s) = std::net::TcpStream::connect((addr.as_str(), port)) {
+                // A server started with --requirepass answers -NOAUTH:
+                // up all the same.
                 let mut buf = [0u8; 7];
                 if s.write_all(b"PING\r\n").is_ok()
                     && s.read_exact(&mut buf).is_ok()
-                    && &buf == b"+PONG\r\n"
+                    && (&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
                 {
                     return true;
                 }
@@ -252,11 +284,22 @@ impl NodeRedis {
         Self::start_on(ns, "127.0.0.1", port)
     }
 
+    /// [`NodeRedis::start`] with more server arguments (e.g.
+    /// `--requirepass`).
+    pub fn start_with(ns: &Netns, port: u16, args: &[&str]) -> NodeRedis {
+        Self::start_args(ns, "127.0.0.1", port, args)
+    }
+
     /// A redis-server in `ns` listening on `bind`:`port`.
     pub fn start_on(ns: &Netns, bind: &str, port: u16) -> NodeRedis {
+        Self::start_args(ns, bind, port, &[])
+    }
+
+    fn start_args(ns: &Netns, bind: &str, port: u16, args: &[&str]) -> NodeRedis {
         crate::prereq::require_tool("redis-server", "redis-server");
         let dir = crate::TempDir::new("redis");
         let child = redis_command_on(ns, bind, port, dir.path())
+            .args(args)
             .spawn()
             .expect("spawn redis-server");
         let r = NodeRedis {

@@ -47,7 +47,7 @@ fn world(pods: &[(&str, &str)]) -> World {
         cluster,
     };
     for (name, p) in &w.pods {
-        p.wait_known("shop", name, Duration::from_secs(20));
+        p.wait_known("shop", name, Duration::from_secs(20), || w.agent.log_text());
     }
     w
 }
@@ -72,24 +72,8 @@ impl World {
 
     /// Until `pod` sees a component `name` in its metadata.
     fn wait_component(&self, pod: &str, name: &str) {
-        let start = Instant::now();
-        loop {
-            let m = self.pod(pod).call("GET", "/v1.0/metadata", &[], b"").json();
-            let seen = m["components"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .any(|c| c["name"] == name);
-            if seen {
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(30),
-                "pod {pod} does not see component {name}: {m}; agent log:\n{}",
-                self.agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.pod(pod)
+            .wait_component(name, Duration::from_secs(30), || self.agent.log_text());
     }
 
     /// Waits until `pred` holds for `pod`'s recorded firings; returns them.

@@ -101,8 +101,10 @@ fn world() -> World {
     ]);
     let sub = AppPod::add(&node, "shop", "sub");
     let other = AppPod::add(&node, "shop", "other");
-    sub.wait_known("shop", "sub", Duration::from_secs(20));
-    other.wait_known("shop", "other", Duration::from_secs(20));
+    sub.wait_known("shop", "sub", Duration::from_secs(20), || agent.log_text());
+    other.wait_known("shop", "other", Duration::from_secs(20), || {
+        agent.log_text()
+    });
     let w = World {
         node,
         agent,
@@ -113,19 +115,10 @@ fn world() -> World {
         dir,
     };
     // The runtime reads the components a moment after they appear.
-    let start = Instant::now();
-    loop {
-        let m = w.sub.call("GET", "/v1.0/metadata", &[], b"").json();
-        if m["components"].to_string().contains("configstore") {
-            break;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "configuration stores not loaded: {m}; agent log:\n{}",
+    w.sub
+        .wait_component("configstore", Duration::from_secs(20), || {
             w.agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        });
     w.redis(REDIS_PORT, "config set notify-keyspace-events KA");
     w.redis(REDIS_PORT, "mset orderId1 '101||1' orderId2 '102||1'");
     w

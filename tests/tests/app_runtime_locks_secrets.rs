@@ -4,10 +4,9 @@
 //! caller's namespace (standalone: `kind: Secret` manifests), the local
 //! file store, and components whose metadata comes from `secretKeyRef`.
 
-use std::process::Child;
 use std::time::{Duration, Instant};
 
-use nodeplane_tests::agent::{in_netns, Agent};
+use nodeplane_tests::agent::Agent;
 use nodeplane_tests::apps::{self, AppPod, NodeRedis};
 use nodeplane_tests::fixture::Node;
 use nodeplane_tests::http1::{Conn, Msg};
@@ -259,42 +258,16 @@ fn world_with_redis(port: u16) -> (World, NodeRedis) {
 }
 
 fn wait_known(w: &World, pods: &[(&str, &str, &str)]) {
-    let start = Instant::now();
     for (ns, name, _) in pods {
-        loop {
-            let m = w.pod(name).call("GET", "/v1.0/metadata", &[], b"");
-            if m.json()["extended"]["caller"] == format!("pod {ns}/{name}") {
-                break;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "the runtime did not learn pod {ns}/{name}: {}; agent log:\n{}",
-                m.text(),
-                w.agent.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        w.pod(name)
+            .wait_known(ns, name, Duration::from_secs(20), || w.agent.log_text());
     }
 }
 
 /// Until `pod`'s metadata lists component `name`.
 fn wait_component(w: &World, pod: &str, name: &str) {
-    let start = Instant::now();
-    loop {
-        let m = w.pod(pod).call("GET", "/v1.0/metadata", &[], b"").json();
-        if m["components"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|c| c["name"] == name))
-        {
-            return;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "component {name} never loaded: {m}; agent log:\n{}",
-            w.agent.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    w.pod(pod)
+        .wait_component(name, Duration::from_secs(20), || w.agent.log_text());
 }
 
 fn secret_yaml(ns: &str, name: &str, string_data: &str) -> String {
@@ -469,45 +442,12 @@ spec:
     );
 }
 
-/// redis-server with `requirepass`, killed on drop.
-struct PasswordRedis(Child);
-
-impl Drop for PasswordRedis {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn component_metadata_comes_from_secret_key_refs() {
     prereq::require_root();
-    prereq::require_tool("redis-server", "redis-server");
     let port = 16391;
     let mut node = Node::new(&[CIDR]);
-    let dir = nodeplane_tests::TempDir::new("redis-pw");
-    let redis = PasswordRedis(
-        apps::redis_command(&node.ns, port, dir.path())
-            .args(["--requirepass", "s3cret"])
-            .spawn()
-            .expect("spawn redis-server"),
-    );
-    // Up once it answers at all (without the password: -NOAUTH).
-    let up = in_netns(&node.ns.path(), move || {
-        use std::io::{Read, Write};
-        let start = Instant::now();
-        while start.elapsed() < Duration::from_secs(10) {
-            if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-                let mut buf = [0u8; 1];
-                if s.write_all(b"PING\r\n").is_ok() && s.read_exact(&mut buf).is_ok() {
-                    return true;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        false
-    });
-    assert!(up, "redis-server did not answer on 127.0.0.1:{port}");
+    let redis = NodeRedis::start_with(&node.ns, port, &["--requirepass", "s3cret"]);
     let agent = Agent::start(&mut node, &[CIDR], &[]);
     let cluster = NAMESPACES.to_string() + &apps::pod_yaml("shop", "s", Some("s"), "", "");
     let components = format!(

@@ -42,12 +42,13 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use nodeplane_pubsub::{Broker, Delivery, Message, Subscription};
 
 use super::cron::{go_time_utc, CronBinding, Schedule};
 use super::Binding;
+use crate::delivery::Outcome;
 use crate::directory::AppPod;
 use crate::Runtime;
 
@@ -185,17 +186,9 @@ struct Ctx {
 /// new group sees only what is appended after it joined), then appends
 /// each firing, while [`consume`] delivers them.
 async fn schedule(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
-    let sub = loop {
-        match ctx.log.subscribe(&ctx.topic, &ctx.app).await {
-            Ok(s) => break s,
-            Err(e) => {
-                tracing::warn!(error = %e, binding = %ctx.name, "joining the firing log failed; trying again");
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    () = tokio::time::sleep(LOG_RETRY) => {}
-                }
-            }
-        }
+    let Some(sub) = crate::delivery::join(ctx.log.as_ref(), &ctx.topic, &ctx.app, &mut stop).await
+    else {
+        return;
     };
     tokio::spawn(consume(ctx.clone(), sub, stop.clone()));
     let mut last = SystemTime::now();
@@ -243,44 +236,12 @@ async fn schedule(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
 /// Delivers the schedule's firings from the log, [`IN_FLIGHT`] at a time,
 /// until `stop`.
 async fn consume(ctx: Arc<Ctx>, mut sub: Box<dyn Subscription>, mut stop: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
-    loop {
-        let permit = tokio::select! {
-            _ = stop.changed() => return,
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return,
-            },
-        };
-        let got = tokio::select! {
-            _ = stop.changed() => return,
-            d = sub.next() => d,
-        };
-        match got {
-            Ok(d) => {
-                let ctx = ctx.clone();
-                tokio::spawn(async move {
-                    deliver(&ctx, d).await;
-                    drop(permit);
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, binding = %ctx.name, "reading the firing log failed; trying again");
-                tokio::select! {
-                    _ = stop.changed() => return,
-                    () = tokio::time::sleep(LOG_RETRY) => {}
-                }
-            }
-        }
-    }
-}
-
-/// How the app took a firing.
-#[derive(Debug, PartialEq, Eq)]
-enum Outcome {
-    Success,
-    Retry(String),
-    Drop(String),
+    let what = format!("input binding {} of app {}", ctx.name, ctx.app);
+    crate::delivery::pump(sub.as_mut(), IN_FLIGHT, &mut stop, &what, |d| {
+        let ctx = ctx.clone();
+        async move { deliver(&ctx, d).await }
+    })
+    .await;
 }
 
 /// One delivery of a firing: acked once settled, else put back in the

@@ -12,11 +12,9 @@
 //! `redisPassword`, `redisUsername`, `redisDB`; `enableTLS` = true is
 //! refused (no TLS client here), as for `state.redis`.
 
-use std::time::Duration;
-
 use bytes::Bytes;
 use nodeplane_state::ComponentSpec;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use super::{Failure, InvokeRequest, InvokeResponse, OpenError};
 
@@ -49,19 +47,11 @@ fn ttl(req: &InvokeRequest) -> Result<Option<u64>, String> {
 impl RedisBinding {
     pub async fn open(spec: &ComponentSpec) -> Result<RedisBinding, OpenError> {
         // Its errors already name the component and its type.
-        let (client, host) =
-            nodeplane_state::redis_client(spec).map_err(|e| OpenError::Config(e.to_string()))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
-            .set_number_of_retries(2);
-        let conn = ConnectionManager::new_with_config(client, config)
+        let (conn, _, host) = nodeplane_state::redis_connect(spec)
             .await
-            .map_err(|e| {
-                OpenError::Backend(format!(
-                    "{} (bindings.redis): error connecting to redis at {host}: {e}",
-                    spec.name
-                ))
+            .map_err(|e| match e {
+                nodeplane_state::Error::Config(m) => OpenError::Config(m),
+                other => OpenError::Backend(other.to_string()),
             })?;
         Ok(RedisBinding { host, conn })
     }

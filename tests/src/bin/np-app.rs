@@ -173,6 +173,35 @@ fn answer(req: &Msg) -> (u16, Vec<(String, String)>, Vec<u8>) {
 static DELIVERIES: Mutex<Vec<serde_json::Value>> = Mutex::new(Vec::new());
 static SEEN: Mutex<Option<HashMap<(String, String), usize>>> = Mutex::new(None);
 
+/// Records a call for `/deliveries` (with `extra`'s fields) and returns
+/// how many times `key` has come to `path` so far.
+fn record(req: &Msg, path: &str, key: &str, extra: serde_json::Value) -> usize {
+    let n = {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        let c = seen
+            .get_or_insert_with(HashMap::new)
+            .entry((path.to_string(), key.to_string()))
+            .or_insert(0);
+        *c += 1;
+        *c
+    };
+    let mut entry = serde_json::json!({
+        "path": path,
+        "key": key,
+        "n": n,
+        "contentType": req.header("content-type").unwrap_or(""),
+        "body": String::from_utf8_lossy(&req.body),
+    });
+    if let (Some(e), serde_json::Value::Object(more)) = (entry.as_object_mut(), extra) {
+        e.extend(more);
+    }
+    DELIVERIES
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(entry);
+    n
+}
+
 /// Records one pub/sub delivery and answers as its message asks.
 fn delivery(req: &Msg, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
     use serde_json::Value;
@@ -186,25 +215,7 @@ fn delivery(req: &Msg, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
         .and_then(Value::as_str)
         .unwrap_or("")
         .to_string();
-    let n = {
-        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-        let c = seen
-            .get_or_insert_with(HashMap::new)
-            .entry((path.to_string(), key.clone()))
-            .or_insert(0);
-        *c += 1;
-        *c
-    };
-    DELIVERIES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(serde_json::json!({
-            "path": path,
-            "key": key,
-            "n": n,
-            "contentType": req.header("content-type").unwrap_or(""),
-            "body": String::from_utf8_lossy(&req.body),
-        }));
+    let n = record(req, path, &key, serde_json::json!({}));
     let answers: Vec<String> = msg
         .get("answer")
         .and_then(Value::as_array)
@@ -239,27 +250,15 @@ fn delivery(req: &Msg, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
 
 /// Records one input binding firing (see the module docs).
 fn firing(req: &Msg, path: &str) -> (u16, Vec<(String, String)>, Vec<u8>) {
-    let n = {
-        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-        let c = seen
-            .get_or_insert_with(HashMap::new)
-            .entry((path.to_string(), String::new()))
-            .or_insert(0);
-        *c += 1;
-        *c
-    };
-    DELIVERIES
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(serde_json::json!({
-            "path": path,
-            "key": "",
-            "n": n,
-            "contentType": req.header("content-type").unwrap_or(""),
-            "body": String::from_utf8_lossy(&req.body),
+    let n = record(
+        req,
+        path,
+        "",
+        serde_json::json!({
             "timeZone": req.header("timezone").unwrap_or(""),
             "readTimeUTC": req.header("readtimeutc").unwrap_or(""),
-        }));
+        }),
+    );
     if path.starts_with("/cron/fail-first/") && n == 1 {
         return (500, vec![], b"failing the first firing".to_vec());
     }

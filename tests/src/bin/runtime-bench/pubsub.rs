@@ -511,7 +511,7 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
     let mut w = World::new(&[("pods.yaml", manifests)])?;
 
     // The shared brokers first, so their components open at once.
-    let redis = start_redis(&w);
+    let redis = crate::state::start_redis(&w, REDIS_PORT);
     let nats_dir = Dir::new("rtbench-nats");
     let nats = start_nats(&w, nats_dir.path());
     let mut bus = String::new();
@@ -988,27 +988,10 @@ async fn direct_async(
     })
 }
 
-/// redis-server on 127.0.0.1:REDIS_PORT in the node namespace.
-fn start_redis(w: &World) -> Result<Proc, String> {
-    if !tool("redis-server") {
-        return Err("redis-server not found: install the Debian package redis-server".into());
-    }
-    let child = nodeplane_tests::apps::redis_command(&w.node.ns, REDIS_PORT, &w.agent.state)
-        .spawn()
-        .map_err(|e| format!("spawn redis-server: {e}"))?;
-    let proc = Proc::new(child, Duration::from_secs(3600));
-    if !nodeplane_tests::apps::redis_ready(&w.node.ns.path(), REDIS_PORT, Duration::from_secs(10)) {
-        return Err(format!(
-            "redis-server did not answer PING on 127.0.0.1:{REDIS_PORT} within 10 s"
-        ));
-    }
-    Ok(proc)
-}
-
 /// nats-server -js on 127.0.0.1:NATS_PORT in the node namespace, its
 /// store in `dir`.
 fn start_nats(w: &World, dir: &Path) -> Result<Proc, String> {
-    if !tool("nats-server") {
+    if !crate::world::tool("nats-server") {
         return Err("nats-server not found: install the Debian package nats-server".into());
     }
     let child = nodeplane_tests::apps::nats_command(&w.node.ns, NATS_PORT, dir)
@@ -1023,13 +1006,6 @@ fn start_nats(w: &World, dir: &Path) -> Result<Proc, String> {
         ));
     }
     Ok(proc)
-}
-
-fn tool(bin: &str) -> bool {
-    std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {bin}")])
-        .output()
-        .is_ok_and(|o| o.status.success())
 }
 
 #[cfg(test)]

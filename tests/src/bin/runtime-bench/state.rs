@@ -62,7 +62,7 @@ fn run(opts: &Opts, report: &mut Report) -> Result<(), String> {
     );
     let embedded = bench_store(&w, a, "statestore", opts);
 
-    let redis = match start_redis(&w) {
+    let redis = match start_redis(&w, REDIS_PORT) {
         Ok(p) => Some(p),
         Err(e) => {
             println!("  redis: {e}");
@@ -336,23 +336,20 @@ fn wait_component(w: &World, a: usize, name: &str) -> Result<Duration, String> {
 
 /// redis-server on 127.0.0.1:REDIS_PORT in the node namespace, where the
 /// agent reaches it on its loopback; killed when the Proc drops.
-fn start_redis(w: &World) -> Result<Proc, String> {
+/// redis-server on 127.0.0.1:`port` in the node namespace, without
+/// persistence (also the pub/sub section's `pubsub.redis` server).
+pub(crate) fn start_redis(w: &World, port: u16) -> Result<Proc, String> {
     let bin = "redis-server";
-    if std::process::Command::new("sh")
-        .args(["-c", &format!("command -v {bin}")])
-        .output()
-        .map(|o| !o.status.success())
-        .unwrap_or(true)
-    {
+    if !crate::world::tool(bin) {
         return Err("redis-server not found: install the Debian package redis-server".into());
     }
-    let child = nodeplane_tests::apps::redis_command(&w.node.ns, REDIS_PORT, &w.agent.state)
+    let child = nodeplane_tests::apps::redis_command(&w.node.ns, port, &w.agent.state)
         .spawn()
         .map_err(|e| format!("spawn redis-server: {e}"))?;
     let proc = Proc::new(child, Duration::from_secs(3600));
-    if !nodeplane_tests::apps::redis_ready(&w.node.ns.path(), REDIS_PORT, Duration::from_secs(10)) {
+    if !nodeplane_tests::apps::redis_ready(&w.node.ns.path(), port, Duration::from_secs(10)) {
         return Err(format!(
-            "redis-server did not answer PING on 127.0.0.1:{REDIS_PORT} within 10 s"
+            "redis-server did not answer PING on 127.0.0.1:{port} within 10 s"
         ));
     }
     let version = std::process::Command::new(bin)
@@ -360,6 +357,6 @@ fn start_redis(w: &World) -> Result<Proc, String> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
-    println!("  {version}, on 127.0.0.1:{REDIS_PORT} in the node namespace");
+    println!("  {version}, on 127.0.0.1:{port} in the node namespace");
     Ok(proc)
 }

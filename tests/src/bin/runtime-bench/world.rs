@@ -41,6 +41,14 @@ pub fn bin(name: &str) -> Result<PathBuf, String> {
 }
 
 /// A pod manifest with app id `app` (None: no app id) on APP_PORT.
+/// Whether `bin` is on the PATH.
+pub fn tool(bin: &str) -> bool {
+    std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 pub fn pod_yaml(name: &str, app: Option<&str>) -> String {
     let ann = app
         .map(|a| format!("dapr.io/app-id: {a}, dapr.io/app-port: \"{APP_PORT}\""))
