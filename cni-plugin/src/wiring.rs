@@ -264,11 +264,9 @@ pub fn wire(
     host.batch(host_reqs)?;
     enable_forwarding(plan.ips)?;
     wait_oper_up(host, &plan.host_if)?;
-    wait_oper_up(pod, plan.ifname)
+    wait_oper_up(pod, plan.ifname)?;
+    wait_addrs_live(pod, plan.ips)
 }
-
-/// How long ADD waits for the kernel to report a new link operationally up.
-const OPER_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Waits until `name` is operationally up. Bringing a veth up only schedules
 /// the kernel's link watcher; until it has run, the device still has the
@@ -276,25 +274,70 @@ const OPER_UP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// would let a fast pod's first packets vanish, so ADD waits (typically a
 /// few tens of microseconds).
 fn wait_oper_up(rt: &mut dyn Netlink, name: &str) -> Result<()> {
-    let deadline = std::time::Instant::now() + OPER_UP_TIMEOUT;
+    let up = settle(|| {
+        let link = rt.link(name).map_err(nl("look up link state"))?;
+        Ok(link.as_ref().is_some_and(|l| l.oper_up))
+    })?;
+    if up {
+        return Ok(());
+    }
+    Err(timed_out(
+        format!("wait for {name} to come up"),
+        "not operationally up (carrier missing?)",
+    ))
+}
+
+/// Waits until the pod accepts packets for each of its addresses. An IPv6
+/// address, even one added without duplicate address detection, only gets
+/// its local route when the kernel's address worker has run; until then a
+/// packet to it is dropped as an address error (seen under CPU load: the
+/// first ping to a just-added IPv6 pod was lost). IPv4 addresses are live as
+/// soon as they are added, so for them this is one dump.
+fn wait_addrs_live(pod: &mut dyn Netlink, ips: &[IpAddr]) -> Result<()> {
+    let mut missing = Vec::new();
+    let live = settle(|| {
+        let local = pod.local_ips().map_err(nl("list the pod's local routes"))?;
+        missing = ips.iter().filter(|ip| !local.contains(ip)).collect();
+        Ok(missing.is_empty())
+    })?;
+    if live {
+        return Ok(());
+    }
+    Err(timed_out(
+        format!("wait for the pod's addresses {missing:?}"),
+        "the kernel has not installed their local routes",
+    ))
+}
+
+/// How long ADD waits for the kernel to bring an interface or an address
+/// into service.
+const SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Polls `done` with a short, growing pause until it holds (`true`) or
+/// [`SETTLE_TIMEOUT`] passes (`false`).
+fn settle(mut done: impl FnMut() -> Result<bool>) -> Result<bool> {
+    let deadline = std::time::Instant::now() + SETTLE_TIMEOUT;
     let mut pause = std::time::Duration::from_micros(20);
     loop {
-        let link = rt.link(name).map_err(nl("look up link state"))?;
-        if link.as_ref().is_some_and(|l| l.oper_up) {
-            return Ok(());
+        if done()? {
+            return Ok(true);
         }
         if std::time::Instant::now() >= deadline {
-            return Err(Error::netlink(
-                format!("wait for {name} to come up"),
-                io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("not operationally up after {OPER_UP_TIMEOUT:?} (carrier missing?)"),
-                ),
-            ));
+            return Ok(false);
         }
         std::thread::sleep(pause);
         pause = (pause * 2).min(std::time::Duration::from_millis(5));
     }
+}
+
+fn timed_out(what: String, why: &str) -> Error {
+    Error::netlink(
+        what,
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("{why} after {SETTLE_TIMEOUT:?}"),
+        ),
+    )
 }
 
 /// Turns on forwarding in the host namespace for the families in use (the
@@ -618,6 +661,18 @@ mod tests {
             "defaults: {:?}",
             pod.log
         );
+    }
+
+    #[test]
+    fn add_fails_naming_an_address_the_kernel_never_made_live() {
+        let (c, ips) = (conf(), ips());
+        let p = plan(&c, &ips);
+        let (mut host, mut pod) = created(&p);
+        pod.not_local.push("fd00::7".parse().expect("ip"));
+        let e = wire(&p, &mut host, &mut pod, &null()).expect_err("must time out");
+        let msg = e.to_string();
+        assert!(msg.contains("fd00::7") && !msg.contains("10.244.0.7"), "{msg}");
+        assert!(msg.contains("local route"), "{msg}");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::net::IpAddr;
 
 use super::{Addr, Failed, Link, Netlink, Request, Route};
 
@@ -17,6 +18,9 @@ pub struct Fake {
     pub fail: Vec<(String, i32)>,
     pub addrs: Vec<Addr>,
     pub routes: Vec<Route>,
+    /// Addresses `local_ips` leaves out (by default every address in `addrs`
+    /// and every one a request added counts as local at once).
+    pub not_local: Vec<IpAddr>,
 }
 
 impl Fake {
@@ -83,5 +87,19 @@ impl Netlink for Fake {
     }
     fn routes(&mut self) -> io::Result<Vec<Route>> {
         Ok(self.routes.clone())
+    }
+    fn local_ips(&mut self) -> io::Result<Vec<IpAddr>> {
+        let added = self
+            .log
+            .iter()
+            .filter_map(|l| l.strip_prefix("add address "))
+            .filter_map(|l| l.split('/').next()?.parse().ok());
+        Ok(self
+            .addrs
+            .iter()
+            .map(|a| a.ip)
+            .chain(added)
+            .filter(|ip| !self.not_local.contains(ip))
+            .collect())
     }
 }

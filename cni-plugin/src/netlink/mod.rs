@@ -88,6 +88,9 @@ pub trait Netlink {
     fn addrs(&mut self) -> io::Result<Vec<Addr>>;
     /// Routes of the main table, both families.
     fn routes(&mut self) -> io::Result<Vec<Route>>;
+    /// Addresses this namespace accepts packets for: the destinations of the
+    /// local table's `local` routes, both families.
+    fn local_ips(&mut self) -> io::Result<Vec<IpAddr>>;
     /// One request, acknowledged.
     fn request(&mut self, r: Request) -> Result<(), Failed> {
         self.batch(vec![r])
@@ -109,6 +112,9 @@ impl Netlink for Rtnl {
     }
     fn routes(&mut self) -> io::Result<Vec<Route>> {
         self.dump_routes()
+    }
+    fn local_ips(&mut self) -> io::Result<Vec<IpAddr>> {
+        self.dump_local_ips()
     }
 }
 
@@ -368,6 +374,27 @@ impl Rtnl {
                     }
                     if let Some(route) = to_route(&r) {
                         all.push(route);
+                    }
+                }
+            }
+        }
+        Ok(all)
+    }
+
+    /// Destinations of the `local` routes of the local table, both families.
+    fn dump_local_ips(&mut self) -> io::Result<Vec<IpAddr>> {
+        const RT_TABLE_LOCAL: u8 = 255;
+        let mut all = Vec::new();
+        for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut req = RouteMessage::default();
+            req.header.address_family = fam;
+            for m in self.dump(RouteNetlinkMessage::GetRoute(req))? {
+                if let RouteNetlinkMessage::NewRoute(r) = m {
+                    if r.header.table != RT_TABLE_LOCAL || r.header.kind != RouteType::Local {
+                        continue;
+                    }
+                    if let Some(route) = to_route(&r) {
+                        all.push(route.dst);
                     }
                 }
             }
