@@ -671,7 +671,10 @@ mod tests {
         pod.not_local.push("fd00::7".parse().expect("ip"));
         let e = wire(&p, &mut host, &mut pod, &null()).expect_err("must time out");
         let msg = e.to_string();
-        assert!(msg.contains("fd00::7") && !msg.contains("10.244.0.7"), "{msg}");
+        assert!(
+            msg.contains("fd00::7") && !msg.contains("10.244.0.7"),
+            "{msg}"
+        );
         assert!(msg.contains("local route"), "{msg}");
     }
 

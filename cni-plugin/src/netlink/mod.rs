@@ -363,39 +363,34 @@ impl Rtnl {
 
     /// Every route of the main table, both families.
     fn dump_routes(&mut self) -> io::Result<Vec<Route>> {
-        let mut all = Vec::new();
-        for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
-            let mut req = RouteMessage::default();
-            req.header.address_family = fam;
-            for m in self.dump(RouteNetlinkMessage::GetRoute(req))? {
-                if let RouteNetlinkMessage::NewRoute(r) = m {
-                    if r.header.table != RouteHeader::RT_TABLE_MAIN {
-                        continue;
-                    }
-                    if let Some(route) = to_route(&r) {
-                        all.push(route);
-                    }
-                }
-            }
-        }
-        Ok(all)
+        Ok(self
+            .dump_route_msgs()?
+            .iter()
+            .filter(|r| r.header.table == RouteHeader::RT_TABLE_MAIN)
+            .filter_map(to_route)
+            .collect())
     }
 
     /// Destinations of the `local` routes of the local table, both families.
     fn dump_local_ips(&mut self) -> io::Result<Vec<IpAddr>> {
         const RT_TABLE_LOCAL: u8 = 255;
+        Ok(self
+            .dump_route_msgs()?
+            .iter()
+            .filter(|r| r.header.table == RT_TABLE_LOCAL && r.header.kind == RouteType::Local)
+            .filter_map(|r| to_route(r).map(|route| route.dst))
+            .collect())
+    }
+
+    /// Every route of every table, IPv4 then IPv6.
+    fn dump_route_msgs(&mut self) -> io::Result<Vec<RouteMessage>> {
         let mut all = Vec::new();
         for fam in [AddressFamily::Inet, AddressFamily::Inet6] {
             let mut req = RouteMessage::default();
             req.header.address_family = fam;
             for m in self.dump(RouteNetlinkMessage::GetRoute(req))? {
                 if let RouteNetlinkMessage::NewRoute(r) = m {
-                    if r.header.table != RT_TABLE_LOCAL || r.header.kind != RouteType::Local {
-                        continue;
-                    }
-                    if let Some(route) = to_route(&r) {
-                        all.push(route.dst);
-                    }
+                    all.push(r);
                 }
             }
         }
