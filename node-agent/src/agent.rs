@@ -361,11 +361,15 @@ impl Agent {
         let start = Instant::now();
         let changes = self.model.take_changes();
         let next = self.compiler.compile(&self.model, Some(changes));
+        let compiled = start.elapsed();
         let settings = self.settings();
         let slots = &mut self.slots;
+        let mut rendered = compiled;
         let result = match &self.applied {
             Some(prev) => {
-                nft::apply_script(&nft::delta(&settings, prev, &next, slots)).or_else(|e| {
+                let script = nft::delta(&settings, prev, &next, slots);
+                rendered = start.elapsed();
+                nft::apply_script(&script).or_else(|e| {
                     // The kernel is not what we last applied (someone edited
                     // or deleted the table): converge from a read-back.
                     tracing::warn!(error = %e, "incremental update failed; rewriting the table");
@@ -401,6 +405,8 @@ impl Agent {
                     policies = st.policies,
                     groups = st.groups,
                     ms = elapsed * 1000.0,
+                    compile_ms = compiled.as_secs_f64() * 1000.0,
+                    render_ms = (rendered - compiled).as_secs_f64() * 1000.0,
                     "programmed"
                 );
                 true
@@ -458,10 +464,23 @@ impl Agent {
     /// the next change that needs a new group finds one); a failure only
     /// means that change will create its group itself.
     fn replenish(&mut self, settings: &Settings) {
-        if let Some((script, slots)) = nft::replenish(settings, &self.slots) {
-            match nft::apply_script(&script) {
-                Ok(()) => self.slots = slots,
-                Err(e) => tracing::warn!(error = %e, "spare group chains not made"),
+        let Some((script, slots)) = nft::replenish(settings, &self.slots) else {
+            return;
+        };
+        let Err(e) = nft::apply_script(&script) else {
+            self.slots = slots;
+            return;
+        };
+        // Part of it may be in the kernel (it can go as three
+        // transactions), so retrying the same deletes could fail forever:
+        // rewrite the table instead, which drops whatever is unused.
+        tracing::warn!(error = %e, "retired group chains not emptied; rewriting the table");
+        if let Some(applied) = &self.applied {
+            // On failure the rules in force are still the change's (only
+            // unused chains may be left); the next change's delta fails
+            // on whatever is off and rewrites the table then.
+            if let Err(e) = full_sync(settings, applied, &mut self.slots) {
+                tracing::error!(error = %e, "table rewrite failed");
             }
         }
     }

@@ -216,12 +216,27 @@ fn run_steps(spares: usize, replenish: bool) -> (usize, usize) {
         pod("p2", "10.244.0.12", "app: db, tier: front"),
         pod("p1", "10.244.0.11", "app: web, tier: back"),
     ];
-    let (mut netlink_steps, mut phased) = (0, 0);
+    let (mut netlink_steps, mut phased, mut retiring) = (0, 0, 0);
     for (n, yaml) in steps.iter().enumerate() {
         apply_yaml(&mut m, yaml);
         let changes = m.take_changes();
         let next = compiler.compile(&m, Some(changes));
         let delta = nft::delta(&settings, &prev, &next, &mut slots);
+        // A removed group's chain is only retired by the change: emptying
+        // it is the clean-up's (replenish), off the change's path.
+        for step in &delta.steps {
+            if let nft::Step::Elements {
+                add: false, set, ..
+            } = step
+            {
+                let chain = set.rsplit_once('_').map_or(set.as_str(), |(c, _)| c);
+                assert!(
+                    !slots.is_retired(chain),
+                    "step {n}: the change itself empties retired chain {chain}"
+                );
+            }
+        }
+        retiring += usize::from(prev.groups.keys().any(|id| !next.groups.contains_key(id)));
         if delta.elements_only() {
             netlink_steps += 1;
             in_netns(&live.path(), move || nodeplane_agent::nftnl::apply(&delta))
@@ -241,6 +256,10 @@ fn run_steps(spares: usize, replenish: bool) -> (usize, usize) {
             }
             let (i, e) = slots.spares();
             assert!(i >= spares && e >= spares, "step {n}: spares {i}/{e}");
+            assert!(
+                slots.chains_retired() == 0,
+                "step {n}: retired chains left after the clean-up"
+            );
         }
         let scratch = Netns::new("npnf");
         let mut fresh = Slots::new(spares);
@@ -253,5 +272,6 @@ fn run_steps(spares: usize, replenish: bool) -> (usize, usize) {
         );
         prev = next;
     }
+    assert!(retiring >= 1, "no step removed a group");
     (netlink_steps, phased)
 }
