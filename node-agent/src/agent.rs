@@ -460,9 +460,9 @@ impl Agent {
 }
 
 impl Agent {
-    /// Tops up the spare group chains after a change was put in force (so
-    /// the next change that needs a new group finds one); a failure only
-    /// means that change will create its group itself.
+    /// The clean-up after a change was put in force: empties the retired
+    /// group chains into spares, deletes unused counters and tops up the
+    /// spares (so the next change that needs a new group finds one).
     fn replenish(&mut self, settings: &Settings) {
         let Some((script, slots)) = nft::replenish(settings, &self.slots) else {
             return;

@@ -25,11 +25,12 @@
 //! after their contents, so a change usually edits a few elements of the
 //! groups it touches; it may also need new groups, repoint verdict-map
 //! elements and retire groups nothing points to. A new group goes into a
-//! spare chain kept ready (see [`Slots`]) and a retired one is emptied into
-//! a spare, so a change is element adds and deletes only, sent as one
-//! nf_tables netlink transaction ([`crate::nftnl`]), which the kernel
-//! applies atomically; `nft -f` is needed only for structure (new policy
-//! counters, topping up spares afterwards). At start the agent reads back
+//! spare chain kept ready (see [`Slots`]) and a retired one keeps its
+//! elements until the clean-up after the change empties it into a spare,
+//! so a change is element adds and deletes only, sent as one nf_tables
+//! netlink transaction ([`crate::nftnl`]), which the kernel applies
+//! atomically; `nft -f` is needed only for structure (new policy counters,
+//! topping up spares afterwards). At start the agent reads back
 //! which objects its table holds and rewrites them (flush and refill) in
 //! one `nft -f` transaction, so traffic of running pods never sees a gap.
 
