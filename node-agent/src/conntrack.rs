@@ -49,6 +49,8 @@ const TCP_CONNTRACK_CLOSE: u8 = 8;
 
 const AF_INET: u8 = libc::AF_INET as u8;
 const AF_INET6: u8 = libc::AF_INET6 as u8;
+/// A dump of every family.
+const AF_UNSPEC: u8 = libc::AF_UNSPEC as u8;
 
 /// One entry's original direction.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,25 +76,33 @@ struct Entry {
 /// Deletes the entries from or to the local pod addresses in `exposed`
 /// that `rules` no longer allows; returns how many entries were cut. TCP
 /// entries already in TIME_WAIT or CLOSE carry no traffic and are left to
-/// expire. A family without exposed addresses is not dumped.
+/// expire. Only the families of the exposed addresses are dumped, both in
+/// one dump when there are both: every dump walks the kernel's whole hash
+/// table (262,144 buckets here, about 9 ms), whatever the family.
 pub fn cut_denied(rules: &Compiled, exposed: &HashSet<IpAddr>) -> Result<usize> {
     let local = exposed;
+    let family = match (
+        local.iter().any(IpAddr::is_ipv4),
+        local.iter().any(IpAddr::is_ipv6),
+    ) {
+        (true, true) => AF_UNSPEC,
+        (true, false) => AF_INET,
+        (false, true) => AF_INET6,
+        (false, false) => return Ok(0),
+    };
     let mut ct = Ctnl::new().map_err(|e| Error::Conntrack(format!("open ctnetlink: {e}")))?;
-    let mut denied = Vec::new();
-    for family in [AF_INET, AF_INET6] {
-        if !local.iter().any(|ip| ip.is_ipv4() == (family == AF_INET)) {
-            continue;
-        }
-        let entries = ct
-            .dump(family)
-            .map_err(|e| Error::Conntrack(format!("dump the conntrack table: {e}")))?;
-        denied.extend(entries.into_iter().filter(|e| {
+    let entries = ct
+        .dump(family)
+        .map_err(|e| Error::Conntrack(format!("dump the conntrack table: {e}")))?;
+    let denied: Vec<Entry> = entries
+        .into_iter()
+        .filter(|e| {
             let f = &e.flow;
             !f.dead
                 && (local.contains(&f.src) || local.contains(&f.dst))
                 && !rules.allows(f.src, f.dst, f.proto, f.dport.unwrap_or(0))
-        }));
-    }
+        })
+        .collect();
     ct.delete(&denied)
         .map_err(|e| Error::Conntrack(format!("delete denied entries: {e}")))
 }
@@ -180,7 +190,12 @@ impl Ctnl {
                             return Err(io::Error::from_raw_os_error(-code));
                         }
                     }
-                    _ => entries.extend(parse_entry(family, payload.get(4..).unwrap_or(&[]))),
+                    // nfgenmsg's family is the entry's own (a dump of
+                    // AF_UNSPEC holds both).
+                    _ => {
+                        let family = payload.first().copied().unwrap_or(family);
+                        entries.extend(parse_entry(family, payload.get(4..).unwrap_or(&[])))
+                    }
                 }
             }
         }

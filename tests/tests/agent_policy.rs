@@ -251,6 +251,59 @@ fn a_denied_established_connection_is_cut() {
     let _ = server.wait();
 }
 
+/// An echo server on `[::]:port` in `ns` (dual-stack), one thread per
+/// connection, for as long as the test runs.
+fn dual_stack_echo(ns: &Netns, port: u16) {
+    let listener = in_netns(&ns.path(), move || {
+        std::net::TcpListener::bind(("::", port))
+    })
+    .expect("bind the echo server");
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 256];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 || conn.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn a_denied_connection_is_cut_over_ipv4_and_ipv6_alike() {
+    // Dual-stack pods: the cut dumps both families in one conntrack dump.
+    prereq::require_root();
+    let cidrs = [CIDR, "fd00:10:244::/64"];
+    let mut node = Node::new(&cidrs);
+    let agent = Agent::start(&mut node, &cidrs, &[]);
+    let cluster =
+        ns_yaml("x", "ns: x") + &pod_yaml("x", "a", "pod: a") + &pod_yaml("x", "b", "pod: b");
+    agent.apply(&[("cluster.yaml", cluster.clone())]);
+    let a = add_bare(&node, "x", "a", Netns::new("npa"));
+    let (b_ns, b_res) = {
+        let ns = Netns::new("npb");
+        let res = node.add_pod("x-b", &ns, "x", "b");
+        (ns, res)
+    };
+    let (v4, v6) = (ip_of(&b_res, 0), format!("[{}]", ip_of(&b_res, 1)));
+    assert!(v6.contains(':'), "b has no IPv6 address: {b_res}");
+    dual_stack_echo(&b_ns, 84);
+    let mut conns = [connect(&a.ns, &v4, 84), connect(&a.ns, &v6, 84)];
+    for (c, ip) in conns.iter_mut().zip([&v4, &v6]) {
+        assert!(echo(c, b"before"), "echo to {ip} before the policy");
+    }
+    agent.apply(&[("cluster.yaml", cluster), ("p.yaml", DENY_B.into())]);
+    for (c, ip) in conns.iter_mut().zip([&v4, &v6]) {
+        assert!(
+            !echo(c, b"after"),
+            "the established connection to {ip} must be cut by deny-b"
+        );
+    }
+}
+
 #[test]
 fn a_new_pod_under_default_deny_is_never_reachable() {
     let (node, agent) = setup();
