@@ -120,9 +120,18 @@ spec:
 ";
 
 fn setup() -> (Node, Agent) {
+    setup_with(&[CIDR])
+}
+
+/// A node whose pods get an IPv4 and an IPv6 address.
+fn setup_dual_stack() -> (Node, Agent) {
+    setup_with(&[CIDR, "fd00:10:244::/64"])
+}
+
+fn setup_with(cidrs: &[&str]) -> (Node, Agent) {
     prereq::require_root();
-    let mut node = Node::new(&[CIDR]);
-    let agent = Agent::start(&mut node, &[CIDR], &[]);
+    let mut node = Node::new(cidrs);
+    let agent = Agent::start(&mut node, cidrs, &[]);
     (node, agent)
 }
 
@@ -275,10 +284,7 @@ fn dual_stack_echo(ns: &Netns, port: u16) {
 #[test]
 fn a_denied_connection_is_cut_over_ipv4_and_ipv6_alike() {
     // Dual-stack pods: the cut dumps both families in one conntrack dump.
-    prereq::require_root();
-    let cidrs = [CIDR, "fd00:10:244::/64"];
-    let mut node = Node::new(&cidrs);
-    let agent = Agent::start(&mut node, &cidrs, &[]);
+    let (node, agent) = setup_dual_stack();
     let cluster =
         ns_yaml("x", "ns: x") + &pod_yaml("x", "a", "pod: a") + &pod_yaml("x", "b", "pod: b");
     agent.apply(&[("cluster.yaml", cluster.clone())]);
@@ -457,10 +463,7 @@ fn greet_server(ns: &Netns, port: u16) {
 
 #[test]
 fn policy_applies_to_ipv6_as_to_ipv4() {
-    prereq::require_root();
-    let cidrs = [CIDR, "fd00:10:244::/64"];
-    let mut node = Node::new(&cidrs);
-    let agent = Agent::start(&mut node, &cidrs, &[]);
+    let (node, agent) = setup_dual_stack();
     let cluster = ns_yaml("x", "ns: x")
         + &pod_yaml("x", "a", "pod: a")
         + &pod_yaml("x", "b", "pod: b")
