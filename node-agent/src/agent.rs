@@ -364,11 +364,13 @@ impl Agent {
         let compiled = start.elapsed();
         let settings = self.settings();
         let slots = &mut self.slots;
-        let mut rendered = compiled;
+        // Only a delta is rendered apart from applying it (a full sync
+        // renders inside `full_sync`).
+        let mut render_ms = None;
         let result = match &self.applied {
             Some(prev) => {
                 let script = nft::delta(&settings, prev, &next, slots);
-                rendered = start.elapsed();
+                render_ms = Some((start.elapsed() - compiled).as_secs_f64() * 1000.0);
                 nft::apply_script(&script).or_else(|e| {
                     // The kernel is not what we last applied (someone edited
                     // or deleted the table): converge from a read-back.
@@ -406,7 +408,7 @@ impl Agent {
                     groups = st.groups,
                     ms = elapsed * 1000.0,
                     compile_ms = compiled.as_secs_f64() * 1000.0,
-                    render_ms = (rendered - compiled).as_secs_f64() * 1000.0,
+                    render_ms,
                     "programmed"
                 );
                 true

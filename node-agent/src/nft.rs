@@ -884,7 +884,7 @@ pub fn apply_script(script: &Script) -> Result<()> {
                 elements = mid.element_count(),
                 elements_ms = (mid_done - pre_done).as_secs_f64() * 1000.0,
                 post_ms = (start.elapsed() - mid_done).as_secs_f64() * 1000.0,
-                "delta applied"
+                "transaction applied, its elements over netlink"
             );
             return Ok(());
         }
@@ -893,7 +893,7 @@ pub fn apply_script(script: &Script) -> Result<()> {
     apply(&script.text())?;
     tracing::debug!(
         ms = start.elapsed().as_secs_f64() * 1000.0,
-        "delta applied with nft -f"
+        "transaction applied with nft -f"
     );
     Ok(())
 }
