@@ -42,7 +42,7 @@ pub(crate) struct SandboxStatus {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Hooked {
+pub(crate) enum Hooked {
     RunPodSandbox,
     StopPodSandbox,
     RemovePodSandbox,
@@ -53,7 +53,7 @@ enum Hooked {
 }
 
 impl Hooked {
-    fn of(path: &str) -> Option<Self> {
+    pub(crate) fn of(path: &str) -> Option<Self> {
         Some(match path.strip_prefix(RUNTIME)? {
             "RunPodSandbox" => Hooked::RunPodSandbox,
             "StopPodSandbox" => Hooked::StopPodSandbox,
@@ -69,6 +69,16 @@ impl Hooked {
 
 /// What a hooked call does with the runtime's successful answer.
 type After = Box<dyn FnOnce(&Relay, &[u8]) + Send>;
+
+/// A hooked call between its request and its answer.
+#[derive(Default)]
+pub(crate) struct Prepared {
+    /// CreateContainer's request with the injections, framed.
+    pub body: Option<bytes::Bytes>,
+    after: Option<After>,
+    /// RunPodSandbox's pod, to report a failed attempt.
+    starting: Option<Pod>,
+}
 
 #[derive(Debug)]
 pub struct Relay {
@@ -105,10 +115,7 @@ impl Relay {
         // A clone of the URI shares its bytes: no copy of the path per call.
         let uri = req.uri().clone();
         let path = uri.path();
-        // Without an agent only an injecting CreateContainer needs reading.
-        let hooked = Hooked::of(path).filter(|h| {
-            self.hooks.is_some() || (*h == Hooked::CreateContainer && self.cfg.inject.is_some())
-        });
+        let hooked = self.hook_of(path);
         let answer = match hooked {
             None if crate::metrics::is_unary(path) => self.forward_buffered(req).await,
             None => self.forward(req.map(Body::Stream)).await,
@@ -116,6 +123,14 @@ impl Relay {
         };
         self.metrics.call(path, start.elapsed(), answer.shim_error);
         answer.response
+    }
+
+    /// The lifecycle method `path` names, if this shim reads it: without
+    /// an agent only an injecting CreateContainer needs reading.
+    pub(crate) fn hook_of(&self, path: &str) -> Option<Hooked> {
+        Hooked::of(path).filter(|h| {
+            self.hooks.is_some() || (*h == Hooked::CreateContainer && self.cfg.inject.is_some())
+        })
     }
 
     /// Sends a call to the runtime as it is.
@@ -212,22 +227,69 @@ impl Relay {
                 .forward(Request::from_parts(parts, Body::buffered(data, trailers)))
                 .await;
         };
-        let mut out = data.clone();
-        let mut after: Option<After> = None;
-        // RunPodSandbox's pod, to report a failed attempt.
-        let mut starting: Option<Pod> = None;
+        let mut p = self.prepare(h, &parts.headers, msg, start).await;
+        let out = match p.body.take() {
+            Some(b) => {
+                parts.headers.remove(http::header::CONTENT_LENGTH);
+                b
+            }
+            None => data.clone(),
+        };
+        if h == Hooked::RunPodSandbox {
+            grpc::shorten_timeout(&mut parts.headers, start.elapsed());
+        }
+        let response = match self
+            .send(Request::from_parts(parts, Body::buffered(out, trailers)))
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                self.sandbox_failed(p.starting);
+                return self.unavailable(e);
+            }
+        };
+        let (rparts, rbody) = response.into_parts();
+        let (rdata, rtrailers) = match body::collect(rbody, MAX_MESSAGE).await {
+            Ok(b) => b,
+            Err(e) => {
+                return Self::shim_status(
+                    grpc::INTERNAL,
+                    format!("reading the runtime's answer: {e}"),
+                )
+            }
+        };
+        let ok = grpc::status_code(&rparts.headers, rtrailers.as_ref()) == 0;
+        self.complete(p, ok, grpc::unframe(&rdata));
+        Answer {
+            response: Response::from_parts(rparts, Body::buffered(rdata, rtrailers)),
+            shim_error: false,
+        }
+    }
+
+    /// The request half of a hooked call, `msg` its one message: the
+    /// events to send (RunPodSandbox waits for STARTING's delivery within
+    /// its budget), CreateContainer's changed body, and what to do with the
+    /// answer ([`Relay::complete`]). Used by both relay modes.
+    pub(crate) async fn prepare(
+        &self,
+        h: Hooked,
+        headers: &HeaderMap,
+        msg: &[u8],
+        start: Instant,
+    ) -> Prepared {
+        let mut p = Prepared::default();
         match h {
             Hooked::RunPodSandbox => match cri::RunPodSandboxRequest::decode(msg) {
                 Ok(r) => {
                     let pod = Pod::from_config(&r.config.unwrap_or_default());
                     if let Some(hooks) = &self.hooks {
-                        let budget = self.budget(&parts.headers, start);
+                        let budget = self.budget(headers, start);
                         hooks
                             .send_and_wait(pod.event(Kind::SandboxStarting, ""), budget)
                             .await;
                     }
-                    starting = Some(pod.clone());
-                    after = Some(Box::new(move |relay, answer| {
+                    p.starting = Some(pod.clone());
+                    p.after = Some(Box::new(move |relay, answer| {
                         relay.sandbox_started(pod, answer)
                     }));
                 }
@@ -240,7 +302,7 @@ impl Relay {
                     // Both requests are `string pod_sandbox_id = 1`.
                     Ok(r) => {
                         let id = r.pod_sandbox_id;
-                        after = Some(Box::new(move |relay, _| {
+                        p.after = Some(Box::new(move |relay, _| {
                             let (kind, pod) = if h == Hooked::StopPodSandbox {
                                 (Kind::SandboxStopped, relay.pods.sandbox(&id))
                             } else {
@@ -262,8 +324,7 @@ impl Relay {
                         .as_ref()
                         .and_then(|inj| inject::rewrite(inj, msg, &r))
                     {
-                        out = grpc::frame(&new);
-                        parts.headers.remove(http::header::CONTENT_LENGTH);
+                        p.body = Some(grpc::frame(&new));
                     }
                     let pod = r
                         .sandbox_config
@@ -276,7 +337,7 @@ impl Relay {
                         .and_then(|c| c.metadata)
                         .map(|m| m.name)
                         .unwrap_or_default();
-                    after = Some(Box::new(move |relay, answer| {
+                    p.after = Some(Box::new(move |relay, answer| {
                         let Ok(resp) = cri::CreateContainerResponse::decode(answer) else {
                             return;
                         };
@@ -296,7 +357,7 @@ impl Relay {
                 match cri::StartContainerRequest::decode(msg) {
                     Ok(r) => {
                         let id = r.container_id;
-                        after = Some(Box::new(move |relay, _| {
+                        p.after = Some(Box::new(move |relay, _| {
                             let (kind, forget) = match h {
                                 Hooked::StartContainer => (Kind::ContainerStarted, false),
                                 Hooked::StopContainer => (Kind::ContainerStopped, false),
@@ -311,38 +372,16 @@ impl Relay {
                 }
             }
         }
-        if h == Hooked::RunPodSandbox {
-            grpc::shorten_timeout(&mut parts.headers, start.elapsed());
-        }
-        let response = match self
-            .send(Request::from_parts(parts, Body::buffered(out, trailers)))
-            .await
-        {
-            Ok(r) => r,
-            Err(e) => {
-                self.sandbox_failed(starting);
-                return self.unavailable(e);
-            }
-        };
-        let (rparts, rbody) = response.into_parts();
-        let (rdata, rtrailers) = match body::collect(rbody, MAX_MESSAGE).await {
-            Ok(b) => b,
-            Err(e) => {
-                return Self::shim_status(
-                    grpc::INTERNAL,
-                    format!("reading the runtime's answer: {e}"),
-                )
-            }
-        };
-        let ok = grpc::status_code(&rparts.headers, rtrailers.as_ref()) == 0;
-        if let (true, Some(after), Some(answer)) = (ok, after, grpc::unframe(&rdata)) {
+        p
+    }
+
+    /// The answer half: `ok` when the runtime answered status 0, `answer`
+    /// its one message (if it had exactly one).
+    pub(crate) fn complete(&self, p: Prepared, ok: bool, answer: Option<&[u8]>) {
+        if let (true, Some(after), Some(answer)) = (ok, p.after, answer) {
             after(self, answer);
         } else if !ok {
-            self.sandbox_failed(starting);
-        }
-        Answer {
-            response: Response::from_parts(rparts, Body::buffered(rdata, rtrailers)),
-            shim_error: false,
+            self.sandbox_failed(p.starting);
         }
     }
 
