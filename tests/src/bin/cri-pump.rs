@@ -19,7 +19,9 @@ fn arg(name: &str) -> Option<PathBuf> {
 
 fn main() -> std::io::Result<()> {
     let (Some(listen), Some(runtime)) = (arg("listen"), arg("runtime-endpoint")) else {
-        eprintln!("usage: cri-pump --listen=unix://PATH --runtime-endpoint=unix://PATH [ignored...]");
+        eprintln!(
+            "usage: cri-pump --listen=unix://PATH --runtime-endpoint=unix://PATH [ignored...]"
+        );
         std::process::exit(2);
     };
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -39,7 +41,8 @@ fn main() -> std::io::Result<()> {
                 let Ok(mut up) = UnixStream::connect(&runtime).await else {
                     return;
                 };
-                let _ = tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, BUF, BUF).await;
+                let _ =
+                    tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, BUF, BUF).await;
             });
         }
     })
