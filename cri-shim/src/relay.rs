@@ -42,7 +42,7 @@ pub(crate) struct SandboxStatus {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Hooked {
+enum Hooked {
     RunPodSandbox,
     StopPodSandbox,
     RemovePodSandbox,
@@ -53,7 +53,7 @@ pub(crate) enum Hooked {
 }
 
 impl Hooked {
-    pub(crate) fn of(path: &str) -> Option<Self> {
+    fn of(path: &str) -> Option<Self> {
         Some(match path.strip_prefix(RUNTIME)? {
             "RunPodSandbox" => Hooked::RunPodSandbox,
             "StopPodSandbox" => Hooked::StopPodSandbox,
@@ -72,9 +72,9 @@ type After = Box<dyn FnOnce(&Relay, &[u8]) + Send>;
 
 /// A hooked call between its request and its answer.
 #[derive(Default)]
-pub(crate) struct Prepared {
+struct Prepared {
     /// CreateContainer's request with the injections, framed.
-    pub body: Option<bytes::Bytes>,
+    body: Option<bytes::Bytes>,
     after: Option<After>,
     /// RunPodSandbox's pod, to report a failed attempt.
     starting: Option<Pod>,
@@ -127,7 +127,7 @@ impl Relay {
 
     /// The lifecycle method `path` names, if this shim reads it: without
     /// an agent only an injecting CreateContainer needs reading.
-    pub(crate) fn hook_of(&self, path: &str) -> Option<Hooked> {
+    fn hook_of(&self, path: &str) -> Option<Hooked> {
         Hooked::of(path).filter(|h| {
             self.hooks.is_some() || (*h == Hooked::CreateContainer && self.cfg.inject.is_some())
         })
@@ -269,8 +269,8 @@ impl Relay {
     /// The request half of a hooked call, `msg` its one message: the
     /// events to send (RunPodSandbox waits for STARTING's delivery within
     /// its budget), CreateContainer's changed body, and what to do with the
-    /// answer ([`Relay::complete`]). Used by both relay modes.
-    pub(crate) async fn prepare(
+    /// answer ([`Relay::complete`]).
+    async fn prepare(
         &self,
         h: Hooked,
         headers: &HeaderMap,
@@ -377,7 +377,7 @@ impl Relay {
 
     /// The answer half: `ok` when the runtime answered status 0, `answer`
     /// its one message (if it had exactly one).
-    pub(crate) fn complete(&self, p: Prepared, ok: bool, answer: Option<&[u8]>) {
+    fn complete(&self, p: Prepared, ok: bool, answer: Option<&[u8]>) {
         if let (true, Some(after), Some(answer)) = (ok, p.after, answer) {
             after(self, answer);
         } else if !ok {

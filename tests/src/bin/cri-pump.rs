@@ -29,7 +29,9 @@ fn main() -> std::io::Result<()> {
         .build()?;
     rt.block_on(async move {
         let _ = std::fs::remove_file(&listen);
-        let listener = UnixListener::bind(&listen)?;
+        let listener = UnixListener::bind(&listen).map_err(|e| {
+            std::io::Error::new(e.kind(), format!("bind {}: {e}", listen.display()))
+        })?;
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         loop {
             let (mut down, _) = tokio::select! {
@@ -38,8 +40,13 @@ fn main() -> std::io::Result<()> {
             };
             let runtime = runtime.clone();
             tokio::spawn(async move {
-                let Ok(mut up) = UnixStream::connect(&runtime).await else {
-                    return;
+                let mut up = match UnixStream::connect(&runtime).await {
+                    Ok(u) => u,
+                    Err(e) => {
+                        // The client sees its connection closed.
+                        eprintln!("cri-pump: connect {}: {e}", runtime.display());
+                        return;
+                    }
                 };
                 let _ =
                     tokio::io::copy_bidirectional_with_sizes(&mut down, &mut up, BUF, BUF).await;
