@@ -103,6 +103,13 @@ pub struct Args {
     #[arg(long, env = "NODEPLANE_CRI_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
 
+    /// How calls are relayed: `frames` forwards the kubelet's HTTP/2 frames
+    /// over a containerd connection of its own and reads only the lifecycle
+    /// calls (about a fifth of the instructions per call); `h2` ends HTTP/2
+    /// on both sides and relays each call (the shim's first relay).
+    #[arg(long, env = "NODEPLANE_CRI_RELAY", default_value = "h2", value_parser = ["frames", "h2"])]
+    pub relay: String,
+
     /// Log filter (RUST_LOG syntax).
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log_level: String,
@@ -125,6 +132,8 @@ pub struct Config {
     pub runtime_connections: usize,
     pub inject: Option<Injection>,
     pub metrics_listen: Option<SocketAddr>,
+    /// Frame relay (`--relay frames`) rather than HTTP/2 on both sides.
+    pub frames: bool,
 }
 
 /// What CreateContainer adds to containers of pods that do not opt out.
@@ -229,6 +238,7 @@ impl Args {
             runtime_connections: self.runtime_connections,
             inject,
             metrics_listen: self.metrics_listen,
+            frames: self.relay == "frames",
         })
     }
 }

@@ -18,6 +18,7 @@ pub mod body;
 pub mod config;
 pub mod deliver;
 pub mod error;
+pub mod frames;
 pub mod grpc;
 pub mod inject;
 pub mod io;

@@ -42,7 +42,7 @@ pub(crate) struct SandboxStatus {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Hooked {
+pub(crate) enum Hooked {
     RunPodSandbox,
     StopPodSandbox,
     RemovePodSandbox,
@@ -68,13 +68,13 @@ impl Hooked {
 }
 
 /// What a hooked call does with the runtime's successful answer.
-type After = Box<dyn FnOnce(&Relay, &[u8]) + Send>;
+pub(crate) type After = Box<dyn FnOnce(&Relay, &[u8]) + Send>;
 
 /// A hooked call between its request and its answer.
 #[derive(Default)]
-struct Prepared {
+pub(crate) struct Prepared {
     /// CreateContainer's request with the injections, framed.
-    body: Option<bytes::Bytes>,
+    pub(crate) body: Option<bytes::Bytes>,
     after: Option<After>,
     /// RunPodSandbox's pod, to report a failed attempt.
     starting: Option<Pod>,
@@ -125,9 +125,18 @@ impl Relay {
         answer.response
     }
 
+    /// Whether kubelet connections get the frame relay ([`crate::frames`]).
+    pub(crate) fn frames(&self) -> bool {
+        self.cfg.frames
+    }
+
+    pub(crate) fn runtime_path(&self) -> &std::path::Path {
+        &self.cfg.runtime
+    }
+
     /// The lifecycle method `path` names, if this shim reads it: without
     /// an agent only an injecting CreateContainer needs reading.
-    fn hook_of(&self, path: &str) -> Option<Hooked> {
+    pub(crate) fn hook_of(&self, path: &str) -> Option<Hooked> {
         Hooked::of(path).filter(|h| {
             self.hooks.is_some() || (*h == Hooked::CreateContainer && self.cfg.inject.is_some())
         })
@@ -270,7 +279,7 @@ impl Relay {
     /// events to send (RunPodSandbox waits for STARTING's delivery within
     /// its budget), CreateContainer's changed body, and what to do with the
     /// answer ([`Relay::complete`]).
-    async fn prepare(
+    pub(crate) async fn prepare(
         &self,
         h: Hooked,
         headers: &HeaderMap,
@@ -377,7 +386,7 @@ impl Relay {
 
     /// The answer half: `ok` when the runtime answered status 0, `answer`
     /// its one message (if it had exactly one).
-    fn complete(&self, p: Prepared, ok: bool, answer: Option<&[u8]>) {
+    pub(crate) fn complete(&self, p: Prepared, ok: bool, answer: Option<&[u8]>) {
         if let (true, Some(after), Some(answer)) = (ok, p.after, answer) {
             after(self, answer);
         } else if !ok {

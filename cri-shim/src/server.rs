@@ -125,6 +125,23 @@ async fn accept(listener: UnixListener, relay: Arc<Relay>, active: Arc<AtomicUsi
         let relay = relay.clone();
         let active = active.clone();
         tokio::spawn(async move {
+            let stream = if relay.frames() {
+                match tokio::net::UnixStream::connect(relay.runtime_path()).await {
+                    Ok(runtime) => {
+                        return crate::frames::serve(relay, stream, runtime, active).await;
+                    }
+                    Err(e) => {
+                        // Served by the h2 relay instead, which answers
+                        // each call with UNAVAILABLE naming the runtime
+                        // and dials again for every later call.
+                        tracing::warn!(runtime = %relay.runtime_path().display(), error = %e,
+                            "runtime unreachable; this kubelet connection is relayed call by call");
+                        stream
+                    }
+                }
+            } else {
+                stream
+            };
             let svc = hyper::service::service_fn(move |req| {
                 let relay = relay.clone();
                 let active = active.clone();

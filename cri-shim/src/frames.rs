@@ -1,0 +1,801 @@
+//! The frame relay (`--relay frames`, see the README's "CRI shim"): each
+//! kubelet connection gets a containerd connection of its own, and the
+//! bytes between them pass as HTTP/2 frames, unparsed except for their
+//! 9-byte headers. The two peers negotiate SETTINGS, PING and flow control
+//! with each other, as if directly connected.
+//!
+//! What the shim still needs from the calls it reads:
+//! - Every header block is decoded (never changed) with an HPACK decoder
+//!   per direction, which keeps its dynamic table in step with the peer's:
+//!   requests give the path (hooks, metrics) and `grpc-timeout`; answers
+//!   give `grpc-status`.
+//! - The request DATA of a hooked call is held back until the request is
+//!   complete and [`Relay::prepare`] has run (RunPodSandbox waits there for
+//!   the STARTING delivery, within its budget), then sent, changed only for
+//!   CreateContainer's injection. Its HEADERS are not held: the order of
+//!   header blocks, which HPACK depends on, stays as the kubelet sent it.
+//! - The answer of a hooked call is copied as it passes, for
+//!   [`Relay::complete`].
+//!
+//! Flow control: the kubelet keeps to the windows containerd grants, and
+//! the shim forwards those grants. A CreateContainer grown by `k` bytes is
+//! sent only if containerd's windows have room for it, and then `k` is
+//! taken back out of containerd's next connection WINDOW_UPDATEs, so the
+//! kubelet never believes in more room than containerd gave. Request bytes
+//! the shim drops (a held call the kubelet cancelled, padding) are credited
+//! back to the kubelet with a WINDOW_UPDATE of its own.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::mpsc;
+
+use crate::grpc;
+use crate::io::Socket;
+use crate::relay::{Hooked, Prepared, Relay};
+
+const PREFACE_LEN: usize = 24;
+const FRAME_HEADER: usize = 9;
+
+const DATA: u8 = 0;
+const HEADERS: u8 = 1;
+const RST_STREAM: u8 = 3;
+const SETTINGS: u8 = 4;
+const PUSH_PROMISE: u8 = 5;
+const WINDOW_UPDATE: u8 = 8;
+const CONTINUATION: u8 = 9;
+
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+const SETTINGS_INITIAL_WINDOW_SIZE: u16 = 0x4;
+const SETTINGS_MAX_FRAME_SIZE: u16 = 0x5;
+
+/// RFC 9113's defaults, until containerd's SETTINGS say otherwise.
+const DEFAULT_WINDOW: i64 = 65_535;
+const DEFAULT_MAX_FRAME: usize = 16_384;
+
+/// Largest hooked request or answer kept whole (the kubelet's own limit).
+const MAX_MESSAGE: usize = 16 << 20;
+/// Largest frame the relay buffers (the largest SETTINGS_MAX_FRAME_SIZE).
+const MAX_FRAME: usize = (1 << 24) - 1;
+/// While this much waits to be written to one side, the other side is not
+/// read (the peers' own flow control then pushes back).
+const HIGH_WATER: usize = 1 << 20;
+const READ_CHUNK: usize = 256 << 10;
+
+/// Relays one kubelet connection over `runtime`, a fresh connection to
+/// containerd, until either side closes. `active` counts open calls (the
+/// graceful stop waits for them).
+pub async fn serve(
+    relay: Arc<Relay>,
+    kubelet: tokio::net::UnixStream,
+    runtime: tokio::net::UnixStream,
+    active: Arc<AtomicUsize>,
+) {
+    let (k, c) = match (Socket::new(kubelet), Socket::new(runtime)) {
+        (Ok(k), Ok(c)) => (k, c),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::warn!(error = %e, "registering a relayed connection");
+            return;
+        }
+    };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut conn = Conn {
+        relay,
+        active,
+        k: Side::new(k),
+        c: Side::new(c),
+        preface: PREFACE_LEN,
+        up: Decoder::default(),
+        down: Decoder::default(),
+        streams: HashMap::new(),
+        c_stream_window: DEFAULT_WINDOW,
+        c_max_frame: DEFAULT_MAX_FRAME,
+        c_conn_window: DEFAULT_WINDOW,
+        debt: 0,
+        tx,
+        rx,
+    };
+    std::future::poll_fn(|cx| conn.poll(cx)).await;
+    if let Some(why) = &conn.c.gone {
+        // containerd restarted (or stopped): the kubelet's connection goes
+        // too, and its client dials again, getting a new containerd
+        // connection with it.
+        tracing::info!(reason = %why, "runtime connection closed; closing the kubelet connection relayed over it");
+    } else if let Some(why) = &conn.k.gone {
+        tracing::debug!(reason = %why, "kubelet connection closed");
+    }
+    conn.finish();
+}
+
+/// One socket, what was read from it and not yet relayed, and what waits
+/// to be written to it.
+struct Side {
+    sock: Socket,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    /// Bytes of `output` already written.
+    sent: usize,
+    /// Why the socket is no longer used (end of stream, an error).
+    gone: Option<std::io::Error>,
+}
+
+impl Side {
+    fn new(sock: Socket) -> Self {
+        Side {
+            sock,
+            input: Vec::with_capacity(READ_CHUNK),
+            output: Vec::with_capacity(64 << 10),
+            sent: 0,
+            gone: None,
+        }
+    }
+
+    fn read_result(&mut self, r: std::io::Result<usize>) {
+        match r {
+            Ok(0) => {
+                self.gone = Some(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed by the peer",
+                ))
+            }
+            Ok(_) => {}
+            Err(e) => self.gone = Some(e),
+        }
+    }
+
+    fn pending(&self) -> usize {
+        self.output.len() - self.sent
+    }
+
+    /// Reads what the socket has (Ready(Ok(0)) at end of stream).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.input.capacity() - self.input.len() < 16 << 10 {
+            self.input.reserve(READ_CHUNK);
+        }
+        let len = self.input.len();
+        let mut rb = ReadBuf::uninit(self.input.spare_capacity_mut());
+        std::task::ready!(Pin::new(&mut self.sock).poll_read(cx, &mut rb))?;
+        let n = rb.filled().len();
+        // SAFETY: poll_read initialised exactly the first `n` spare bytes.
+        unsafe { self.input.set_len(len + n) };
+        Poll::Ready(Ok(n))
+    }
+
+    /// Writes out what it can; Ready(Err) only for a broken socket.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.sent < self.output.len() {
+            let n = std::task::ready!(
+                Pin::new(&mut self.sock).poll_write(cx, &self.output[self.sent..])
+            )?;
+            if n == 0 {
+                return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            self.sent += n;
+        }
+        self.output.clear();
+        self.sent = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// A header block being received (HEADERS or PUSH_PROMISE, then
+/// CONTINUATION frames until END_HEADERS), and the decoder for one
+/// direction.
+#[derive(Default)]
+struct Decoder {
+    hpack: loona_hpack::Decoder<'static>,
+    block: Vec<u8>,
+    stream: u32,
+    end_stream: bool,
+    /// A header block did not decode: the peer will end the connection
+    /// (its own decoder fails too); until then nothing more is read.
+    broken: bool,
+}
+
+/// What the relay learnt from one header block.
+#[derive(Default)]
+struct Fields {
+    path: Option<String>,
+    timeout: Option<HeaderValue>,
+    status: Option<u32>,
+}
+
+impl Decoder {
+    fn decode(&mut self) -> Option<Fields> {
+        if self.broken {
+            return None;
+        }
+        let mut f = Fields::default();
+        let r = self.hpack.decode_with_cb(&self.block, |n: Cow<[u8]>, v: Cow<[u8]>| {
+            match &*n {
+                b":path" => f.path = Some(String::from_utf8_lossy(&v).into_owned()),
+                b"grpc-timeout" => f.timeout = HeaderValue::from_bytes(&v).ok(),
+                b"grpc-status" => f.status = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()),
+                _ => {}
+            }
+        });
+        self.block.clear();
+        match r {
+            Ok(()) => Some(f),
+            Err(e) => {
+                tracing::warn!(error = ?e, "a header block did not decode; hooks are off for this connection");
+                self.broken = true;
+                None
+            }
+        }
+    }
+}
+
+/// A call in flight.
+struct Stream {
+    path: String,
+    start: Instant,
+    answered: bool,
+    hook: Option<Hook>,
+}
+
+/// A hooked call's state.
+struct Hook {
+    kind: Hooked,
+    timeout: Option<HeaderValue>,
+    /// Request payload held back (padding removed) and how many
+    /// flow-controlled bytes the kubelet spent on it (padding included).
+    held: Vec<u8>,
+    held_flow: i64,
+    state: HookState,
+    /// containerd's window for this stream: what it granted minus what the
+    /// shim sent.
+    window: i64,
+    answer: Vec<u8>,
+    answer_whole: bool,
+    status: Option<u32>,
+}
+
+enum HookState {
+    /// Request DATA being held.
+    Holding,
+    /// The request is complete and `prepare` runs (RunPodSandbox's wait).
+    Preparing,
+    /// The request went on; the answer is being read.
+    Sent(Prepared),
+}
+
+/// A `prepare` that had to wait, finished.
+type Ready = (u32, Prepared);
+
+struct Conn {
+    relay: Arc<Relay>,
+    active: Arc<AtomicUsize>,
+    k: Side,
+    c: Side,
+    /// Client preface bytes still to pass before the kubelet's frames.
+    preface: usize,
+    /// Kubelet → containerd and containerd → kubelet header decoding.
+    up: Decoder,
+    down: Decoder,
+    streams: HashMap<u32, Stream>,
+    /// containerd's SETTINGS: new streams' initial window, largest frame.
+    c_stream_window: i64,
+    c_max_frame: usize,
+    /// containerd's connection window: granted minus what the shim sent.
+    c_conn_window: i64,
+    /// Connection credit containerd gave for bytes the kubelet did not
+    /// send (a grown CreateContainer): kept back from its next grants.
+    debt: i64,
+    tx: mpsc::UnboundedSender<Ready>,
+    rx: mpsc::UnboundedReceiver<Ready>,
+}
+
+impl Conn {
+    /// Relays until one side is gone (its `gone` says why).
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let mut progress = false;
+            if self.k.gone.is_none() && self.c.pending() < HIGH_WATER {
+                if let Poll::Ready(r) = self.k.poll_fill(cx) {
+                    self.k.read_result(r);
+                    if let Err(e) = self.from_kubelet() {
+                        self.k.gone = Some(e);
+                    }
+                    progress = true;
+                }
+            }
+            if self.c.gone.is_none() && self.k.pending() < HIGH_WATER {
+                if let Poll::Ready(r) = self.c.poll_fill(cx) {
+                    self.c.read_result(r);
+                    if let Err(e) = self.from_runtime() {
+                        self.c.gone = Some(e);
+                    }
+                    progress = true;
+                }
+            }
+            while let Poll::Ready(Some((id, p))) = self.rx.poll_recv(cx) {
+                self.prepared(id, p);
+                progress = true;
+            }
+            for side in [&mut self.c, &mut self.k] {
+                if side.pending() > 0 && side.gone.is_none() {
+                    let before = side.pending();
+                    if let Poll::Ready(Err(e)) = side.poll_flush(cx) {
+                        side.gone = Some(e);
+                    }
+                    progress |= side.pending() != before;
+                }
+            }
+            if self.k.gone.is_some() || self.c.gone.is_some() {
+                // One peer is gone: the other's calls cannot complete.
+                return Poll::Ready(());
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    /// The connection is over: open calls are no longer counted.
+    fn finish(&mut self) {
+        for _ in self.streams.drain() {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Relays the kubelet's complete frames.
+    fn from_kubelet(&mut self) -> std::io::Result<()> {
+        let mut input = std::mem::take(&mut self.k.input);
+        let mut at = 0;
+        if self.preface > 0 {
+            let n = self.preface.min(input.len());
+            self.c.output.extend_from_slice(&input[..n]);
+            self.preface -= n;
+            at = n;
+        }
+        if self.preface == 0 {
+            while let Some((ty, flags, id, len)) = frame_at(&input[at..])? {
+                let frame = &input[at..at + FRAME_HEADER + len];
+                self.kubelet_frame(ty, flags, id, frame);
+                at += FRAME_HEADER + len;
+            }
+        }
+        input.drain(..at);
+        self.k.input = input;
+        Ok(())
+    }
+
+    /// Relays containerd's complete frames.
+    fn from_runtime(&mut self) -> std::io::Result<()> {
+        let mut input = std::mem::take(&mut self.c.input);
+        let mut at = 0;
+        while let Some((ty, flags, id, len)) = frame_at(&input[at..])? {
+            let frame = &input[at..at + FRAME_HEADER + len];
+            self.runtime_frame(ty, flags, id, frame);
+            at += FRAME_HEADER + len;
+        }
+        input.drain(..at);
+        self.c.input = input;
+        Ok(())
+    }
+
+    fn kubelet_frame(&mut self, ty: u8, flags: u8, id: u32, frame: &[u8]) {
+        let payload = &frame[FRAME_HEADER..];
+        match ty {
+            DATA => {
+                if let Some(h) = self.holding(id) {
+                    let Some(data) = unpad(flags, payload) else {
+                        return self.pass_up(frame);
+                    };
+                    h.held.extend_from_slice(data);
+                    h.held_flow += payload.len() as i64;
+                    if h.held.len() > MAX_MESSAGE + 5 {
+                        // Not a message the shim reads: relayed as it is.
+                        self.release_unchanged(id);
+                    } else if flags & END_STREAM != 0 {
+                        self.request_complete(id);
+                    }
+                    return;
+                }
+                self.c_conn_window -= payload.len() as i64;
+                self.pass_up(frame);
+            }
+            HEADERS => {
+                if self.holding(id).is_some() {
+                    // Trailers after the request: the message is not read;
+                    // its bytes go first, in order.
+                    self.release_unchanged(id);
+                }
+                self.pass_up(frame);
+                if let Some(block) = header_fragment(flags, payload) {
+                    self.up.stream = id;
+                    self.up.end_stream = flags & END_STREAM != 0;
+                    self.up.block.extend_from_slice(block);
+                    if flags & END_HEADERS != 0 {
+                        self.request_headers();
+                    }
+                }
+            }
+            CONTINUATION => {
+                self.pass_up(frame);
+                self.up.block.extend_from_slice(payload);
+                if flags & END_HEADERS != 0 {
+                    self.request_headers();
+                }
+            }
+            RST_STREAM => {
+                self.pass_up(frame);
+                if let Some(s) = self.streams.remove(&id) {
+                    self.active.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(h) = s.hook {
+                        if matches!(h.state, HookState::Holding | HookState::Preparing) {
+                            // containerd never gets these bytes, so never
+                            // grants them back: the shim does.
+                            self.credit_kubelet(h.held_flow);
+                        }
+                    }
+                }
+            }
+            _ => self.pass_up(frame),
+        }
+    }
+
+    fn runtime_frame(&mut self, ty: u8, flags: u8, id: u32, frame: &[u8]) {
+        let payload = &frame[FRAME_HEADER..];
+        match ty {
+            SETTINGS if flags & ACK == 0 => {
+                for s in payload.chunks_exact(6) {
+                    let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+                    match u16::from_be_bytes([s[0], s[1]]) {
+                        SETTINGS_INITIAL_WINDOW_SIZE => {
+                            // Applies to every open stream's window too.
+                            let delta = i64::from(v) - self.c_stream_window;
+                            self.c_stream_window = i64::from(v);
+                            for h in self.streams.values_mut().filter_map(|s| s.hook.as_mut()) {
+                                h.window += delta;
+                            }
+                        }
+                        SETTINGS_MAX_FRAME_SIZE => self.c_max_frame = v as usize,
+                        _ => {}
+                    }
+                }
+                self.pass_down(frame);
+            }
+            WINDOW_UPDATE if payload.len() == 4 => {
+                let inc = i64::from(
+                    u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]])
+                        & 0x7fff_ffff,
+                );
+                if id != 0 {
+                    if let Some(h) = self.streams.get_mut(&id).and_then(|s| s.hook.as_mut()) {
+                        h.window += inc;
+                    }
+                    return self.pass_down(frame);
+                }
+                self.c_conn_window += inc;
+                let kept = self.debt.min(inc);
+                self.debt -= kept;
+                if kept == 0 {
+                    self.pass_down(frame);
+                } else if inc > kept {
+                    window_update(&mut self.k.output, 0, (inc - kept) as u32);
+                }
+            }
+            DATA => {
+                if let Some(h) = self.streams.get_mut(&id).and_then(|s| s.hook.as_mut()) {
+                    if let Some(data) = unpad(flags, payload) {
+                        if h.answer.len() + data.len() <= MAX_MESSAGE + 5 {
+                            h.answer.extend_from_slice(data);
+                        } else {
+                            h.answer_whole = false;
+                        }
+                    }
+                }
+                self.pass_down(frame);
+                if flags & END_STREAM != 0 {
+                    self.answer_complete(id);
+                }
+            }
+            HEADERS | PUSH_PROMISE => {
+                self.pass_down(frame);
+                let fragment = if ty == HEADERS {
+                    header_fragment(flags, payload)
+                } else {
+                    // Padding, then the promised stream's id, then the block.
+                    unpad(flags, payload).and_then(|p| p.get(4..))
+                };
+                if let Some(block) = fragment {
+                    self.down.stream = id;
+                    self.down.end_stream = ty == HEADERS && flags & END_STREAM != 0;
+                    self.down.block.extend_from_slice(block);
+                    if flags & END_HEADERS != 0 {
+                        self.answer_headers();
+                    }
+                }
+            }
+            CONTINUATION => {
+                self.pass_down(frame);
+                self.down.block.extend_from_slice(payload);
+                if flags & END_HEADERS != 0 {
+                    self.answer_headers();
+                }
+            }
+            RST_STREAM => {
+                self.pass_down(frame);
+                if let Some(s) = self.streams.remove(&id) {
+                    self.active.fetch_sub(1, Ordering::Relaxed);
+                    if let Some(Hook { state: HookState::Sent(p), .. }) = s.hook {
+                        self.relay.complete(p, false, None);
+                    }
+                }
+            }
+            _ => self.pass_down(frame),
+        }
+    }
+
+    fn pass_up(&mut self, frame: &[u8]) {
+        self.c.output.extend_from_slice(frame);
+    }
+
+    fn pass_down(&mut self, frame: &[u8]) {
+        self.k.output.extend_from_slice(frame);
+    }
+
+    /// The hook of stream `id`, if its request DATA is being held.
+    fn holding(&mut self, id: u32) -> Option<&mut Hook> {
+        self.streams
+            .get_mut(&id)?
+            .hook
+            .as_mut()
+            .filter(|h| matches!(h.state, HookState::Holding))
+    }
+
+    /// A request's header block is complete: a new call (or trailers).
+    fn request_headers(&mut self) {
+        let (id, end_stream) = (self.up.stream, self.up.end_stream);
+        let Some(f) = self.up.decode() else { return };
+        let Some(path) = f.path else { return };
+        if self.streams.contains_key(&id) {
+            return;
+        }
+        // A hooked call without a body has no message to read.
+        let kind = self.relay.hook_of(&path).filter(|_| !end_stream);
+        self.streams.insert(
+            id,
+            Stream {
+                path,
+                start: Instant::now(),
+                answered: false,
+                hook: kind.map(|kind| Hook {
+                    kind,
+                    timeout: f.timeout,
+                    held: Vec::new(),
+                    held_flow: 0,
+                    state: HookState::Holding,
+                    window: self.c_stream_window,
+                    answer: Vec::new(),
+                    answer_whole: true,
+                    status: None,
+                }),
+            },
+        );
+        self.active.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A held request is complete: prepare its hook, now if nothing needs
+    /// waiting for, else in a task of its own while other calls go on.
+    fn request_complete(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        let start = s.start;
+        let Some(h) = s.hook.as_mut() else { return };
+        let kind = h.kind;
+        let Some(msg) = grpc::unframe(&h.held).map(Bytes::copy_from_slice) else {
+            tracing::debug!(method = ?kind, "request not a single uncompressed message; relayed unhooked");
+            return self.release_unchanged(id);
+        };
+        let mut headers = HeaderMap::new();
+        if let Some(t) = h.timeout.take() {
+            headers.insert("grpc-timeout", t);
+        }
+        h.state = HookState::Preparing;
+        let relay = self.relay.clone();
+        let mut fut = Box::pin(async move { relay.prepare(kind, &headers, &msg, start).await });
+        match fut.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+            Poll::Ready(p) => self.prepared(id, p),
+            Poll::Pending => {
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    let _ = tx.send((id, fut.await));
+                });
+            }
+        }
+    }
+
+    /// A hook's request half is done: send the request on.
+    fn prepared(&mut self, id: u32, mut p: Prepared) {
+        let Some(h) = self.streams.get_mut(&id).and_then(|s| s.hook.as_mut()) else {
+            // The kubelet cancelled the call meanwhile (its bytes were
+            // credited back then).
+            return;
+        };
+        let held = std::mem::take(&mut h.held);
+        let body = match p.body.take() {
+            Some(b) if (b.len() as i64) <= h.window.min(self.c_conn_window) => b,
+            Some(b) => {
+                tracing::warn!(grown = b.len(), window = h.window.min(self.c_conn_window),
+                    "containerd's flow-control window has no room for the injection; CreateContainer relayed unchanged");
+                Bytes::from(held)
+            }
+            None => Bytes::from(held),
+        };
+        let spent = h.held_flow;
+        h.window -= body.len() as i64;
+        h.state = HookState::Sent(p);
+        self.send_data(id, &body, true, spent);
+    }
+
+    /// Sends a held request's bytes as the kubelet sent them (trailers
+    /// follow, or the shim does not read it) and stops reading the call.
+    fn release_unchanged(&mut self, id: u32) {
+        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(h) = s.hook.take() else { return };
+        self.send_data(id, &h.held, false, h.held_flow);
+    }
+
+    /// Sends `body` on stream `id` as DATA frames of containerd's largest
+    /// size, accounting for the `spent` flow-controlled bytes the kubelet
+    /// used for it.
+    fn send_data(&mut self, id: u32, body: &[u8], end_stream: bool, spent: i64) {
+        let mut chunks = body.chunks(self.c_max_frame.max(1)).peekable();
+        if chunks.peek().is_none() && end_stream {
+            frame_header(&mut self.c.output, 0, DATA, END_STREAM, id);
+        }
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            let flags = if last && end_stream { END_STREAM } else { 0 };
+            frame_header(&mut self.c.output, chunk.len(), DATA, flags, id);
+            self.c.output.extend_from_slice(chunk);
+        }
+        self.c_conn_window -= body.len() as i64;
+        let grown = body.len() as i64 - spent;
+        if grown > 0 {
+            self.debt += grown;
+        } else {
+            self.credit_kubelet(-grown);
+        }
+    }
+
+    /// Grants the kubelet connection window for bytes it spent that
+    /// containerd will not grant back.
+    fn credit_kubelet(&mut self, n: i64) {
+        // First against what containerd over-granted, then to the kubelet.
+        let settled = self.debt.min(n);
+        self.debt -= settled;
+        if n > settled {
+            window_update(&mut self.k.output, 0, (n - settled) as u32);
+        }
+    }
+
+    /// An answer's header block is complete.
+    fn answer_headers(&mut self) {
+        let (id, end_stream) = (self.down.stream, self.down.end_stream);
+        let f = self.down.decode();
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.answered {
+                s.answered = true;
+                self.relay.metrics.call(&s.path, s.start.elapsed(), false);
+            }
+            if let (Some(h), Some(status)) = (s.hook.as_mut(), f.and_then(|f| f.status)) {
+                h.status = Some(status);
+            }
+        }
+        if end_stream {
+            self.answer_complete(id);
+        }
+    }
+
+    /// containerd ended its side of a call.
+    fn answer_complete(&mut self, id: u32) {
+        let Some(s) = self.streams.remove(&id) else { return };
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        let Some(h) = s.hook else { return };
+        if let HookState::Sent(p) = h.state {
+            let ok = h.status == Some(0);
+            let answer = h.answer_whole.then(|| grpc::unframe(&h.answer)).flatten();
+            self.relay.complete(p, ok, answer);
+        }
+    }
+}
+
+/// The next complete frame at the start of `b`: (type, flags, stream, payload
+/// length); None until it has all arrived.
+fn frame_at(b: &[u8]) -> std::io::Result<Option<(u8, u8, u32, usize)>> {
+    let Some(h) = b.get(..FRAME_HEADER) else {
+        return Ok(None);
+    };
+    let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other("HTTP/2 frame larger than 16 MiB"));
+    }
+    if b.len() < FRAME_HEADER + len {
+        return Ok(None);
+    }
+    let id = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    Ok(Some((h[3], h[4], id, len)))
+}
+
+/// A DATA (or PUSH_PROMISE) payload without its padding; None if the
+/// padding is longer than the frame (the peer rejects such a frame).
+fn unpad(flags: u8, payload: &[u8]) -> Option<&[u8]> {
+    if flags & PADDED == 0 {
+        return Some(payload);
+    }
+    let (&pad, rest) = payload.split_first()?;
+    rest.len().checked_sub(usize::from(pad)).map(|n| &rest[..n])
+}
+
+/// The header block fragment of a HEADERS payload.
+fn header_fragment(flags: u8, payload: &[u8]) -> Option<&[u8]> {
+    let p = unpad(flags, payload)?;
+    if flags & PRIORITY != 0 {
+        p.get(5..)
+    } else {
+        Some(p)
+    }
+}
+
+fn frame_header(out: &mut Vec<u8>, len: usize, ty: u8, flags: u8, id: u32) {
+    out.extend_from_slice(&(len as u32).to_be_bytes()[1..]);
+    out.push(ty);
+    out.push(flags);
+    out.extend_from_slice(&id.to_be_bytes());
+}
+
+fn window_update(out: &mut Vec<u8>, id: u32, inc: u32) {
+    frame_header(out, 4, WINDOW_UPDATE, 0, id);
+    out.extend_from_slice(&inc.to_be_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_are_found_only_when_whole() {
+        let mut b = Vec::new();
+        frame_header(&mut b, 3, DATA, END_STREAM, 5);
+        b.extend_from_slice(b"abc");
+        assert_eq!(frame_at(&b[..11]).unwrap(), None);
+        assert_eq!(frame_at(&b).unwrap(), Some((DATA, END_STREAM, 5, 3)));
+        assert!(frame_at(&[0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1]).is_ok());
+    }
+
+    #[test]
+    fn padding_and_priority_are_skipped() {
+        assert_eq!(unpad(0, b"xyz"), Some(&b"xyz"[..]));
+        assert_eq!(unpad(PADDED, b"\x02abcpp"), Some(&b"abc"[..]));
+        assert_eq!(unpad(PADDED, b"\x09ab"), None);
+        assert_eq!(header_fragment(PRIORITY, b"\0\0\0\x03\x10hdr"), Some(&b"hdr"[..]));
+        assert_eq!(
+            header_fragment(PADDED | PRIORITY, b"\x01\0\0\0\x03\x10hdrp"),
+            Some(&b"hdr"[..])
+        );
+    }
+
+    #[test]
+    fn window_update_encodes_its_increment() {
+        let mut b = Vec::new();
+        window_update(&mut b, 0, 70_000);
+        assert_eq!(b, [0, 0, 4, WINDOW_UPDATE, 0, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
+    }
+}
