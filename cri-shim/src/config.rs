@@ -107,7 +107,7 @@ pub struct Args {
     /// over a containerd connection of its own and reads only the lifecycle
     /// calls (about a fifth of the instructions per call); `h2` ends HTTP/2
     /// on both sides and relays each call (the shim's first relay).
-    #[arg(long, env = "NODEPLANE_CRI_RELAY", default_value = "h2", value_parser = ["frames", "h2"])]
+    #[arg(long, env = "NODEPLANE_CRI_RELAY", default_value = "frames", value_parser = ["frames", "h2"])]
     pub relay: String,
 
     /// Log filter (RUST_LOG syntax).

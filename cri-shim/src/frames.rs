@@ -6,7 +6,7 @@
 //!
 //! What the shim still needs from the calls it reads:
 //! - Every header block is decoded (never changed) with an HPACK decoder
-//!   per direction, which keeps its dynamic table in step with the peer's:
+//!   ([`crate::hpack`]) per direction, which keeps its dynamic table in step with the peer's:
 //!   requests give the path (hooks, metrics) and `grpc-timeout`; answers
 //!   give `grpc-status`.
 //! - The request DATA of a hooked call is held back until the request is
@@ -25,9 +25,9 @@
 //! the shim drops (a held call the kubelet cancelled, padding) are credited
 //! back to the kubelet with a WINDOW_UPDATE of its own.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -51,6 +51,8 @@ const HEADERS: u8 = 1;
 const RST_STREAM: u8 = 3;
 const SETTINGS: u8 = 4;
 const PUSH_PROMISE: u8 = 5;
+const PING: u8 = 6;
+const GOAWAY: u8 = 7;
 const WINDOW_UPDATE: u8 = 8;
 const CONTINUATION: u8 = 9;
 
@@ -101,7 +103,9 @@ pub async fn serve(
         preface: PREFACE_LEN,
         up: Decoder::default(),
         down: Decoder::default(),
-        streams: HashMap::new(),
+        streams: HashMap::default(),
+        last_stream: 0,
+        gone_message: String::new(),
         c_stream_window: DEFAULT_WINDOW,
         c_max_frame: DEFAULT_MAX_FRAME,
         c_conn_window: DEFAULT_WINDOW,
@@ -110,11 +114,27 @@ pub async fn serve(
         rx,
     };
     std::future::poll_fn(|cx| conn.poll(cx)).await;
-    if let Some(why) = &conn.c.gone {
-        // containerd restarted (or stopped): the kubelet's connection goes
-        // too, and its client dials again, getting a new containerd
-        // connection with it.
-        tracing::info!(reason = %why, "runtime connection closed; closing the kubelet connection relayed over it");
+    if let Some(why) = conn.c.gone.take() {
+        // containerd restarted (or stopped). The kubelet's HPACK state and
+        // stream ids belong to this connection, so it cannot be carried
+        // over to a new containerd connection: until containerd is back,
+        // its calls are answered UNAVAILABLE naming the runtime (as the h2
+        // relay answers); then a GOAWAY sends its client to a new
+        // connection.
+        tracing::info!(reason = %why, "runtime connection closed; answering UNAVAILABLE on this kubelet connection until the runtime is back");
+        conn.refuse_open_calls(&why.to_string());
+        let runtime = conn.relay.runtime_path().to_path_buf();
+        tokio::select! {
+            () = std::future::poll_fn(|cx| conn.poll_refusing(cx)) => {}
+            () = crate::server::runtime_back(&runtime) => {
+                tracing::info!("runtime reachable again; closing the kubelet connection (GOAWAY) so its next one is relayed to it");
+                frame_header(&mut conn.k.output, 8, GOAWAY, 0, 0);
+                conn.k.output.extend_from_slice(&conn.last_stream.to_be_bytes());
+                conn.k.output.extend_from_slice(&0u32.to_be_bytes());
+                let flush = std::future::poll_fn(|cx| conn.k.poll_flush(cx));
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
+            }
+        }
     } else if let Some(why) = &conn.k.gone {
         tracing::debug!(reason = %why, "kubelet connection closed");
     }
@@ -197,7 +217,7 @@ impl Side {
 /// direction.
 #[derive(Default)]
 struct Decoder {
-    hpack: loona_hpack::Decoder<'static>,
+    hpack: crate::hpack::Decoder,
     block: Vec<u8>,
     stream: u32,
     end_stream: bool,
@@ -220,13 +240,11 @@ impl Decoder {
             return None;
         }
         let mut f = Fields::default();
-        let r = self.hpack.decode_with_cb(&self.block, |n: Cow<[u8]>, v: Cow<[u8]>| {
-            match &*n {
-                b":path" => f.path = Some(String::from_utf8_lossy(&v).into_owned()),
-                b"grpc-timeout" => f.timeout = HeaderValue::from_bytes(&v).ok(),
-                b"grpc-status" => f.status = std::str::from_utf8(&v).ok().and_then(|s| s.parse().ok()),
-                _ => {}
-            }
+        let r = self.hpack.decode(&self.block, |n, v| match n {
+            b":path" => f.path = Some(String::from_utf8_lossy(v).into_owned()),
+            b"grpc-timeout" => f.timeout = HeaderValue::from_bytes(v).ok(),
+            b"grpc-status" => f.status = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()),
+            _ => {}
         });
         self.block.clear();
         match r {
@@ -271,7 +289,7 @@ enum HookState {
     /// The request is complete and `prepare` runs (RunPodSandbox's wait).
     Preparing,
     /// The request went on; the answer is being read.
-    Sent(Prepared),
+    Sent(Box<Prepared>),
 }
 
 /// A `prepare` that had to wait, finished.
@@ -287,7 +305,11 @@ struct Conn {
     /// Kubelet → containerd and containerd → kubelet header decoding.
     up: Decoder,
     down: Decoder,
-    streams: HashMap<u32, Stream>,
+    streams: HashMap<u32, Stream, BuildHasherDefault<StreamIdHasher>>,
+    /// The highest stream the kubelet opened (for a GOAWAY).
+    last_stream: u32,
+    /// grpc-message of the calls answered after containerd went away.
+    gone_message: String,
     /// containerd's SETTINGS: new streams' initial window, largest frame.
     c_stream_window: i64,
     c_max_frame: usize,
@@ -308,7 +330,7 @@ impl Conn {
             if self.k.gone.is_none() && self.c.pending() < HIGH_WATER {
                 if let Poll::Ready(r) = self.k.poll_fill(cx) {
                     self.k.read_result(r);
-                    if let Err(e) = self.from_kubelet() {
+                    if let Err(e) = self.relay_kubelet_frames() {
                         self.k.gone = Some(e);
                     }
                     progress = true;
@@ -317,7 +339,7 @@ impl Conn {
             if self.c.gone.is_none() && self.k.pending() < HIGH_WATER {
                 if let Poll::Ready(r) = self.c.poll_fill(cx) {
                     self.c.read_result(r);
-                    if let Err(e) = self.from_runtime() {
+                    if let Err(e) = self.relay_runtime_frames() {
                         self.c.gone = Some(e);
                     }
                     progress = true;
@@ -346,6 +368,120 @@ impl Conn {
         }
     }
 
+    /// containerd's connection ended: every call still open is answered
+    /// UNAVAILABLE.
+    fn refuse_open_calls(&mut self, why: &str) {
+        self.gone_message = grpc::percent_encode(&format!(
+            "nodeplane-cri-shim: runtime endpoint {}: connection closed ({why})",
+            self.relay.runtime_path().display()
+        ));
+        let mut ids: Vec<u32> = self.streams.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let Some(s) = self.streams.remove(&id) else {
+                continue;
+            };
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            self.unavailable(id, &s.path, s.start, s.answered);
+            if let Some(Hook {
+                state: HookState::Sent(p),
+                ..
+            }) = s.hook
+            {
+                self.relay.complete(*p, false, None);
+            }
+        }
+    }
+
+    /// Ends call `id` with grpc-status UNAVAILABLE (trailers-only unless
+    /// containerd had sent its response headers).
+    fn unavailable(&mut self, id: u32, path: &str, start: Instant, answered: bool) {
+        self.relay.metrics.call(path, start.elapsed(), true);
+        let mut block = Vec::new();
+        if !answered {
+            // :status 200 is static entry 8.
+            block.push(0x88);
+            literal(&mut block, b"content-type", b"application/grpc");
+        }
+        literal(&mut block, b"grpc-status", b"14");
+        literal(&mut block, b"grpc-message", self.gone_message.as_bytes());
+        frame_header(
+            &mut self.k.output,
+            block.len(),
+            HEADERS,
+            END_STREAM | END_HEADERS,
+            id,
+        );
+        self.k.output.extend_from_slice(&block);
+    }
+
+    /// With containerd gone: answers each new call UNAVAILABLE and keeps
+    /// the connection itself alive (PING and SETTINGS acknowledged, request
+    /// bytes credited back), until the kubelet leaves.
+    fn poll_refusing(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            let mut progress = false;
+            if let Poll::Ready(r) = self.k.poll_fill(cx) {
+                self.k.read_result(r);
+                let mut input = std::mem::take(&mut self.k.input);
+                let mut at = 0;
+                while let Ok(Some((ty, flags, id, len))) = frame_at(&input[at..]) {
+                    let payload = &input[at + FRAME_HEADER..at + FRAME_HEADER + len];
+                    self.refuse_frame(ty, flags, id, payload);
+                    at += FRAME_HEADER + len;
+                }
+                input.drain(..at);
+                self.k.input = input;
+                progress = true;
+            }
+            if self.k.pending() > 0 {
+                let before = self.k.pending();
+                if let Poll::Ready(Err(e)) = self.k.poll_flush(cx) {
+                    self.k.gone = Some(e);
+                }
+                progress |= self.k.pending() != before;
+            }
+            if self.k.gone.is_some() {
+                return Poll::Ready(());
+            }
+            if !progress {
+                return Poll::Pending;
+            }
+        }
+    }
+
+    fn refuse_frame(&mut self, ty: u8, flags: u8, id: u32, payload: &[u8]) {
+        match ty {
+            HEADERS | CONTINUATION => {
+                let block = if ty == HEADERS {
+                    self.up.stream = id;
+                    header_fragment(flags, payload)
+                } else {
+                    Some(payload)
+                };
+                self.up.block.extend_from_slice(block.unwrap_or_default());
+                if flags & END_HEADERS != 0 {
+                    let id = self.up.stream;
+                    let path = self.up.decode().and_then(|f| f.path).unwrap_or_default();
+                    // Client stream ids only grow: a higher one is a new call.
+                    if id > self.last_stream {
+                        self.last_stream = id;
+                        self.unavailable(id, &path, Instant::now(), false);
+                    }
+                }
+            }
+            DATA if !payload.is_empty() => {
+                window_update(&mut self.k.output, 0, payload.len() as u32)
+            }
+            PING if flags & ACK == 0 => {
+                frame_header(&mut self.k.output, payload.len(), PING, ACK, 0);
+                self.k.output.extend_from_slice(payload);
+            }
+            SETTINGS if flags & ACK == 0 => frame_header(&mut self.k.output, 0, SETTINGS, ACK, 0),
+            _ => {}
+        }
+    }
+
     /// The connection is over: open calls are no longer counted.
     fn finish(&mut self) {
         for _ in self.streams.drain() {
@@ -354,7 +490,7 @@ impl Conn {
     }
 
     /// Relays the kubelet's complete frames.
-    fn from_kubelet(&mut self) -> std::io::Result<()> {
+    fn relay_kubelet_frames(&mut self) -> std::io::Result<()> {
         let mut input = std::mem::take(&mut self.k.input);
         let mut at = 0;
         if self.preface > 0 {
@@ -376,7 +512,7 @@ impl Conn {
     }
 
     /// Relays containerd's complete frames.
-    fn from_runtime(&mut self) -> std::io::Result<()> {
+    fn relay_runtime_frames(&mut self) -> std::io::Result<()> {
         let mut input = std::mem::take(&mut self.c.input);
         let mut at = 0;
         while let Some((ty, flags, id, len)) = frame_at(&input[at..])? {
@@ -534,8 +670,12 @@ impl Conn {
                 self.pass_down(frame);
                 if let Some(s) = self.streams.remove(&id) {
                     self.active.fetch_sub(1, Ordering::Relaxed);
-                    if let Some(Hook { state: HookState::Sent(p), .. }) = s.hook {
-                        self.relay.complete(p, false, None);
+                    if let Some(Hook {
+                        state: HookState::Sent(p),
+                        ..
+                    }) = s.hook
+                    {
+                        self.relay.complete(*p, false, None);
                     }
                 }
             }
@@ -568,6 +708,7 @@ impl Conn {
         if self.streams.contains_key(&id) {
             return;
         }
+        self.last_stream = self.last_stream.max(id);
         // A hooked call without a body has no message to read.
         let kind = self.relay.hook_of(&path).filter(|_| !end_stream);
         self.streams.insert(
@@ -595,7 +736,9 @@ impl Conn {
     /// A held request is complete: prepare its hook, now if nothing needs
     /// waiting for, else in a task of its own while other calls go on.
     fn request_complete(&mut self, id: u32) {
-        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
         let start = s.start;
         let Some(h) = s.hook.as_mut() else { return };
         let kind = h.kind;
@@ -640,14 +783,16 @@ impl Conn {
         };
         let spent = h.held_flow;
         h.window -= body.len() as i64;
-        h.state = HookState::Sent(p);
+        h.state = HookState::Sent(Box::new(p));
         self.send_data(id, &body, true, spent);
     }
 
     /// Sends a held request's bytes as the kubelet sent them (trailers
     /// follow, or the shim does not read it) and stops reading the call.
     fn release_unchanged(&mut self, id: u32) {
-        let Some(s) = self.streams.get_mut(&id) else { return };
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
         let Some(h) = s.hook.take() else { return };
         self.send_data(id, &h.held, false, h.held_flow);
     }
@@ -706,14 +851,38 @@ impl Conn {
 
     /// containerd ended its side of a call.
     fn answer_complete(&mut self, id: u32) {
-        let Some(s) = self.streams.remove(&id) else { return };
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
         self.active.fetch_sub(1, Ordering::Relaxed);
         let Some(h) = s.hook else { return };
         if let HookState::Sent(p) = h.state {
             let ok = h.status == Some(0);
             let answer = h.answer_whole.then(|| grpc::unframe(&h.answer)).flatten();
-            self.relay.complete(p, ok, answer);
+            self.relay.complete(*p, ok, answer);
         }
+    }
+}
+
+/// Stream ids are unique and chosen by the kubelet's client, so a keyed
+/// hash buys nothing; SipHash cost more per frame than the rest of the
+/// frame's handling. Fibonacci hashing spreads the (odd, increasing) ids.
+#[derive(Default)]
+struct StreamIdHasher(u64);
+
+impl Hasher for StreamIdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8 | u64::from(b)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u32(&mut self, id: u32) {
+        self.0 = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
 
@@ -761,6 +930,33 @@ fn frame_header(out: &mut Vec<u8>, len: usize, ty: u8, flags: u8, id: u32) {
     out.extend_from_slice(&id.to_be_bytes());
 }
 
+/// A header field as an HPACK literal without indexing, with a literal
+/// name and no Huffman coding: it leaves the kubelet's HPACK table as it
+/// is, so containerd's header blocks that went before still decode.
+fn literal(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.push(0);
+    for s in [name, value] {
+        hpack_integer(out, s.len(), 7, 0);
+        out.extend_from_slice(s);
+    }
+}
+
+/// RFC 7541 5.1: `v` with an N-bit prefix, the first byte's other bits `high`.
+fn hpack_integer(out: &mut Vec<u8>, mut v: usize, prefix: u8, high: u8) {
+    let max = (1usize << prefix) - 1;
+    if v < max {
+        out.push(high | v as u8);
+        return;
+    }
+    out.push(high | max as u8);
+    v -= max;
+    while v >= 0x80 {
+        out.push(0x80 | (v & 0x7f) as u8);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
 fn window_update(out: &mut Vec<u8>, id: u32, inc: u32) {
     frame_header(out, 4, WINDOW_UPDATE, 0, id);
     out.extend_from_slice(&inc.to_be_bytes());
@@ -785,11 +981,36 @@ mod tests {
         assert_eq!(unpad(0, b"xyz"), Some(&b"xyz"[..]));
         assert_eq!(unpad(PADDED, b"\x02abcpp"), Some(&b"abc"[..]));
         assert_eq!(unpad(PADDED, b"\x09ab"), None);
-        assert_eq!(header_fragment(PRIORITY, b"\0\0\0\x03\x10hdr"), Some(&b"hdr"[..]));
+        assert_eq!(
+            header_fragment(PRIORITY, b"\0\0\0\x03\x10hdr"),
+            Some(&b"hdr"[..])
+        );
         assert_eq!(
             header_fragment(PADDED | PRIORITY, b"\x01\0\0\0\x03\x10hdrp"),
             Some(&b"hdr"[..])
         );
+    }
+
+    #[test]
+    fn synthesized_fields_decode_and_leave_the_table_alone() {
+        let long = "m".repeat(300);
+        let mut block = vec![0x88];
+        literal(&mut block, b"grpc-status", b"14");
+        literal(&mut block, b"grpc-message", long.as_bytes());
+        let mut d = crate::hpack::Decoder::default();
+        let mut got = Vec::new();
+        d.decode(&block, |n, v| got.push((n.to_vec(), v.to_vec())))
+            .unwrap();
+        assert_eq!(
+            got,
+            [
+                (b":status".to_vec(), b"200".to_vec()),
+                (b"grpc-status".to_vec(), b"14".to_vec()),
+                (b"grpc-message".to_vec(), long.into_bytes()),
+            ]
+        );
+        // Nothing was added: index 62 does not exist.
+        assert!(d.decode(&[0xbe], |_, _| {}).is_err());
     }
 
     #[test]

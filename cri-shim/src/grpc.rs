@@ -83,7 +83,7 @@ pub fn status_response<B>(code: u32, message: &str, body: B) -> http::Response<B
 }
 
 /// grpc-message is percent-encoded outside printable ASCII (and '%').
-fn percent_encode(s: &str) -> String {
+pub fn percent_encode(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
     for b in s.bytes() {
         if (0x20..0x7f).contains(&b) && b != b'%' {

@@ -20,6 +20,7 @@ pub mod deliver;
 pub mod error;
 pub mod frames;
 pub mod grpc;
+pub mod hpack;
 pub mod inject;
 pub mod io;
 pub mod metrics;

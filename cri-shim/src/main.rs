@@ -42,8 +42,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn init_logging(filter: &str, json: bool) {
-    // The HPACK decoder logs every header it decodes at debug level.
-    let filter = tracing_subscriber::EnvFilter::try_new(format!("{filter},loona_hpack=warn"))
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)

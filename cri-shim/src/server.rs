@@ -122,54 +122,89 @@ async fn accept(listener: UnixListener, relay: Arc<Relay>, active: Arc<AtomicUsi
                 continue;
             }
         };
+        tokio::spawn(connection(relay.clone(), active.clone(), stream));
+    }
+}
+
+/// Serves one kubelet connection: with the frame relay over a containerd
+/// connection of its own, or (`--relay h2`, or containerd unreachable just
+/// now) with the h2 relay.
+async fn connection(relay: Arc<Relay>, active: Arc<AtomicUsize>, stream: tokio::net::UnixStream) {
+    if !relay.frames() {
+        return serve_h2(relay, active, stream, false).await;
+    }
+    match tokio::net::UnixStream::connect(relay.runtime_path()).await {
+        Ok(runtime) => crate::frames::serve(relay, stream, runtime, active).await,
+        Err(e) => {
+            tracing::warn!(runtime = %relay.runtime_path().display(), error = %e,
+                "runtime unreachable; this kubelet connection is relayed call by call until it is back");
+            serve_h2(relay, active, stream, true).await
+        }
+    }
+}
+
+/// The h2 relay for one kubelet connection. `until_runtime`: the frame
+/// relay could not reach containerd; each call here is answered (with
+/// UNAVAILABLE naming the runtime while it is down), and once containerd
+/// accepts connections again this one is closed gracefully (GOAWAY), so
+/// the client's next connection gets the frame relay.
+async fn serve_h2(
+    relay: Arc<Relay>,
+    active: Arc<AtomicUsize>,
+    stream: tokio::net::UnixStream,
+    until_runtime: bool,
+) {
+    let runtime = relay.runtime_path().to_path_buf();
+    let svc = hyper::service::service_fn(move |req| {
         let relay = relay.clone();
         let active = active.clone();
-        tokio::spawn(async move {
-            let stream = if relay.frames() {
-                match tokio::net::UnixStream::connect(relay.runtime_path()).await {
-                    Ok(runtime) => {
-                        return crate::frames::serve(relay, stream, runtime, active).await;
-                    }
-                    Err(e) => {
-                        // Served by the h2 relay instead, which answers
-                        // each call with UNAVAILABLE naming the runtime
-                        // and dials again for every later call.
-                        tracing::warn!(runtime = %relay.runtime_path().display(), error = %e,
-                            "runtime unreachable; this kubelet connection is relayed call by call");
-                        stream
-                    }
-                }
-            } else {
-                stream
-            };
-            let svc = hyper::service::service_fn(move |req| {
-                let relay = relay.clone();
-                let active = active.clone();
-                async move {
-                    active.fetch_add(1, Ordering::Relaxed);
-                    let r = relay.handle(req).await;
-                    active.fetch_sub(1, Ordering::Relaxed);
-                    Ok::<_, std::convert::Infallible>(r)
-                }
-            });
-            let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-            b.timer(TokioTimer::new())
-                .max_concurrent_streams(None)
-                .initial_stream_window_size(4 << 20)
-                .initial_connection_window_size(16 << 20)
-                // Relay the runtime's headers as they are: no Date added.
-                .auto_date_header(false);
-            let stream = match Socket::new(stream) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "registering a kubelet connection");
-                    return;
-                }
-            };
-            let io = TokioIo::new(Coalesced::new(stream));
-            if let Err(e) = b.serve_connection(io, svc).await {
-                tracing::debug!(error = %e, "kubelet connection ended");
+        async move {
+            active.fetch_add(1, Ordering::Relaxed);
+            let r = relay.handle(req).await;
+            active.fetch_sub(1, Ordering::Relaxed);
+            Ok::<_, std::convert::Infallible>(r)
+        }
+    });
+    let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(None)
+        .initial_stream_window_size(4 << 20)
+        .initial_connection_window_size(16 << 20)
+        // Relay the runtime's headers as they are: no Date added.
+        .auto_date_header(false);
+    let stream = match Socket::new(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "registering a kubelet connection");
+            return;
+        }
+    };
+    let conn = b.serve_connection(TokioIo::new(Coalesced::new(stream)), svc);
+    tokio::pin!(conn);
+    let r = if until_runtime {
+        tokio::select! {
+            r = conn.as_mut() => r,
+            () = runtime_back(&runtime) => {
+                tracing::info!(runtime = %runtime.display(),
+                    "runtime reachable again; closing this kubelet connection (GOAWAY) so its next one gets the frame relay");
+                conn.as_mut().graceful_shutdown();
+                conn.await
             }
-        });
+        }
+    } else {
+        conn.await
+    };
+    if let Err(e) = r {
+        tracing::debug!(error = %e, "kubelet connection ended");
+    }
+}
+
+/// Returns once the runtime's socket accepts a connection.
+pub(crate) async fn runtime_back(path: &Path) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return;
+        }
     }
 }

@@ -310,6 +310,12 @@ impl Containerd {
         self.spawn();
     }
 
+    /// Starts containerd again after [`Containerd::kill`].
+    pub fn start_again(&mut self) {
+        let _ = fs::remove_file(self.socket());
+        self.spawn();
+    }
+
     /// Waits until containerd (e.g. after [`Containerd::restart`]) accepts
     /// connections and its CRI plugin answers Status with the runtime and
     /// network ready; errors while it initialises ("server is not

@@ -172,6 +172,17 @@ fn assert_nothing_left(ctd: &Containerd, sandboxes: &[String]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_shim_pod_lifecycle_hooks_and_injection() {
+    pod_lifecycle_hooks_and_injection("--relay=frames").await
+}
+
+/// The same through the h2 relay (`--relay h2`, also the fallback for a
+/// kubelet connection made while containerd is unreachable).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_shim_h2_relay_pod_lifecycle_hooks_and_injection() {
+    pod_lifecycle_hooks_and_injection("--relay=h2").await
+}
+
+async fn pod_lifecycle_hooks_and_injection(relay: &str) {
     let dir = TempDir::new("crilife");
     let agent = FakeAgent::start(dir.path().join("agent.sock"));
     let ctd = Containerd::start(network_with_agent(&agent.socket));
@@ -187,6 +198,7 @@ async fn cri_shim_pod_lifecycle_hooks_and_injection() {
             &format!("--agent-endpoint=unix://{}", agent.socket.display()),
             &format!("--runtime-dir={}", runtime_dir.display()),
             "--runtime-mount=/var/run/nodeplane",
+            relay,
         ],
     );
     ctd.connect().await;
@@ -386,8 +398,17 @@ fn outcome(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cri_shim_relays_unknown_methods_and_runtime_errors_unchanged() {
+    relays_unknown_methods_and_runtime_errors_unchanged("--relay=frames").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_shim_h2_relay_relays_unknown_methods_and_runtime_errors_unchanged() {
+    relays_unknown_methods_and_runtime_errors_unchanged("--relay=h2").await
+}
+
+async fn relays_unknown_methods_and_runtime_errors_unchanged(relay: &str) {
     let ctd = Containerd::start(CniNetwork::nodeplane(&[V4]));
-    let shim = Shim::start(&ctd.socket(), &[]);
+    let shim = Shim::start(&ctd.socket(), &[relay]);
     ctd.connect().await;
     let direct = connect_channel(ctd.socket())
         .await
@@ -822,4 +843,51 @@ async fn cri_shim_reconnects_after_containerd_restarts() {
     );
     remove_sandbox(&mut cri, &sb).await;
     assert_nothing_left(&ctd, &[sb]);
+}
+
+/// A kubelet connection made while containerd is down gets the h2 relay,
+/// which answers UNAVAILABLE naming the runtime; once containerd is back
+/// the shim closes that connection gracefully and the client's next one
+/// is frame-relayed. No call hangs and none is answered wrongly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cri_shim_connection_made_while_containerd_is_down_recovers() {
+    let mut ctd = Containerd::start(CniNetwork::nodeplane(&[V4]));
+    let shim = Shim::start(&ctd.socket(), &[]);
+    ctd.connect().await;
+    ctd.kill();
+    let _ = std::fs::remove_file(ctd.socket());
+    let mut cri = RuntimeServiceClient::new(shim.channel().await);
+    let err = tokio::time::timeout(CALL, cri.version(VersionRequest::default()))
+        .await
+        .expect("Version while containerd is down timed out")
+        .expect_err("containerd is down");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(
+        err.message().contains("nodeplane-cri-shim")
+            && err.message().contains(&ctd.socket().display().to_string()),
+        "the error names the shim and the runtime socket: {err:?}"
+    );
+    assert!(
+        shim.log_text().contains("runtime unreachable"),
+        "{}",
+        shim.log_text()
+    );
+
+    ctd.start_again();
+    ctd.wait_serving().await;
+    let failures = until_version(&mut cri, Duration::from_secs(30)).await;
+    println!("{failures} failed calls after containerd came back");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !shim.log_text().contains("runtime reachable again") {
+        assert!(Instant::now() < deadline, "{}", shim.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The client's next connection (after the GOAWAY) is frame-relayed.
+    for _ in 0..5 {
+        within(
+            "Version after containerd is back",
+            cri.version(VersionRequest::default()),
+        )
+        .await;
+    }
 }
