@@ -971,8 +971,11 @@ mod tests {
         let mut b = Vec::new();
         frame_header(&mut b, 3, DATA, END_STREAM, 5);
         b.extend_from_slice(b"abc");
-        assert_eq!(frame_at(&b[..11]).unwrap(), None);
-        assert_eq!(frame_at(&b).unwrap(), Some((DATA, END_STREAM, 5, 3)));
+        assert_eq!(frame_at(&b[..11]).expect("test input"), None);
+        assert_eq!(
+            frame_at(&b).expect("test input"),
+            Some((DATA, END_STREAM, 5, 3))
+        );
         assert!(frame_at(&[0xff, 0xff, 0xff, 0, 0, 0, 0, 0, 1]).is_ok());
     }
 
@@ -1000,7 +1003,7 @@ mod tests {
         let mut d = crate::hpack::Decoder::default();
         let mut got = Vec::new();
         d.decode(&block, |n, v| got.push((n.to_vec(), v.to_vec())))
-            .unwrap();
+            .expect("test input");
         assert_eq!(
             got,
             [

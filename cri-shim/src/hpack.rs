@@ -380,7 +380,7 @@ mod tests {
                 String::from_utf8_lossy(val).into_owned(),
             ))
         })
-        .unwrap();
+        .expect("test input");
         v
     }
 
@@ -388,7 +388,7 @@ mod tests {
         let s: String = s.split_whitespace().collect();
         (0..s.len())
             .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("test input"))
             .collect()
     }
 
@@ -433,19 +433,22 @@ mod tests {
     #[test]
     fn every_symbol_round_trips_through_the_huffman_code() {
         let all: Vec<u8> = (0..=255).collect();
-        assert_eq!(huffman_decode(&huffman_encode(&all)).unwrap(), all);
+        assert_eq!(
+            huffman_decode(&huffman_encode(&all)).expect("test input"),
+            all
+        );
         for s in [
             &b"application/grpc"[..],
             b"/runtime.v1.RuntimeService/Version",
             b"9999999u",
             b"",
         ] {
-            assert_eq!(huffman_decode(&huffman_encode(s)).unwrap(), s);
+            assert_eq!(huffman_decode(&huffman_encode(s)).expect("test input"), s);
         }
         // Padding of 8 bits or padding that is not all ones is refused.
         assert_eq!(huffman_decode(&[0xff]), Err(Error::BadHuffman));
         let mut bad = huffman_encode(b"a");
-        *bad.last_mut().unwrap() &= 0xfe;
+        *bad.last_mut().expect("test input") &= 0xfe;
         assert_eq!(huffman_decode(&bad), Err(Error::BadHuffman));
     }
 
