@@ -1022,4 +1022,154 @@ mod tests {
         window_update(&mut b, 0, 70_000);
         assert_eq!(b, [0, 0, 4, WINDOW_UPDATE, 0, 0, 0, 0, 0, 0, 1, 0x11, 0x70]);
     }
+
+    /// The kubelet's and containerd's ends of a frame relay on socket
+    /// pairs, with injection on.
+    async fn relayed() -> (tokio::net::UnixStream, tokio::net::UnixStream) {
+        use clap::Parser;
+        let cfg = crate::Args::parse_from([
+            "nodeplane-cri-shim",
+            "--listen=unix:///nonexistent/cri.sock",
+            "--runtime-endpoint=unix:///nonexistent/containerd.sock",
+            "--runtime-dir=/run/nodeplane-test",
+        ])
+        .into_config()
+        .expect("config");
+        let relay = Arc::new(Relay::new(cfg, None));
+        let (kubelet, k_shim) = tokio::net::UnixStream::pair().expect("pair");
+        let (c_shim, containerd) = tokio::net::UnixStream::pair().expect("pair");
+        tokio::spawn(serve(relay, k_shim, c_shim, Arc::default()));
+        (kubelet, containerd)
+    }
+
+    async fn read_frame(s: &mut tokio::net::UnixStream) -> (u8, u8, u32, Vec<u8>) {
+        use tokio::io::AsyncReadExt;
+        let mut h = [0u8; FRAME_HEADER];
+        tokio::time::timeout(std::time::Duration::from_secs(5), s.read_exact(&mut h))
+            .await
+            .expect("a frame within 5 s")
+            .expect("read");
+        let (ty, flags, id, len) = frame_at(&[&h[..], &vec![0; 1 << 16]].concat())
+            .expect("frame")
+            .expect("whole");
+        let mut p = vec![0; len];
+        s.read_exact(&mut p).await.expect("payload");
+        (ty, flags, id, p)
+    }
+
+    fn frame(ty: u8, flags: u8, id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut b = Vec::new();
+        frame_header(&mut b, payload.len(), ty, flags, id);
+        b.extend_from_slice(payload);
+        b
+    }
+
+    fn create_container_call() -> (Vec<u8>, Vec<u8>) {
+        use k8s_cri::v1 as cri;
+        use prost::Message;
+        let req = cri::CreateContainerRequest {
+            pod_sandbox_id: "sb-1".into(),
+            config: Some(cri::ContainerConfig {
+                metadata: Some(cri::ContainerMetadata {
+                    name: "app".into(),
+                    attempt: 0,
+                }),
+                ..Default::default()
+            }),
+            sandbox_config: Some(cri::PodSandboxConfig {
+                metadata: Some(cri::PodSandboxMetadata {
+                    name: "web-0".into(),
+                    uid: "uid-1".into(),
+                    namespace: "default".into(),
+                    attempt: 0,
+                }),
+                ..Default::default()
+            }),
+        };
+        let mut headers = vec![0x83]; // :method POST
+        literal(
+            &mut headers,
+            b":path",
+            b"/runtime.v1.RuntimeService/CreateContainer",
+        );
+        (headers, grpc::frame(&req.encode_to_vec()).to_vec())
+    }
+
+    #[tokio::test]
+    async fn grown_create_container_is_taken_out_of_containerds_grants() {
+        use tokio::io::AsyncWriteExt;
+        let (mut kubelet, mut containerd) = relayed().await;
+        let (headers, body) = create_container_call();
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(SETTINGS, 0, 0, &[]));
+        out.extend(frame(HEADERS, END_HEADERS, 1, &headers));
+        // Padded, so the kubelet spends 1 + body + 4 bytes of window.
+        let mut padded = vec![4];
+        padded.extend_from_slice(&body);
+        padded.extend_from_slice(&[0; 4]);
+        out.extend(frame(DATA, END_STREAM | PADDED, 1, &padded));
+        kubelet.write_all(&out).await.expect("write");
+
+        let mut preface = [0u8; PREFACE_LEN];
+        tokio::io::AsyncReadExt::read_exact(&mut containerd, &mut preface)
+            .await
+            .expect("preface");
+        assert_eq!(read_frame(&mut containerd).await.0, SETTINGS);
+        let (ty, _, id, h) = read_frame(&mut containerd).await;
+        assert_eq!(
+            (ty, id, &h),
+            (HEADERS, 1, &headers),
+            "header block unchanged"
+        );
+        let (ty, flags, _, data) = read_frame(&mut containerd).await;
+        assert_eq!((ty, flags), (DATA, END_STREAM));
+        let msg = grpc::unframe(&data).expect("one message");
+        let req = crate::inject::decode(msg).expect("decodes");
+        let env = req.config.expect("config").envs;
+        assert!(env.iter().any(|e| e.key == "DAPR_HTTP_ENDPOINT"), "{env:?}");
+        let grown = data.len() as i64 - padded.len() as i64;
+        assert!(grown > 0);
+
+        // containerd grants back what it received: the kubelet gets that
+        // minus the growth, so its window matches containerd's again.
+        containerd
+            .write_all(&frame(
+                WINDOW_UPDATE,
+                0,
+                0,
+                &(data.len() as u32).to_be_bytes(),
+            ))
+            .await
+            .expect("write");
+        let (ty, _, id, inc) = read_frame(&mut kubelet).await;
+        assert_eq!((ty, id), (WINDOW_UPDATE, 0));
+        let inc = u32::from_be_bytes(inc.try_into().expect("4 bytes"));
+        assert_eq!(i64::from(inc), data.len() as i64 - grown);
+    }
+
+    #[tokio::test]
+    async fn create_container_goes_unchanged_when_containerds_window_is_too_small() {
+        use tokio::io::AsyncWriteExt;
+        let (mut kubelet, mut containerd) = relayed().await;
+        let (headers, body) = create_container_call();
+        // containerd's streams may receive just this call's own bytes.
+        let mut settings = SETTINGS_INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+        settings.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        containerd
+            .write_all(&frame(SETTINGS, 0, 0, &settings))
+            .await
+            .expect("write");
+        assert_eq!(read_frame(&mut kubelet).await.0, SETTINGS);
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(HEADERS, END_HEADERS, 1, &headers));
+        out.extend(frame(DATA, END_STREAM, 1, &body));
+        kubelet.write_all(&out).await.expect("write");
+        let mut preface = [0u8; PREFACE_LEN];
+        tokio::io::AsyncReadExt::read_exact(&mut containerd, &mut preface)
+            .await
+            .expect("preface");
+        assert_eq!(read_frame(&mut containerd).await.0, HEADERS);
+        let (ty, _, _, data) = read_frame(&mut containerd).await;
+        assert_eq!((ty, &data), (DATA, &body), "relayed as the kubelet sent it");
+    }
 }
