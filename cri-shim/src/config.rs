@@ -54,7 +54,9 @@ pub struct Args {
     #[arg(long, env = "NODEPLANE_CRI_AGENT_RESYNC_SECS", default_value_t = 60)]
     pub agent_resync_secs: u64,
 
-    /// HTTP/2 connections to the runtime, used round-robin.
+    /// HTTP/2 connections to the runtime, used round-robin by the h2 relay
+    /// and by the shim's own calls (the frame relay gives each kubelet
+    /// connection one of its own).
     #[arg(long, env = "NODEPLANE_CRI_RUNTIME_CONNECTIONS", default_value_t = 2)]
     pub runtime_connections: usize,
 

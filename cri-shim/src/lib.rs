@@ -2,9 +2,12 @@
 //! that reports pod and container lifecycle to the node agent and injects
 //! the node runtime's socket and the pod's identity into containers.
 //!
-//! The relay works at the HTTP/2 level ([`relay`]): every call is forwarded
-//! by its gRPC path with its metadata, deadline and frames untouched, so
-//! methods our compiled CRI does not know, and streams, pass as they are.
+//! The relay works at the HTTP/2 level: by default ([`frames`]) each kubelet
+//! connection's frames are forwarded over a containerd connection of its
+//! own, with header blocks only decoded; `--relay h2` ([`relay`]) ends
+//! HTTP/2 on both sides and forwards each call by its gRPC path with its
+//! metadata, deadline and frames. Either way methods our compiled CRI does
+//! not know, and streams, pass as they are.
 //! Seven lifecycle methods are decoded to tell the agent ([`deliver`]);
 //! only CreateContainer is changed, by appending to its bytes
 //! ([`inject`]), never by re-encoding.

@@ -1,4 +1,7 @@
-//! The relay: every gRPC call the kubelet makes is forwarded to the runtime
+//! The h2 relay (`--relay h2`, and the frame relay's fallback while
+//! containerd is unreachable), and the hook logic both relays share
+//! ([`Relay::prepare`], [`Relay::complete`]). Here every gRPC call the
+//! kubelet makes is forwarded to the runtime
 //! by its path, headers (metadata, grpc-timeout) and body frames as they
 //! are, and the runtime's headers, frames and trailers come back the same
 //! way. Only the seven lifecycle methods are read, to tell the agent, and
