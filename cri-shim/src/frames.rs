@@ -101,8 +101,8 @@ pub async fn serve(
         k: Side::new(k),
         c: Side::new(c),
         preface: PREFACE_LEN,
-        up: Decoder::default(),
-        down: Decoder::default(),
+        up: HeaderBlocks::default(),
+        down: HeaderBlocks::default(),
         streams: HashMap::default(),
         last_stream: 0,
         gone_message: String::new(),
@@ -216,7 +216,7 @@ impl Side {
 /// CONTINUATION frames until END_HEADERS), and the decoder for one
 /// direction.
 #[derive(Default)]
-struct Decoder {
+struct HeaderBlocks {
     hpack: crate::hpack::Decoder,
     block: Vec<u8>,
     stream: u32,
@@ -234,7 +234,18 @@ struct Fields {
     status: Option<u32>,
 }
 
-impl Decoder {
+impl HeaderBlocks {
+    /// Adds a fragment: `first` (stream, END_STREAM) for a HEADERS or
+    /// PUSH_PROMISE, None for a CONTINUATION. True when the block is whole.
+    fn add(&mut self, first: Option<(u32, bool)>, fragment: &[u8], flags: u8) -> bool {
+        if let Some((id, end_stream)) = first {
+            self.stream = id;
+            self.end_stream = end_stream;
+        }
+        self.block.extend_from_slice(fragment);
+        flags & END_HEADERS != 0
+    }
+
     fn decode(&mut self) -> Option<Fields> {
         if self.broken {
             return None;
@@ -303,8 +314,8 @@ struct Conn {
     /// Client preface bytes still to pass before the kubelet's frames.
     preface: usize,
     /// Kubelet → containerd and containerd → kubelet header decoding.
-    up: Decoder,
-    down: Decoder,
+    up: HeaderBlocks,
+    down: HeaderBlocks,
     streams: HashMap<u32, Stream, BuildHasherDefault<StreamIdHasher>>,
     /// The highest stream the kubelet opened (for a GOAWAY).
     last_stream: u32,
@@ -378,10 +389,9 @@ impl Conn {
         let mut ids: Vec<u32> = self.streams.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
-            let Some(s) = self.streams.remove(&id) else {
+            let Some(s) = self.forget(id) else {
                 continue;
             };
-            self.active.fetch_sub(1, Ordering::Relaxed);
             self.unavailable(id, &s.path, s.start, s.answered);
             if let Some(Hook {
                 state: HookState::Sent(p),
@@ -424,14 +434,13 @@ impl Conn {
             if let Poll::Ready(r) = self.k.poll_fill(cx) {
                 self.k.read_result(r);
                 let mut input = std::mem::take(&mut self.k.input);
-                let mut at = 0;
-                while let Ok(Some((ty, flags, id, len))) = frame_at(&input[at..]) {
-                    let payload = &input[at + FRAME_HEADER..at + FRAME_HEADER + len];
-                    self.refuse_frame(ty, flags, id, payload);
-                    at += FRAME_HEADER + len;
-                }
-                input.drain(..at);
+                let r = each_frame(&mut input, 0, |ty, flags, id, frame| {
+                    self.refuse_frame(ty, flags, id, &frame[FRAME_HEADER..])
+                });
                 self.k.input = input;
+                if let Err(e) = r {
+                    self.k.gone = Some(e);
+                }
                 progress = true;
             }
             if self.k.pending() > 0 {
@@ -453,14 +462,12 @@ impl Conn {
     fn refuse_frame(&mut self, ty: u8, flags: u8, id: u32, payload: &[u8]) {
         match ty {
             HEADERS | CONTINUATION => {
-                let block = if ty == HEADERS {
-                    self.up.stream = id;
-                    header_fragment(flags, payload)
+                let (first, fragment) = if ty == HEADERS {
+                    (Some((id, false)), header_fragment(flags, payload))
                 } else {
-                    Some(payload)
+                    (None, Some(payload))
                 };
-                self.up.block.extend_from_slice(block.unwrap_or_default());
-                if flags & END_HEADERS != 0 {
+                if self.up.add(first, fragment.unwrap_or_default(), flags) {
                     let id = self.up.stream;
                     let path = self.up.decode().and_then(|f| f.path).unwrap_or_default();
                     // Client stream ids only grow: a higher one is a new call.
@@ -482,6 +489,13 @@ impl Conn {
         }
     }
 
+    /// Call `id` is over (answered, reset or refused).
+    fn forget(&mut self, id: u32) -> Option<Stream> {
+        let s = self.streams.remove(&id)?;
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        Some(s)
+    }
+
     /// The connection is over: open calls are no longer counted.
     fn finish(&mut self) {
         for _ in self.streams.drain() {
@@ -499,30 +513,26 @@ impl Conn {
             self.preface -= n;
             at = n;
         }
-        if self.preface == 0 {
-            while let Some((ty, flags, id, len)) = frame_at(&input[at..])? {
-                let frame = &input[at..at + FRAME_HEADER + len];
-                self.kubelet_frame(ty, flags, id, frame);
-                at += FRAME_HEADER + len;
-            }
-        }
-        input.drain(..at);
+        let r = if self.preface == 0 {
+            each_frame(&mut input, at, |ty, flags, id, frame| {
+                self.kubelet_frame(ty, flags, id, frame)
+            })
+        } else {
+            input.clear();
+            Ok(())
+        };
         self.k.input = input;
-        Ok(())
+        r
     }
 
     /// Relays containerd's complete frames.
     fn relay_runtime_frames(&mut self) -> std::io::Result<()> {
         let mut input = std::mem::take(&mut self.c.input);
-        let mut at = 0;
-        while let Some((ty, flags, id, len)) = frame_at(&input[at..])? {
-            let frame = &input[at..at + FRAME_HEADER + len];
-            self.runtime_frame(ty, flags, id, frame);
-            at += FRAME_HEADER + len;
-        }
-        input.drain(..at);
+        let r = each_frame(&mut input, 0, |ty, flags, id, frame| {
+            self.runtime_frame(ty, flags, id, frame)
+        });
         self.c.input = input;
-        Ok(())
+        r
     }
 
     fn kubelet_frame(&mut self, ty: u8, flags: u8, id: u32, frame: &[u8]) {
@@ -553,26 +563,21 @@ impl Conn {
                     self.release_unchanged(id);
                 }
                 self.pass_up(frame);
-                if let Some(block) = header_fragment(flags, payload) {
-                    self.up.stream = id;
-                    self.up.end_stream = flags & END_STREAM != 0;
-                    self.up.block.extend_from_slice(block);
-                    if flags & END_HEADERS != 0 {
-                        self.request_headers();
-                    }
+                let first = Some((id, flags & END_STREAM != 0));
+                let fragment = header_fragment(flags, payload).unwrap_or_default();
+                if self.up.add(first, fragment, flags) {
+                    self.request_headers();
                 }
             }
             CONTINUATION => {
                 self.pass_up(frame);
-                self.up.block.extend_from_slice(payload);
-                if flags & END_HEADERS != 0 {
+                if self.up.add(None, payload, flags) {
                     self.request_headers();
                 }
             }
             RST_STREAM => {
                 self.pass_up(frame);
-                if let Some(s) = self.streams.remove(&id) {
-                    self.active.fetch_sub(1, Ordering::Relaxed);
+                if let Some(s) = self.forget(id) {
                     if let Some(h) = s.hook {
                         if matches!(h.state, HookState::Holding | HookState::Preparing) {
                             // containerd never gets these bytes, so never
@@ -650,26 +655,20 @@ impl Conn {
                     // Padding, then the promised stream's id, then the block.
                     unpad(flags, payload).and_then(|p| p.get(4..))
                 };
-                if let Some(block) = fragment {
-                    self.down.stream = id;
-                    self.down.end_stream = ty == HEADERS && flags & END_STREAM != 0;
-                    self.down.block.extend_from_slice(block);
-                    if flags & END_HEADERS != 0 {
-                        self.answer_headers();
-                    }
+                let first = Some((id, ty == HEADERS && flags & END_STREAM != 0));
+                if self.down.add(first, fragment.unwrap_or_default(), flags) {
+                    self.answer_headers();
                 }
             }
             CONTINUATION => {
                 self.pass_down(frame);
-                self.down.block.extend_from_slice(payload);
-                if flags & END_HEADERS != 0 {
+                if self.down.add(None, payload, flags) {
                     self.answer_headers();
                 }
             }
             RST_STREAM => {
                 self.pass_down(frame);
-                if let Some(s) = self.streams.remove(&id) {
-                    self.active.fetch_sub(1, Ordering::Relaxed);
+                if let Some(s) = self.forget(id) {
                     if let Some(Hook {
                         state: HookState::Sent(p),
                         ..
@@ -851,10 +850,9 @@ impl Conn {
 
     /// containerd ended its side of a call.
     fn answer_complete(&mut self, id: u32) {
-        let Some(s) = self.streams.remove(&id) else {
+        let Some(s) = self.forget(id) else {
             return;
         };
-        self.active.fetch_sub(1, Ordering::Relaxed);
         let Some(h) = s.hook else { return };
         if let HookState::Sent(p) = h.state {
             let ok = h.status == Some(0);
@@ -884,6 +882,28 @@ impl Hasher for StreamIdHasher {
     fn write_u32(&mut self, id: u32) {
         self.0 = u64::from(id).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
+}
+
+/// Calls `f` with each complete frame of `input` from `at` on (type,
+/// flags, stream, the whole frame), then removes what it handled, keeping
+/// a partial frame for the next read.
+fn each_frame(
+    input: &mut Vec<u8>,
+    mut at: usize,
+    mut f: impl FnMut(u8, u8, u32, &[u8]),
+) -> std::io::Result<()> {
+    let r = loop {
+        match frame_at(&input[at..]) {
+            Ok(Some((ty, flags, id, len))) => {
+                f(ty, flags, id, &input[at..at + FRAME_HEADER + len]);
+                at += FRAME_HEADER + len;
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(e),
+        }
+    };
+    input.drain(..at);
+    r
 }
 
 /// The next complete frame at the start of `b`: (type, flags, stream, payload
