@@ -986,6 +986,8 @@ fn window_update(out: &mut Vec<u8>, id: u32, inc: u32) {
 mod tests {
     use super::*;
 
+    const PREFACE: &[u8; PREFACE_LEN] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
     #[test]
     fn frames_are_found_only_when_whole() {
         let mut b = Vec::new();
@@ -1120,7 +1122,7 @@ mod tests {
         use tokio::io::AsyncWriteExt;
         let (mut kubelet, mut containerd) = relayed().await;
         let (headers, body) = create_container_call();
-        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let mut out = PREFACE.to_vec();
         out.extend(frame(SETTINGS, 0, 0, &[]));
         out.extend(frame(HEADERS, END_HEADERS, 1, &headers));
         // Padded, so the kubelet spends 1 + body + 4 bytes of window.
@@ -1130,10 +1132,7 @@ mod tests {
         out.extend(frame(DATA, END_STREAM | PADDED, 1, &padded));
         kubelet.write_all(&out).await.expect("write");
 
-        let mut preface = [0u8; PREFACE_LEN];
-        tokio::io::AsyncReadExt::read_exact(&mut containerd, &mut preface)
-            .await
-            .expect("preface");
+        read_preface(&mut containerd).await;
         assert_eq!(read_frame(&mut containerd).await.0, SETTINGS);
         let (ty, _, id, h) = read_frame(&mut containerd).await;
         assert_eq!(
@@ -1180,16 +1179,79 @@ mod tests {
             .await
             .expect("write");
         assert_eq!(read_frame(&mut kubelet).await.0, SETTINGS);
-        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let mut out = PREFACE.to_vec();
         out.extend(frame(HEADERS, END_HEADERS, 1, &headers));
         out.extend(frame(DATA, END_STREAM, 1, &body));
         kubelet.write_all(&out).await.expect("write");
-        let mut preface = [0u8; PREFACE_LEN];
-        tokio::io::AsyncReadExt::read_exact(&mut containerd, &mut preface)
-            .await
-            .expect("preface");
+        read_preface(&mut containerd).await;
         assert_eq!(read_frame(&mut containerd).await.0, HEADERS);
         let (ty, _, _, data) = read_frame(&mut containerd).await;
         assert_eq!((ty, &data), (DATA, &body), "relayed as the kubelet sent it");
+    }
+
+    async fn read_preface(s: &mut tokio::net::UnixStream) {
+        let mut preface = [0u8; PREFACE_LEN];
+        tokio::io::AsyncReadExt::read_exact(s, &mut preface)
+            .await
+            .expect("preface");
+        assert_eq!(&preface, PREFACE);
+    }
+
+    #[tokio::test]
+    async fn a_held_call_the_kubelet_resets_is_credited_back_to_it() {
+        use tokio::io::AsyncWriteExt;
+        let (mut kubelet, mut containerd) = relayed().await;
+        let (headers, body) = create_container_call();
+        let half = &body[..body.len() / 2];
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(HEADERS, END_HEADERS, 1, &headers));
+        // Half the request, held; then the kubelet gives up (CANCEL = 8).
+        out.extend(frame(DATA, 0, 1, half));
+        out.extend(frame(RST_STREAM, 0, 1, &8u32.to_be_bytes()));
+        kubelet.write_all(&out).await.expect("write");
+        read_preface(&mut containerd).await;
+        assert_eq!(read_frame(&mut containerd).await.0, HEADERS);
+        let (ty, _, id, _) = read_frame(&mut containerd).await;
+        assert_eq!(
+            (ty, id),
+            (RST_STREAM, 1),
+            "the held DATA is dropped, the reset passes"
+        );
+        // containerd never saw those bytes, so the shim grants them back.
+        let (ty, _, id, inc) = read_frame(&mut kubelet).await;
+        assert_eq!((ty, id), (WINDOW_UPDATE, 0));
+        assert_eq!(
+            u32::from_be_bytes(inc.try_into().expect("4 bytes")) as usize,
+            half.len()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_header_block_split_over_continuation_frames_is_read_whole() {
+        use tokio::io::AsyncWriteExt;
+        let (mut kubelet, mut containerd) = relayed().await;
+        let (headers, body) = create_container_call();
+        let (a, b) = headers.split_at(headers.len() / 2);
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(HEADERS, 0, 1, a));
+        out.extend(frame(CONTINUATION, END_HEADERS, 1, b));
+        // The body in two frames, and a PING of the kubelet's in between.
+        let (b1, b2) = body.split_at(7);
+        out.extend(frame(DATA, 0, 1, b1));
+        out.extend(frame(PING, 0, 0, &[1; 8]));
+        out.extend(frame(DATA, END_STREAM, 1, b2));
+        kubelet.write_all(&out).await.expect("write");
+        read_preface(&mut containerd).await;
+        assert_eq!(read_frame(&mut containerd).await.3, a);
+        assert_eq!(read_frame(&mut containerd).await.3, b);
+        // The PING is not held with the call's DATA.
+        assert_eq!(read_frame(&mut containerd).await.0, PING);
+        let (ty, flags, _, data) = read_frame(&mut containerd).await;
+        assert_eq!((ty, flags), (DATA, END_STREAM));
+        assert!(data.len() > body.len(), "injected");
+        assert!(
+            data.starts_with(&[0]) && data[5..].starts_with(&body[5..]),
+            "the kubelet's bytes come first"
+        );
     }
 }
