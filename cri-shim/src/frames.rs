@@ -389,17 +389,12 @@ impl Conn {
         let mut ids: Vec<u32> = self.streams.keys().copied().collect();
         ids.sort_unstable();
         for id in ids {
-            let Some(s) = self.forget(id) else {
+            let Some(s) = self.streams.get(&id) else {
                 continue;
             };
-            self.unavailable(id, &s.path, s.start, s.answered);
-            if let Some(Hook {
-                state: HookState::Sent(p),
-                ..
-            }) = s.hook
-            {
-                self.relay.complete(*p, false, None);
-            }
+            let (path, start, answered) = (s.path.clone(), s.start, s.answered);
+            self.unavailable(id, &path, start, answered);
+            self.forget(id, None);
         }
     }
 
@@ -490,10 +485,24 @@ impl Conn {
     }
 
     /// Call `id` is over (answered, reset or refused).
-    fn forget(&mut self, id: u32) -> Option<Stream> {
-        let s = self.streams.remove(&id)?;
+    /// Request bytes still held then never reach containerd, which
+    /// therefore never grants them back: the shim does. A call that was
+    /// sent on whose answer was being read is reported failed, unless
+    /// `answered_ok` says how it ended.
+    fn forget(&mut self, id: u32, answered_ok: Option<bool>) {
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
         self.active.fetch_sub(1, Ordering::Relaxed);
-        Some(s)
+        let Some(h) = s.hook else { return };
+        match h.state {
+            HookState::Holding | HookState::Preparing => self.credit_kubelet(h.held_flow),
+            HookState::Sent(p) => {
+                let ok = answered_ok.unwrap_or(false);
+                let answer = h.answer_whole.then(|| grpc::unframe(&h.answer)).flatten();
+                self.relay.complete(*p, ok, answer);
+            }
+        }
     }
 
     /// The connection is over: open calls are no longer counted.
@@ -577,15 +586,7 @@ impl Conn {
             }
             RST_STREAM => {
                 self.pass_up(frame);
-                if let Some(s) = self.forget(id) {
-                    if let Some(h) = s.hook {
-                        if matches!(h.state, HookState::Holding | HookState::Preparing) {
-                            // containerd never gets these bytes, so never
-                            // grants them back: the shim does.
-                            self.credit_kubelet(h.held_flow);
-                        }
-                    }
-                }
+                self.forget(id, None);
             }
             _ => self.pass_up(frame),
         }
@@ -668,15 +669,7 @@ impl Conn {
             }
             RST_STREAM => {
                 self.pass_down(frame);
-                if let Some(s) = self.forget(id) {
-                    if let Some(Hook {
-                        state: HookState::Sent(p),
-                        ..
-                    }) = s.hook
-                    {
-                        self.relay.complete(*p, false, None);
-                    }
-                }
+                self.forget(id, None);
             }
             _ => self.pass_down(frame),
         }
@@ -850,15 +843,12 @@ impl Conn {
 
     /// containerd ended its side of a call.
     fn answer_complete(&mut self, id: u32) {
-        let Some(s) = self.forget(id) else {
-            return;
-        };
-        let Some(h) = s.hook else { return };
-        if let HookState::Sent(p) = h.state {
-            let ok = h.status == Some(0);
-            let answer = h.answer_whole.then(|| grpc::unframe(&h.answer)).flatten();
-            self.relay.complete(*p, ok, answer);
-        }
+        let ok = self
+            .streams
+            .get(&id)
+            .and_then(|s| s.hook.as_ref())
+            .is_some_and(|h| h.status == Some(0));
+        self.forget(id, Some(ok));
     }
 }
 
@@ -1252,6 +1242,39 @@ mod tests {
         assert!(
             data.starts_with(&[0]) && data[5..].starts_with(&body[5..]),
             "the kubelet's bytes come first"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_held_call_containerd_answers_early_is_credited_back_too() {
+        use tokio::io::AsyncWriteExt;
+        let (mut kubelet, mut containerd) = relayed().await;
+        let (headers, body) = create_container_call();
+        let half = &body[..body.len() / 2];
+        let mut out = PREFACE.to_vec();
+        out.extend(frame(HEADERS, END_HEADERS, 1, &headers));
+        out.extend(frame(DATA, 0, 1, half));
+        kubelet.write_all(&out).await.expect("write");
+        read_preface(&mut containerd).await;
+        assert_eq!(read_frame(&mut containerd).await.0, HEADERS);
+        // containerd refuses the call at once (trailers-only, RESOURCE_EXHAUSTED).
+        let mut answer = vec![0x88];
+        literal(&mut answer, b"grpc-status", b"8");
+        containerd
+            .write_all(&frame(HEADERS, END_STREAM | END_HEADERS, 1, &answer))
+            .await
+            .expect("write");
+        let (ty, _, id, block) = read_frame(&mut kubelet).await;
+        assert_eq!(
+            (ty, id, block),
+            (HEADERS, 1, answer),
+            "the answer passes as it came"
+        );
+        let (ty, _, id, inc) = read_frame(&mut kubelet).await;
+        assert_eq!((ty, id), (WINDOW_UPDATE, 0));
+        assert_eq!(
+            u32::from_be_bytes(inc.try_into().expect("4 bytes")) as usize,
+            half.len()
         );
     }
 }
