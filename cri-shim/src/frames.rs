@@ -106,6 +106,8 @@ pub async fn serve(
         streams: HashMap::default(),
         last_stream: 0,
         gone_message: String::new(),
+        down_deferred: None,
+        down_broken_at: None,
         c_stream_window: DEFAULT_WINDOW,
         c_max_frame: DEFAULT_MAX_FRAME,
         c_conn_window: DEFAULT_WINDOW,
@@ -321,6 +323,10 @@ struct Conn {
     last_stream: u32,
     /// grpc-message of the calls answered after containerd went away.
     gone_message: String,
+    /// While relaying one read of containerd's: bytes passed without
+    /// copying ([`Conn::relay_runtime_frames`]), and where that ended.
+    down_deferred: Option<usize>,
+    down_broken_at: Option<usize>,
     /// containerd's SETTINGS: new streams' initial window, largest frame.
     c_stream_window: i64,
     c_max_frame: usize,
@@ -429,9 +435,10 @@ impl Conn {
             if let Poll::Ready(r) = self.k.poll_fill(cx) {
                 self.k.read_result(r);
                 let mut input = std::mem::take(&mut self.k.input);
-                let r = each_frame(&mut input, 0, |ty, flags, id, frame| {
+                let (r, end) = each_frame(&input, 0, |ty, flags, id, frame| {
                     self.refuse_frame(ty, flags, id, &frame[FRAME_HEADER..])
                 });
+                input.drain(..end);
                 self.k.input = input;
                 if let Err(e) = r {
                     self.k.gone = Some(e);
@@ -523,9 +530,11 @@ impl Conn {
             at = n;
         }
         let r = if self.preface == 0 {
-            each_frame(&mut input, at, |ty, flags, id, frame| {
+            let (r, end) = each_frame(&input, at, |ty, flags, id, frame| {
                 self.kubelet_frame(ty, flags, id, frame)
-            })
+            });
+            input.drain(..end);
+            r
         } else {
             input.clear();
             Ok(())
@@ -535,13 +544,50 @@ impl Conn {
     }
 
     /// Relays containerd's complete frames.
+    ///
+    /// Answers are where the bytes are (a ListContainers answer is tens of
+    /// KiB), and nearly all of them pass unchanged. So while every frame of
+    /// a read passes unchanged to an empty kubelet output, nothing is
+    /// copied: the read buffer itself becomes the output. The first frame
+    /// that does not pass as it is (a WINDOW_UPDATE the shim changes, a
+    /// credit it adds) ends that, and the frames deferred so far are put
+    /// back in front at the end.
     fn relay_runtime_frames(&mut self) -> std::io::Result<()> {
         let mut input = std::mem::take(&mut self.c.input);
-        let r = each_frame(&mut input, 0, |ty, flags, id, frame| {
+        self.down_deferred = self.k.output.is_empty().then_some(0);
+        self.down_broken_at = None;
+        let (r, end) = each_frame(&input, 0, |ty, flags, id, frame| {
             self.runtime_frame(ty, flags, id, frame)
         });
-        self.c.input = input;
+        if let Some(n) = self.down_deferred.take() {
+            // All `end` bytes passed as they were (n == end).
+            debug_assert_eq!(n, end);
+            let mut rest = std::mem::take(&mut self.k.output);
+            rest.extend_from_slice(&input[end..]);
+            input.truncate(end);
+            self.k.output = input;
+            self.c.input = rest;
+        } else {
+            if let Some(n) = self.down_broken_at.take() {
+                let after = std::mem::take(&mut self.k.output);
+                self.k.output.reserve(n + after.len());
+                self.k.output.extend_from_slice(&input[..n]);
+                self.k.output.extend_from_slice(&after);
+            }
+            input.drain(..end);
+            self.c.input = input;
+        }
         r
+    }
+
+    /// The kubelet's output, for bytes other than containerd's frames as
+    /// they came: frames deferred by [`Conn::relay_runtime_frames`] go
+    /// first, so from here on frames are copied.
+    fn down_out(&mut self) -> &mut Vec<u8> {
+        if let Some(n) = self.down_deferred.take() {
+            self.down_broken_at = Some(n);
+        }
+        &mut self.k.output
     }
 
     fn kubelet_frame(&mut self, ty: u8, flags: u8, id: u32, frame: &[u8]) {
@@ -629,8 +675,11 @@ impl Conn {
                 self.debt -= kept;
                 if kept == 0 {
                     self.pass_down(frame);
-                } else if inc > kept {
-                    window_update(&mut self.k.output, 0, (inc - kept) as u32);
+                } else {
+                    let out = self.down_out();
+                    if inc > kept {
+                        window_update(out, 0, (inc - kept) as u32);
+                    }
                 }
             }
             DATA => {
@@ -680,7 +729,10 @@ impl Conn {
     }
 
     fn pass_down(&mut self, frame: &[u8]) {
-        self.k.output.extend_from_slice(frame);
+        match &mut self.down_deferred {
+            Some(n) => *n += frame.len(),
+            None => self.k.output.extend_from_slice(frame),
+        }
     }
 
     /// The hook of stream `id`, if its request DATA is being held.
@@ -819,7 +871,7 @@ impl Conn {
         let settled = self.debt.min(n);
         self.debt -= settled;
         if n > settled {
-            window_update(&mut self.k.output, 0, (n - settled) as u32);
+            window_update(self.down_out(), 0, (n - settled) as u32);
         }
     }
 
@@ -875,25 +927,23 @@ impl Hasher for StreamIdHasher {
 }
 
 /// Calls `f` with each complete frame of `input` from `at` on (type,
-/// flags, stream, the whole frame), then removes what it handled, keeping
-/// a partial frame for the next read.
+/// flags, stream, the whole frame). Returns where the frames it handled
+/// end: what follows is a partial frame, kept for the next read.
 fn each_frame(
-    input: &mut Vec<u8>,
+    input: &[u8],
     mut at: usize,
     mut f: impl FnMut(u8, u8, u32, &[u8]),
-) -> std::io::Result<()> {
-    let r = loop {
+) -> (std::io::Result<()>, usize) {
+    loop {
         match frame_at(&input[at..]) {
             Ok(Some((ty, flags, id, len))) => {
                 f(ty, flags, id, &input[at..at + FRAME_HEADER + len]);
                 at += FRAME_HEADER + len;
             }
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(e),
+            Ok(None) => return (Ok(()), at),
+            Err(e) => return (Err(e), at),
         }
-    };
-    input.drain(..at);
-    r
+    }
 }
 
 /// The next complete frame at the start of `b`: (type, flags, stream, payload
@@ -1141,19 +1191,27 @@ mod tests {
 
         // containerd grants back what it received: the kubelet gets that
         // minus the growth, so its window matches containerd's again.
-        containerd
-            .write_all(&frame(
-                WINDOW_UPDATE,
-                0,
-                0,
-                &(data.len() as u32).to_be_bytes(),
-            ))
-            .await
-            .expect("write");
+        // In one read with frames that pass as they are, before and after
+        // (the changed one must keep its place).
+        let mut answer = vec![0x88];
+        literal(&mut answer, b"content-type", b"application/grpc");
+        let mut out = frame(HEADERS, END_HEADERS, 1, &answer);
+        out.extend(frame(
+            WINDOW_UPDATE,
+            0,
+            0,
+            &(data.len() as u32).to_be_bytes(),
+        ));
+        out.extend(frame(PING, 0, 0, &[7; 8]));
+        containerd.write_all(&out).await.expect("write");
+        let (ty, _, id, block) = read_frame(&mut kubelet).await;
+        assert_eq!((ty, id, block), (HEADERS, 1, answer));
         let (ty, _, id, inc) = read_frame(&mut kubelet).await;
         assert_eq!((ty, id), (WINDOW_UPDATE, 0));
         let inc = u32::from_be_bytes(inc.try_into().expect("4 bytes"));
         assert_eq!(i64::from(inc), data.len() as i64 - grown);
+        let (ty, _, _, ping) = read_frame(&mut kubelet).await;
+        assert_eq!((ty, ping), (PING, vec![7; 8]));
     }
 
     #[tokio::test]
