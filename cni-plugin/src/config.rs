@@ -59,6 +59,8 @@ pub struct NetConf {
     pub agent_socket: PathBuf,
     /// How long ADD waits for the agent to program the pod's policy.
     pub agent_timeout: std::time::Duration,
+    /// Same-node pod-to-pod TCP through the eBPF fast path (default on).
+    pub fast_path: bool,
     /// `prevResult` exactly as given, when this plugin runs after another.
     pub prev_result: Option<Value>,
     /// `cni.dev/valid-attachments` (GC only).
@@ -178,6 +180,16 @@ impl NetConf {
                 )
             })?,
         };
+        let fast_path = match obj.get("fastPath") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => {
+                return Err(Error::config(
+                    "fastPath",
+                    format!("{v} is not true or false"),
+                ))
+            }
+        };
         let prev_result = match obj.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
@@ -203,6 +215,7 @@ impl NetConf {
             log_level,
             agent_socket: PathBuf::from(agent_socket),
             agent_timeout: std::time::Duration::from_millis(agent_timeout),
+            fast_path,
             prev_result,
             valid_attachments,
         })

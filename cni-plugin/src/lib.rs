@@ -12,6 +12,7 @@ pub mod agent;
 pub mod config;
 pub mod conflist;
 pub mod error;
+pub mod fast;
 pub mod invocation;
 pub mod ipam;
 pub mod log;

@@ -54,11 +54,13 @@ fn dispatch(
     let conf = NetConf::from_json(&stdin.map_err(Error::Decode)?)?;
     let log = crate::log::Log::new(conf.log_file.clone(), conf.log_level);
     let started = std::time::Instant::now();
+    // Warnings that do not fail the verb (the fast path), for its log line.
+    let mut warnings: Vec<String> = Vec::new();
     let out = match (inv.command, &inv.attachment) {
-        (Command::Add, Some(a)) => add(&conf, a).map(Some),
-        (Command::Del, Some(a)) => del(&conf, a).map(|_| None),
+        (Command::Add, Some(a)) => add(&conf, a, &mut warnings).map(Some),
+        (Command::Del, Some(a)) => del(&conf, a, &mut warnings).map(|_| None),
         (Command::Check, Some(a)) => check(&conf, a).map(|_| None),
-        (Command::Gc, _) => gc(&conf).map(|_| None),
+        (Command::Gc, _) => gc(&conf, &mut warnings).map(|_| None),
         (Command::Status, _) => status(&conf).map(|_| None),
         // VERSION returned earlier, and from_env gives ADD, DEL and CHECK an
         // attachment or fails; this arm only keeps the match total.
@@ -68,11 +70,12 @@ fn dispatch(
         }),
     };
     // One log line per call: the agent's answer goes on the verb's line.
-    let note = match &out {
-        Ok(_) => tell_agent(&conf, inv).map(|n| format!("; {n}")),
-        Err(_) => None,
+    let mut note: String = warnings.iter().map(|w| format!("; {w}")).collect();
+    if out.is_ok() {
+        if let Some(n) = tell_agent(&conf, inv) {
+            note.push_str(&format!("; {n}"));
+        }
     }
-    .unwrap_or_default();
     let who = inv
         .attachment
         .as_ref()
@@ -166,7 +169,7 @@ fn open_netns(path: &std::path::Path) -> Result<File> {
     })
 }
 
-fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
+fn add(conf: &NetConf, a: &Attachment, warnings: &mut Vec<String>) -> Result<Value> {
     let netns_path = a.netns.as_deref().ok_or_else(|| Error::Env {
         var: "CNI_NETNS",
         problem: "not set; ADD needs the pod's network namespace".into(),
@@ -213,23 +216,16 @@ fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
     };
     let wired = wiring::sockets(&netns_str, &pod_ns)
         .and_then(|(mut host, mut pod)| wiring::wire(&plan, &mut host, &mut pod, &pod_ns));
-    if let Err(e) = wired {
-        // Roll back what this call made. An "already attached" failure means
-        // the interface or host link belongs to someone else: leave it, and
-        // keep addresses this call did not allocate (the live pod's).
-        if !matches!(e, Error::AlreadyAttached { .. }) {
-            let _ = wiring::unwire(
-                &host_if,
-                &wiring::alias(&conf.name, &a.container_id, &a.ifname),
-            );
-        }
-        if allocated_now {
-            if let Ok(lock) = store.lock() {
-                let _ = store.release(&lock, &a.container_id, &a.ifname);
-            }
-        }
-        return Err(e);
-    }
+    let host_index = match wired {
+        Ok(index) => index,
+        Err(e) => return Err(roll_back(conf, a, &store, &host_if, allocated_now, e)),
+    };
+    warnings.extend(crate::fast::attach(
+        conf,
+        host_index,
+        &record.ips,
+        plan.pod_mac(),
+    ));
     let ours = plan.result();
     let result = match prev {
         Some(p) => p.merge(ours),
@@ -238,7 +234,33 @@ fn add(conf: &NetConf, a: &Attachment) -> Result<Value> {
     Ok(result.to_json(conf.version))
 }
 
-fn del(conf: &NetConf, a: &Attachment) -> Result<()> {
+/// Undoes what a failed ADD made and passes its error on. An "already
+/// attached" failure means the interface or host link belongs to someone
+/// else: that is left alone, and so are addresses this call did not allocate
+/// (the live pod's).
+fn roll_back(
+    conf: &NetConf,
+    a: &Attachment,
+    store: &Store,
+    host_if: &str,
+    allocated_now: bool,
+    e: Error,
+) -> Error {
+    if !matches!(e, Error::AlreadyAttached { .. }) {
+        let _ = wiring::unwire(
+            host_if,
+            &wiring::alias(&conf.name, &a.container_id, &a.ifname),
+        );
+    }
+    if allocated_now {
+        if let Ok(lock) = store.lock() {
+            let _ = store.release(&lock, &a.container_id, &a.ifname);
+        }
+    }
+    e
+}
+
+fn del(conf: &NetConf, a: &Attachment, warnings: &mut Vec<String>) -> Result<()> {
     let store = Store::open(&conf.state_dir, &conf.name)?;
     let (host_if, ips) = match store.record(&a.container_id, &a.ifname)? {
         Some(r) => (r.host_interface, r.ips),
@@ -247,7 +269,8 @@ fn del(conf: &NetConf, a: &Attachment) -> Result<()> {
     // Routes first, addresses after: an address is never free while a route
     // to it still points at the old pod.
     let alias = wiring::alias(&conf.name, &a.container_id, &a.ifname);
-    wiring::unwire_detached(&host_if, &alias, &ips)?;
+    let index = wiring::unwire_detached(&host_if, &alias, &ips)?;
+    warnings.extend(crate::fast::detach(conf, index, &ips));
     let lock = store.lock()?;
     store.release(&lock, &a.container_id, &a.ifname)?;
     Ok(())
@@ -317,7 +340,7 @@ fn check(conf: &NetConf, a: &Attachment) -> Result<()> {
     }
 }
 
-fn gc(conf: &NetConf) -> Result<()> {
+fn gc(conf: &NetConf, warnings: &mut Vec<String>) -> Result<()> {
     conf.version.require("GC", Version::V1_1_0)?;
     let valid: HashSet<ValidAttachment> = conf
         .valid_attachments
@@ -341,10 +364,11 @@ fn gc(conf: &NetConf) -> Result<()> {
     // Links first (outside the lock), then addresses, as in DEL.
     for r in store.records()? {
         if !keep(&r.container_id, &r.ifname) {
-            wiring::unwire(
+            let index = wiring::unwire(
                 &r.host_interface,
                 &wiring::alias(&conf.name, &r.container_id, &r.ifname),
             )?;
+            warnings.extend(crate::fast::detach(conf, index, &r.ips));
         }
     }
     // The route sweep runs under the IPAM lock: an ADD that allocates after

@@ -93,7 +93,7 @@ pub struct Plan<'a> {
 }
 
 impl Plan<'_> {
-    fn pod_mac(&self) -> [u8; 6] {
+    pub fn pod_mac(&self) -> [u8; 6] {
         pod_mac(&self.conf.name, self.container_id, self.ifname)
     }
 
@@ -160,14 +160,15 @@ pub fn sockets(netns_path: &str, pod_ns: &File) -> Result<(Rtnl, Rtnl)> {
     Ok((host, pod))
 }
 
-/// Creates the veth pair and programs both sides. On failure the caller rolls
-/// back with [`unwire`]; nothing here is left half-done on purpose.
+/// Creates the veth pair and programs both sides; returns the host veth's
+/// index. On failure the caller rolls back with [`unwire`]; nothing here is
+/// left half-done on purpose.
 pub fn wire(
     plan: &Plan<'_>,
     host: &mut dyn Netlink,
     pod: &mut dyn Netlink,
     pod_ns: &File,
-) -> Result<()> {
+) -> Result<u32> {
     let conf = plan.conf;
 
     // The alias is set in the second host batch, never with the creation:
@@ -265,7 +266,8 @@ pub fn wire(
     enable_forwarding(plan.ips)?;
     wait_oper_up(host, &plan.host_if)?;
     wait_oper_up(pod, plan.ifname)?;
-    wait_addrs_live(pod, plan.ips)
+    wait_addrs_live(pod, plan.ips)?;
+    Ok(host_link.index)
 }
 
 /// Waits until `name` is operationally up. Bringing a veth up only schedules
@@ -391,13 +393,14 @@ fn own_link(host: &mut dyn Netlink, host_if: &str, alias: &str) -> Result<Option
 }
 
 /// Removes the host veth (which takes the pod end, its routes and neighbour
-/// entries with it) and waits for the kernel to finish. Succeeds when it is
-/// already gone; leaves a same-named link that is not ours alone.
-pub fn unwire(host_if: &str, alias: &str) -> Result<()> {
+/// entries with it) and waits for the kernel to finish; returns the index it
+/// had. Succeeds when it is already gone; leaves a same-named link that is
+/// not ours alone.
+pub fn unwire(host_if: &str, alias: &str) -> Result<Option<u32>> {
     let mut host = host_socket()?;
     match own_link(&mut host, host_if, alias)? {
-        Some(l) => delete_index(&mut host, l.index),
-        None => Ok(()),
+        Some(l) => delete_index(&mut host, l.index).map(|()| Some(l.index)),
+        None => Ok(None),
     }
 }
 
@@ -410,10 +413,11 @@ pub fn unwire(host_if: &str, alias: &str) -> Result<()> {
 /// for it; if it dies, the next DEL or GC finds the veth by name or alias.
 /// It deletes by ifindex, never by name, so a new pod that reuses the name
 /// (an ADD retried right after this DEL) cannot lose its fresh veth to it.
-pub fn unwire_detached(host_if: &str, alias: &str, ips: &[IpAddr]) -> Result<()> {
+/// Returns the veth's index, or `None` if it was already gone.
+pub fn unwire_detached(host_if: &str, alias: &str, ips: &[IpAddr]) -> Result<Option<u32>> {
     let mut host = host_socket()?;
     let Some(link) = own_link(&mut host, host_if, alias)? else {
-        return Ok(());
+        return Ok(None);
     };
     let routes: Vec<_> = ips.iter().map(|ip| netlink::del_host_route(*ip)).collect();
     if let Err(e) = host.batch(routes) {
@@ -436,9 +440,9 @@ pub fn unwire_detached(host_if: &str, alias: &str, ips: &[IpAddr]) -> Result<()>
         -1 => {
             // Cannot fork: do it inline.
             let mut host = host_socket()?;
-            delete_index(&mut host, link.index)
+            delete_index(&mut host, link.index).map(|()| Some(link.index))
         }
-        _ => Ok(()),
+        _ => Ok(Some(link.index)),
     }
 }
 

@@ -356,12 +356,36 @@ impl Agent {
         }
     }
 
+    /// Marks every network as policed, so the CNI plugin records new pods
+    /// without the fast path's flag: from here on, only this agent decides
+    /// which pods may skip netfilter. Written before any policy is
+    /// programmed, and never removed (the table outlives the process).
+    fn mark_policed(&self) {
+        for net in &self.cfg.networks {
+            let path = nodeplane_cni::fast::policed_marker(&self.cfg.cni_state_dir, net);
+            if path.exists() {
+                continue;
+            }
+            let written = path
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&path, b"nodeplane-agent\n"));
+            if let Err(e) = written {
+                tracing::warn!(path = %path.display(), error = %e, "cannot mark the network as policed");
+            }
+        }
+    }
+
     /// Compiles and programs; true on success.
     fn program(&mut self) -> bool {
+        self.mark_policed();
         let start = Instant::now();
         let changes = self.model.take_changes();
         let next = self.compiler.compile(&self.model, Some(changes));
         let compiled = start.elapsed();
+        // Pods the new rules isolate leave the fast path before the rules
+        // apply; pods they leave alone join it after (see `sync_fast_path`).
+        self.sync_fast_path(&next, false);
         let settings = self.settings();
         let slots = &mut self.slots;
         // Only a delta is rendered apart from applying it (a full sync
@@ -432,12 +456,77 @@ impl Agent {
                     generation,
                 });
             }
+            self.sync_fast_path(&next, true);
             self.cut_flows(&next);
             self.publish_pod_cidrs(&settings);
             self.applied = Some(next);
             self.replenish(&settings);
         }
         ok
+    }
+
+    /// Keeps the CNI fast path's per-pod flag in step with policy: a pod may
+    /// skip netfilter (same-node pod-to-pod TCP, see nodeplane-fastpath) only
+    /// when the agent knows the pod and no policy isolates it either way.
+    /// With `set` false only flags are cleared (before new rules apply), with
+    /// `set` true only set (after), so no packet ever skips a rule in force.
+    fn sync_fast_path(&self, next: &Compiled, set: bool) {
+        for net in &self.cfg.networks {
+            let dir = self.cfg.cni_state_dir.join(net);
+            let instance = match nodeplane_fastpath::Instance::find(&dir) {
+                Ok(Some(i)) => i,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(network = %net, error = %e, "cannot open the fast path");
+                    continue;
+                }
+            };
+            for p in next.pods.iter().filter(|p| &p.attachment.0 == net) {
+                let fast = p.pod.is_some() && p.ingress.is_none() && p.egress.is_none();
+                if fast != set {
+                    continue;
+                }
+                for ip in &p.ips {
+                    if let Err(e) = instance.set_fast(*ip, fast) {
+                        tracing::warn!(ip = %ip, error = %e, "cannot update the fast path");
+                    }
+                }
+            }
+        }
+    }
+
+    /// The fast path's connections never reach conntrack: those the change
+    /// denies are dropped from its flows map (their pods have already lost
+    /// the fast flag, so their next packets meet the rules). Returns how many.
+    fn cut_fast_flows(
+        &self,
+        next: &Compiled,
+        exposed: &std::collections::HashSet<IpAddr>,
+    ) -> usize {
+        let mut cut = 0;
+        for net in &self.cfg.networks {
+            let dir = self.cfg.cni_state_dir.join(net);
+            let Ok(Some(instance)) = nodeplane_fastpath::Instance::find(&dir) else {
+                continue;
+            };
+            let flows = match instance.flows() {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(network = %net, error = %e, "cannot list fast-path flows");
+                    continue;
+                }
+            };
+            for f in flows {
+                let touched = exposed.contains(&f.src) || exposed.contains(&f.dst);
+                if touched && !next.allows(f.src, f.dst, 6, f.dport) {
+                    match instance.remove_flow(&f) {
+                        Ok(()) => cut += 1,
+                        Err(e) => tracing::warn!(error = %e, "fast-path flow not cut"),
+                    }
+                }
+            }
+        }
+        cut
     }
 
     /// Ends the established connections the change just denied (the
@@ -451,6 +540,7 @@ impl Agent {
                 Ok(n) => cut = n,
                 Err(e) => tracing::warn!(error = %e, "denied connections not cut"),
             }
+            cut += self.cut_fast_flows(next, &exposed);
         }
         let mut st = self.status();
         st.conntrack_cut += cut as u64;
