@@ -98,8 +98,9 @@ fn pod_to_pod_tcp_skips_forwarding_and_everything_else_does_not() {
 fn replies_of_a_dnat_connection_keep_their_translation() {
     let node = Node::new(&[V4]);
     let (a, b) = (Netns::new("fpa"), Netns::new("fpb"));
-    let (ra, rb) = (node.add("pod-a", &a), node.add("pod-b", &b));
-    let (a4, b4) = (ip_of(&ra, 0), ip_of(&rb, 0));
+    node.add("pod-a", &a);
+    let rb = node.add("pod-b", &b);
+    let b4 = ip_of(&rb, 0);
     let svc = "10.96.0.10";
     let nft = format!(
         "table ip svc {{\n chain pre {{\n type nat hook prerouting priority dstnat; policy accept;\n ip daddr {svc} tcp dport 80 dnat to {b4}:8080\n }}\n}}"
