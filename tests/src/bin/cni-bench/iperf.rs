@@ -94,14 +94,38 @@ impl Drop for PodPair<'_> {
     }
 }
 
-/// Runs one iperf3 transfer of `secs` seconds over `path`; bits per second
-/// received (end.sum_received).
+/// One transfer's outcome.
+#[derive(Debug, Clone, Copy)]
+pub struct Transfer {
+    /// Bits per second received (end.sum_received).
+    pub bps: f64,
+    /// Busy CPU time of the whole machine (user, system, irq, softirq) per GB
+    /// received, in milliseconds: what the wiring costs, and a figure that is
+    /// steadier than throughput on a VM whose vCPUs sit partly idle, waiting
+    /// for each other's wake-ups.
+    pub cpu_ms_per_gb: f64,
+}
+
+/// Busy jiffies of all CPUs so far (/proc/stat's first line).
+fn busy_jiffies() -> Result<u64, String> {
+    let stat = std::fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+    let line = stat.lines().next().unwrap_or_default();
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq: the busy ones.
+    Ok([0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum())
+}
+
+/// Runs one iperf3 transfer of `secs` seconds over `path`.
 ///
 /// With `pin`, the server runs on CPU 1 and the client on CPU 0: left to the
 /// scheduler, whether the two share a core changes the result by ±30 % from
 /// run to run on a 2-core machine, which would drown the difference between
 /// wirings; pinned, runs agree within a few per cent.
-pub fn measure(path: &Path<'_>, secs: u64, pin: bool) -> Result<f64, String> {
+pub fn measure(path: &Path<'_>, secs: u64, pin: bool) -> Result<Transfer, String> {
     let (server_cpu, client_cpu): (&[&str], &[&str]) = if pin {
         (&["-A", "1"], &["-A", "0"])
     } else {
@@ -118,6 +142,7 @@ pub fn measure(path: &Path<'_>, secs: u64, pin: bool) -> Result<f64, String> {
         .map_err(|e| format!("spawn iperf3 -s: {e}"))?;
     let _server = Proc::new(server, Duration::from_secs(secs + 30));
     wait_listening(path.server)?;
+    let busy_before = busy_jiffies()?;
     let client = path
         .client
         .command("iperf3")
@@ -146,11 +171,25 @@ pub fn measure(path: &Path<'_>, secs: u64, pin: bool) -> Result<f64, String> {
         .0
         .wait()
         .map_err(|e| format!("wait iperf3 -c: {e}"))?;
+    let busy = busy_jiffies()? - busy_before;
     let v: serde_json::Value = serde_json::from_str(&json)
         .map_err(|e| format!("iperf3 -c ({status}) printed no JSON ({e}): {json}"))?;
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .ok_or_else(|| format!("iperf3 -c ({status}) over {}: {}", path.label, v["error"]))
+    let received = &v["end"]["sum_received"];
+    let (Some(bps), Some(bytes)) = (
+        received["bits_per_second"].as_f64(),
+        received["bytes"].as_f64(),
+    ) else {
+        return Err(format!(
+            "iperf3 -c ({status}) over {}: {}",
+            path.label, v["error"]
+        ));
+    };
+    // SAFETY: sysconf has no memory effects.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok(Transfer {
+        bps,
+        cpu_ms_per_gb: busy as f64 * 1000.0 / hz / (bytes / 1e9).max(1e-9),
+    })
 }
 
 /// Waits until the iperf3 server listens, so the client's first connect

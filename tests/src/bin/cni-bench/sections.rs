@@ -232,7 +232,8 @@ pub fn section_iperf(opts: &Opts, report: &mut Report) {
     }
     let mut paths = vec![(None, Ok(bare.path()))];
     paths.extend(pairs.iter().map(|p| (Some(p.kind()), p.path())));
-    let mut results: Vec<Result<Vec<f64>, String>> = paths.iter().map(|_| Ok(Vec::new())).collect();
+    let mut results: Vec<Result<Vec<iperf::Transfer>, String>> =
+        paths.iter().map(|_| Ok(Vec::new())).collect();
     for run in 0..opts.iperf_runs {
         for j in 0..paths.len() {
             let i = (j + run) % paths.len();
@@ -240,20 +241,29 @@ pub fn section_iperf(opts: &Opts, report: &mut Report) {
                 continue;
             };
             match iperf::measure(path, opts.iperf_secs, pin) {
-                Ok(bps) => acc.push(bps),
+                Ok(t) => acc.push(t),
                 Err(e) => results[i] = Err(e),
             }
         }
     }
-    let median_bps = |v: &[f64]| {
-        let mut v = v.to_vec();
+    let median = |v: Vec<f64>| {
+        let mut v = v;
         v.sort_by(f64::total_cmp);
         v.get(v.len().saturating_sub(1) / 2).copied()
     };
-    let bare_bps = results[0].as_ref().ok().and_then(|v| median_bps(v));
+    let medians = |v: &[iperf::Transfer]| {
+        (
+            median(v.iter().map(|t| t.bps).collect()),
+            median(v.iter().map(|t| t.cpu_ms_per_gb).collect()),
+        )
+    };
+    let (bare_bps, bare_cpu) = match &results[0] {
+        Ok(v) => medians(v),
+        Err(_) => (None, None),
+    };
     println!(
-        "  {:<40} {:>9} {:>12}   runs (Gbit/s)",
-        "path", "Gbit/s", "vs bare veth"
+        "  {:<40} {:>9} {:>12} {:>11} {:>9}   runs (Gbit/s)",
+        "path", "Gbit/s", "vs bare veth", "CPU ms/GB", "vs bare"
     );
     let mut ours = None;
     for ((kind, path), r) in paths.iter().zip(&results) {
@@ -268,17 +278,20 @@ pub fn section_iperf(opts: &Opts, report: &mut Report) {
             .and(r.clone());
         match r {
             Ok(v) => {
-                let m = median_bps(&v);
+                let (m, cpu) = medians(&v);
                 let rel = m.zip(bare_bps).map(|(m, b)| m / b);
+                let cpu_rel = cpu.zip(bare_cpu).map(|(c, b)| c / b);
                 if *kind == Some(Kind::Nodeplane) {
                     ours = rel;
                 }
-                let runs: Vec<String> = v.iter().map(|b| format!("{:.2}", b / 1e9)).collect();
+                let runs: Vec<String> = v.iter().map(|t| format!("{:.2}", t.bps / 1e9)).collect();
                 println!(
-                    "  {:<40} {:>9} {:>12}   {}",
+                    "  {:<40} {:>9} {:>12} {:>11} {:>9}   {}",
                     label,
                     m.map_or("-".into(), |m| format!("{:.2}", m / 1e9)),
                     rel.map_or("-".into(), |r| format!("{:.1} %", r * 100.0)),
+                    cpu.map_or("-".into(), |c| format!("{c:.0}")),
+                    cpu_rel.map_or("-".into(), |r| format!("{r:.3}")),
                     runs.join(" ")
                 );
             }
@@ -288,6 +301,7 @@ pub fn section_iperf(opts: &Opts, report: &mut Report) {
             }
         }
     }
+    println!("  nodeplane-cni carries same-node pod-to-pod TCP on its eBPF fast path (\"fastPath\", on by default)");
     if opts.kinds.contains(&Kind::Nodeplane) {
         report.target(
             "pod↔pod throughput via nodeplane ≥ 95% of a bare veth pair",
