@@ -61,6 +61,12 @@ pub struct NetConf {
     pub agent_timeout: std::time::Duration,
     /// Same-node pod-to-pod TCP through the eBPF fast path (default on).
     pub fast_path: bool,
+    /// The runtime asked for bandwidth limits on this pod
+    /// (`runtimeConfig.bandwidth` with a non-zero rate; libcni passes it when
+    /// the plugin's entry declares the `bandwidth` capability). The
+    /// `bandwidth` plugin shapes on the host veth, which the fast path would
+    /// skip, so such a pod stays on the routed path.
+    pub bandwidth_limited: bool,
     /// `prevResult` exactly as given, when this plugin runs after another.
     pub prev_result: Option<Value>,
     /// `cni.dev/valid-attachments` (GC only).
@@ -190,6 +196,16 @@ impl NetConf {
                 ))
             }
         };
+        // Validating the limits is the bandwidth plugin's job; here only
+        // "is any rate set" matters.
+        let bandwidth_limited = obj
+            .get("runtimeConfig")
+            .and_then(|r| r.get("bandwidth"))
+            .is_some_and(|b| {
+                ["ingressRate", "egressRate"]
+                    .iter()
+                    .any(|k| b.get(k).and_then(Value::as_f64).is_some_and(|r| r > 0.0))
+            });
         let prev_result = match obj.get("prevResult") {
             None | Some(Value::Null) => None,
             Some(v @ Value::Object(_)) => Some(v.clone()),
@@ -216,6 +232,7 @@ impl NetConf {
             agent_socket: PathBuf::from(agent_socket),
             agent_timeout: std::time::Duration::from_millis(agent_timeout),
             fast_path,
+            bandwidth_limited,
             prev_result,
             valid_attachments,
         })
@@ -386,6 +403,24 @@ mod tests {
         assert_eq!(c.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(c.gateway_v4, DEFAULT_GATEWAY_V4);
         assert_eq!(c.pod_cidrs.len(), 2);
+    }
+
+    #[test]
+    fn bandwidth_limits_are_noticed_only_when_a_rate_is_set() {
+        let with = |rc: &str| {
+            let conf = GOOD.replacen('{', &format!("{{\"runtimeConfig\":{rc},"), 1);
+            parse(&conf).expect("valid").bandwidth_limited
+        };
+        assert!(!parse(GOOD).expect("valid").bandwidth_limited);
+        assert!(with(
+            r#"{"bandwidth":{"ingressRate":1000000,"ingressBurst":10000}}"#
+        ));
+        assert!(with(
+            r#"{"bandwidth":{"egressRate":1000000,"egressBurst":10000}}"#
+        ));
+        assert!(!with(r#"{"bandwidth":{"ingressRate":0,"egressRate":0}}"#));
+        assert!(!with(r#"{"bandwidth":{}}"#));
+        assert!(!with(r#"{"portMappings":[]}"#));
     }
 
     #[test]

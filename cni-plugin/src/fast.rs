@@ -35,6 +35,12 @@ pub fn attach(conf: &NetConf, ifindex: u32, ips: &[IpAddr], mac: [u8; 6]) -> Opt
     if !conf.fast_path {
         return None;
     }
+    if conf.bandwidth_limited {
+        // Not attached at all: the bandwidth plugin adds its own ingress
+        // qdisc to this veth (and refuses to share one), and packets to a
+        // pod not in the pods map take the routed path, through its shaping.
+        return Some("bandwidth limits requested: the pod uses the routed path".into());
+    }
     let fast = !policed_marker(&conf.state_dir, &conf.name).exists();
     let done = Instance::find_or_create(&dir(conf)).and_then(|i| {
         // Addresses first: a packet the program takes must find both ends.

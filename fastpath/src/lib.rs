@@ -1,7 +1,7 @@
 //! nodeplane's same-node fast path: pod-to-pod TCP that skips the host's IP
 //! forwarding and netfilter when neither changes the outcome.
 //!
-//! One instance per network and node: a program ([`prog`]) attached at tcx
+//! One instance per network and node: a program ([`prog`]) attached at the tc
 //! ingress of every host veth of the network, and two maps, `pods` (address
 //! → host veth, MAC, flags) and `flows` (pod-to-pod TCP connections seen
 //! opening). The CNI plugin creates the instance on the first ADD, attaches
@@ -19,6 +19,7 @@
 mod asm;
 pub mod prog;
 mod sys;
+mod tc;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -43,7 +44,7 @@ const STATE_FILE: &str = "fastpath";
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("fast path: {op} failed: {source} (the kernel needs eBPF with tcx, Linux 6.6 or later, and CAP_BPF/CAP_NET_ADMIN; set \"fastPath\": false to do without)")]
+    #[error("fast path: {op} failed: {source} (the kernel needs eBPF with the clsact qdisc and cls_bpf, and CAP_BPF/CAP_NET_ADMIN; set \"fastPath\": false to do without)")]
     Kernel {
         op: String,
         #[source]
@@ -214,12 +215,8 @@ impl Instance {
 
     /// Attaches the program to a host veth's ingress; already attached is fine.
     pub fn attach(&self, ifindex: u32) -> Result<()> {
-        match sys::tcx_attach(self.prog.as_raw_fd(), ifindex) {
-            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
-                Err(kernel(format!("attach to interface {ifindex}"))(e))
-            }
-            _ => Ok(()),
-        }
+        tc::attach_ingress(self.prog.as_raw_fd(), ifindex, PROG_NAME)
+            .map_err(kernel(format!("attach to interface {ifindex}")))
     }
 
     /// Records (or replaces) a pod address.

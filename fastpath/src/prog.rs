@@ -1,4 +1,4 @@
-//! The fast-path program, attached at tcx ingress of every pod's host veth.
+//! The fast-path program, attached at tc ingress (clsact, direct action) of every pod's host veth.
 //!
 //! For a packet a pod sends to another pod on this node, the routed path is:
 //! host veth in, IP forwarding and netfilter, the other host veth out, the
@@ -36,7 +36,7 @@ const HELPER_MAP_LOOKUP: i32 = 1;
 const HELPER_MAP_UPDATE: i32 = 2;
 const HELPER_REDIRECT_PEER: i32 = 155;
 
-/// tcx verdict: not ours, let the next program (or the stack) have it.
+/// TC_ACT_UNSPEC (TCX_NEXT on tcx): not ours, the next filter or the stack has it.
 const TCX_NEXT: i32 = -1;
 
 /// Layout of a `pods` value: ifindex of the host veth (u32), the pod's MAC

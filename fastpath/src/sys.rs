@@ -13,7 +13,6 @@ const MAP_UPDATE_ELEM: u32 = 2;
 const MAP_DELETE_ELEM: u32 = 3;
 const MAP_GET_NEXT_KEY: u32 = 4;
 const PROG_LOAD: u32 = 5;
-const PROG_ATTACH: u32 = 8;
 const PROG_GET_FD_BY_ID: u32 = 13;
 const MAP_GET_FD_BY_ID: u32 = 14;
 const OBJ_GET_INFO_BY_FD: u32 = 15;
@@ -21,8 +20,6 @@ const OBJ_GET_INFO_BY_FD: u32 = 15;
 pub const MAP_TYPE_HASH: u32 = 1;
 pub const MAP_TYPE_LRU_HASH: u32 = 9;
 pub const PROG_TYPE_SCHED_CLS: u32 = 3;
-/// `BPF_TCX_INGRESS` (Linux 6.6+): the multi-program tc ingress hook, no qdisc needed.
-pub const ATTACH_TCX_INGRESS: u32 = 46;
 
 /// An attribute buffer, larger than any layout used here.
 struct Attr([u8; 128]);
@@ -161,17 +158,6 @@ pub fn prog_load(insns: &[u64], name: &str) -> io::Result<OwnedFd> {
     let text = String::from_utf8_lossy(&log[..end]);
     let tail: String = text.lines().rev().take(12).collect::<Vec<_>>().join(" | ");
     Err(io::Error::new(e.kind(), format!("{e}; verifier: {tail}")))
-}
-
-/// Attaches a program to a device's tcx ingress hook. Attaching the same
-/// program twice is reported as `EEXIST`.
-pub fn tcx_attach(prog: RawFd, ifindex: u32) -> io::Result<()> {
-    Attr::new()
-        .u32(0, ifindex)
-        .u32(4, prog as u32)
-        .u32(8, ATTACH_TCX_INGRESS)
-        .call(PROG_ATTACH)
-        .map(drop)
 }
 
 pub fn prog_by_id(id: u32) -> io::Result<OwnedFd> {

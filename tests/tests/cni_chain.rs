@@ -44,10 +44,18 @@ fn chains_with_portmap_and_bandwidth() {
         }
         c
     };
-    let ours =
-        serde_json::from_str::<Value>(&node.config(json!({"cniVersion": "1.0.0"}))).expect("json");
+    let limits = json!({"ingressRate": 100000000, "ingressBurst": 1000000, "egressRate": 100000000, "egressBurst": 1000000});
+    // nodeplane's entry declares the bandwidth capability (as the deploy
+    // conflist does), so libcni hands it the same limits: the pod then stays
+    // off the fast path, which would skip the shaping.
+    let ours = serde_json::from_str::<Value>(&node.config(json!({
+        "cniVersion": "1.0.0",
+        "capabilities": {"bandwidth": true},
+        "runtimeConfig": {"bandwidth": limits},
+    })))
+    .expect("json");
     let pm_conf = json!({"type": "portmap", "runtimeConfig": {"portMappings": [{"hostPort": 18080, "containerPort": 8080, "protocol": "tcp"}]}});
-    let bw_conf = json!({"type": "bandwidth", "runtimeConfig": {"bandwidth": {"ingressRate": 100000000, "ingressBurst": 1000000, "egressRate": 100000000, "egressBurst": 1000000}}});
+    let bw_conf = json!({"type": "bandwidth", "runtimeConfig": {"bandwidth": limits}});
 
     let r1 = chained(&node, &node.plugin, "ADD", &pod, with(ours.clone(), None))
         .expect_ok()
@@ -81,13 +89,17 @@ fn chains_with_portmap_and_bandwidth() {
         tcp_roundtrip_via(&pod, 8080, &node.ns, NODE_IP, 18080),
         "hostPort 18080 -> pod:8080 via portmap"
     );
-    // bandwidth found our host veth from the result and shaped it.
+    // bandwidth found our host veth from the result and shaped it, both
+    // ways: tbf for traffic into the pod, its ingress qdisc (mirred to an
+    // ifb) for traffic out of it. The fast path's filter is not there.
     let host_if = r1["interfaces"][0]["name"].as_str().expect("host if");
-    let qdisc = node.ns.ip(&["link", "show", host_if]);
-    assert!(
-        qdisc.contains("qdisc tbf") || node.ns.sh("tc qdisc show").status.success(),
-        "{qdisc}"
-    );
+    let qdiscs = node.ns.sh(&format!("tc qdisc show dev {host_if}"));
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout).to_string();
+    assert!(qdiscs.contains("qdisc tbf"), "{qdiscs}");
+    assert!(qdiscs.contains("qdisc ingress"), "{qdiscs}");
+    let filters = node.ns.sh(&format!("tc filter show dev {host_if} ingress"));
+    let filters = String::from_utf8_lossy(&filters.stdout).to_string();
+    assert!(!filters.contains("np_fastpath"), "{filters}");
 
     // CHECK with the final result. Debian 12's portmap (v1.1.1) fails its own
     // CHECK on IPv4-only results (it looks for an IPv6 chain it never made),

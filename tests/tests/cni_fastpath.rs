@@ -47,6 +47,13 @@ fn forwarding(node: &Node, on: bool) {
     ));
 }
 
+/// `tc filter show` of the ingress of the pod's host veth (from its ADD result).
+fn ingress_filters(node: &Node, result: &serde_json::Value) -> String {
+    let host_if = result["interfaces"][0]["name"].as_str().expect("host if");
+    let out = node.ns.sh(&format!("tc filter show dev {host_if} ingress"));
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().expect("ip")
 }
@@ -60,6 +67,11 @@ fn pod_to_pod_tcp_skips_forwarding_and_everything_else_does_not() {
     let e = entry(&node, &b4).expect("pod b recorded");
     assert!(e.fast, "no agent on this node: the pod may skip netfilter");
     assert_eq!(Some(e), entry(&node, &b6), "both families, one veth");
+    let filters = ingress_filters(&node, &rb);
+    assert!(
+        filters.contains("np_fastpath") && filters.contains("direct-action"),
+        "the program sits on pod b's host veth: {filters}"
+    );
 
     // With IP forwarding off in the node, only the fast path can carry a packet.
     forwarding(&node, false);
@@ -167,6 +179,40 @@ fn fast_path_false_sets_nothing_up_and_a_bad_value_is_refused() {
         "{:?}",
         out.json()
     );
+}
+
+/// A pod with bandwidth limits (runtimeConfig.bandwidth, which libcni passes
+/// when nodeplane's entry declares the capability) is left to the routed
+/// path, where the bandwidth plugin's qdiscs on its host veth shape it.
+#[test]
+fn a_bandwidth_limited_pod_stays_on_the_routed_path() {
+    let node = Node::new(&[V4]);
+    let (a, b) = (Netns::new("fpa"), Netns::new("fpb"));
+    let ra = node.add("pod-a", &a);
+    let limited = node.config(json!({
+        "capabilities": {"bandwidth": true},
+        "runtimeConfig": {"bandwidth": {"egressRate": 1000000, "egressBurst": 100000}},
+    }));
+    let rb = node
+        .call("ADD", "pod-b", Some(&b), &limited)
+        .expect_ok()
+        .json();
+    assert!(entry(&node, &ip_of(&ra, 0)).is_some());
+    assert_eq!(
+        entry(&node, &ip_of(&rb, 0)),
+        None,
+        "limited pod not recorded"
+    );
+    assert_eq!(ingress_filters(&node, &rb), "", "nothing on its host veth");
+    // Unlimited a and limited b still talk, over the routed path.
+    assert!(tcp_roundtrip(&b, &a, &ip_of(&rb, 0), 8090), "TCP a -> b");
+    assert!(
+        !flows(&node).iter().any(|(_, d)| *d == ip(&ip_of(&rb, 0))),
+        "no fast flow to the limited pod"
+    );
+    node.call("DEL", "pod-b", Some(&b), &limited).expect_ok();
+    node.del("pod-a", Some(&a));
+    assert!(node.wait_no_veths().is_empty());
 }
 
 #[test]

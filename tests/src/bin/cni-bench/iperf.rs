@@ -110,9 +110,9 @@ pub struct Transfer {
     /// for each other's wake-ups.
     pub cpu_ms_per_gb: f64,
     /// Packets the router namespace IP-forwarded per GB received (IPv4
-    /// ForwDatagrams): about 700 000 for a routed path carrying 1448-byte
-    /// segments and their ACKs, near 0 where nodeplane's fast path carried
-    /// the connection. `None` without a router.
+    /// ForwDatagrams): tens of thousands for a routed path (GRO hands the
+    /// router 64 KiB aggregates, not 1448-byte segments), near 0 where
+    /// nodeplane's fast path carried the connection. `None` without a router.
     pub forwarded_per_gb: Option<f64>,
 }
 

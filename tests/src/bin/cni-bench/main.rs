@@ -74,7 +74,7 @@ fn parse_args() -> Result<Opts, String> {
         concurrency: 8,
         rounds: 3,
         iperf_secs: 5,
-        iperf_runs: 5,
+        iperf_runs: 9,
         nice: 0,
     };
     let mut args = std::env::args().skip(1);
