@@ -7,10 +7,18 @@
 //! opening). The CNI plugin creates the instance on the first ADD, attaches
 //! it to each new host veth, and keeps `pods` in step with its IPAM records.
 //!
-//! The instance lives as long as a veth holds the program: nothing is pinned,
-//! so a node whose last pod is gone has nothing left behind. The plugin finds
-//! it again through the program's id, kept in the network's state directory
-//! with the identity of the network namespace it belongs to.
+//! The instance lives as long as a device holds the program. Nothing is
+//! pinned (bpffs need not be mounted, and tests' instances go away with their
+//! namespaces); instead the instance's creator also attaches it to a holder,
+//! a veth pair that stays down (`npfp…`/`npfq…`, [`holder_names`]), so the
+//! instance outlives the network's last pod. Without it, a node going from
+//! one pod to none and back would create the maps and load the program again
+//! on the next ADD: about 3 ms, most of it preallocating the flows map.
+//! Deleting the holder (`ip link del npfp…`) retires the instance once no pod
+//! veth holds it either (the next ADD then makes a new one); while a pod
+//! veth still holds it, the next ADD gives it a new holder. The plugin finds
+//! the instance through the program's id, kept in the network's state
+//! directory with the identity of the network namespace it belongs to.
 //!
 //! Anything the program cannot vouch for (an address it does not know, a pod
 //! without the fast flag, UDP, a connection not opened pod to pod) goes the
@@ -160,8 +168,14 @@ impl Instance {
 
     /// Finds the instance or makes it. Creation holds a lock in `dir`, so
     /// concurrent first ADDs agree on one instance.
+    ///
+    /// A found instance whose holder is gone (deleted by hand) gets a new
+    /// holder, so it outlives the pods again; checking costs one ioctl.
     pub fn find_or_create(dir: &Path) -> Result<Instance> {
         if let Some(i) = Instance::find(dir)? {
+            if tc::ifindex(&holder_names(dir).0).is_err() {
+                i.hold(dir)?;
+            }
             return Ok(i);
         }
         let lock_path = dir.join("fastpath.lock");
@@ -179,6 +193,7 @@ impl Instance {
             return Ok(i);
         }
         let i = Instance::create()?;
+        i.hold(dir)?;
         let id = sys::prog_info(i.prog.as_raw_fd())
             .map_err(kernel("read the program's id"))?
             .id;
@@ -211,6 +226,22 @@ impl Instance {
         let code = prog::program(pods.as_raw_fd(), flows.as_raw_fd());
         let prog = sys::prog_load(&code, PROG_NAME).map_err(kernel("load the program"))?;
         Ok(Instance { prog, pods, flows })
+    }
+
+    /// Attaches the program to the holder pair of the network whose state
+    /// directory is `dir`, creating the pair if needed. A pair left by an
+    /// earlier instance (whose state file was lost) is reused: attaching
+    /// replaces its filter.
+    fn hold(&self, dir: &Path) -> Result<()> {
+        let (name, peer) = holder_names(dir);
+        match tc::add_veth_pair(&name, &peer) {
+            Err(e) if e.raw_os_error() != Some(libc::EEXIST) => {
+                return Err(kernel(format!("create the holder veth pair {name}/{peer}"))(e))
+            }
+            _ => {}
+        }
+        let ifindex = tc::ifindex(&name).map_err(kernel(format!("find the holder {name}")))?;
+        self.attach(ifindex)
     }
 
     /// Attaches the program to a host veth's ingress; already attached is fine.
@@ -304,6 +335,18 @@ impl Instance {
             None => Ok(false),
         }
     }
+}
+
+/// The holder pair's names for the network whose state directory is `dir`:
+/// `npfp` and `npfq` followed by a 32-bit FNV-1a hash of the path, so two
+/// networks (or two test nodes sharing a namespace) never share a holder.
+/// Host veths are prefix + 12 hex digits, so these never look like one.
+pub fn holder_names(dir: &Path) -> (String, String) {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u32::from(*b)).wrapping_mul(0x0100_0193);
+    }
+    (format!("npfp{h:08x}"), format!("npfq{h:08x}"))
 }
 
 /// A `pods` key: 16 bytes, IPv4 as ::ffff:a.b.c.d.

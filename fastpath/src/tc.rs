@@ -11,11 +11,14 @@
 //! TCX_NEXT, TC_ACT_REDIRECT is TCX_REDIRECT).
 //!
 //! The messages are built by hand: three fixed headers and a few attributes,
-//! which no netlink crate in the workspace offers for cls_bpf.
+//! which no netlink crate in the workspace offers for cls_bpf. The holder
+//! veth pair ([`add_veth_pair`], see the crate's docs) is made the same way,
+//! so this crate needs no netlink library at all.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+const RTM_NEWLINK: u16 = 16;
 const RTM_NEWQDISC: u16 = 36;
 const RTM_NEWTFILTER: u16 = 44;
 const NLMSG_ERROR: u16 = 2;
@@ -23,6 +26,14 @@ const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
 const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
+
+const IFLA_IFNAME: u16 = 3;
+const IFLA_LINKINFO: u16 = 18;
+const IFLA_INFO_KIND: u16 = 1;
+const IFLA_INFO_DATA: u16 = 2;
+const VETH_INFO_PEER: u16 = 1;
+/// `struct ifinfomsg`, all zero: any family, no index, no flags.
+const IFINFOMSG: [u8; 16] = [0; 16];
 
 const TCA_KIND: u16 = 1;
 const TCA_OPTIONS: u16 = 2;
@@ -45,20 +56,28 @@ const ETH_P_ALL: u16 = 0x0003;
 struct Msg(Vec<u8>);
 
 impl Msg {
-    fn new(kind: u16, flags: u16, ifindex: u32, handle: u32, parent: u32, info: u32) -> Msg {
+    /// A request with its fixed header (`struct tcmsg`, `struct ifinfomsg`)
+    /// in `header`.
+    fn new(kind: u16, flags: u16, header: &[u8]) -> Msg {
         let mut b = Vec::with_capacity(128);
         b.extend_from_slice(&0u32.to_ne_bytes()); // length, set in finish
         b.extend_from_slice(&kind.to_ne_bytes());
         b.extend_from_slice(&(flags | NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
         b.extend_from_slice(&1u32.to_ne_bytes()); // seq
         b.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel fills it
-                                                  // struct tcmsg: family, 3 pad bytes, ifindex, handle, parent, info.
-        b.extend_from_slice(&[0u8; 4]);
-        b.extend_from_slice(&ifindex.to_ne_bytes());
-        b.extend_from_slice(&handle.to_ne_bytes());
-        b.extend_from_slice(&parent.to_ne_bytes());
-        b.extend_from_slice(&info.to_ne_bytes());
+        b.extend_from_slice(header);
         Msg(b)
+    }
+
+    /// A tc request: `struct tcmsg` is family, 3 pad bytes, ifindex,
+    /// handle, parent, info.
+    fn tc(kind: u16, flags: u16, ifindex: u32, handle: u32, parent: u32, info: u32) -> Msg {
+        let mut h = [0u8; 20];
+        h[4..8].copy_from_slice(&ifindex.to_ne_bytes());
+        h[8..12].copy_from_slice(&handle.to_ne_bytes());
+        h[12..16].copy_from_slice(&parent.to_ne_bytes());
+        h[16..20].copy_from_slice(&info.to_ne_bytes());
+        Msg::new(kind, flags, &h)
     }
 
     fn attr(&mut self, kind: u16, data: &[u8]) -> &mut Self {
@@ -167,7 +186,7 @@ fn request(sock: RawFd, msg: &[u8]) -> io::Result<()> {
 /// Attaching again replaces the filter, so it is idempotent.
 pub fn attach_ingress(prog: RawFd, ifindex: u32, name: &str) -> io::Result<()> {
     let sock = socket()?;
-    let mut q = Msg::new(
+    let mut q = Msg::tc(
         RTM_NEWQDISC,
         NLM_F_CREATE | NLM_F_EXCL,
         ifindex,
@@ -182,7 +201,7 @@ pub fn attach_ingress(prog: RawFd, ifindex: u32, name: &str) -> io::Result<()> {
     }
     // tcm_info: priority in the upper half, protocol (network order) below.
     let info = (u32::from(FILTER_PRIO) << 16) | u32::from(ETH_P_ALL.to_be());
-    let mut f = Msg::new(
+    let mut f = Msg::tc(
         RTM_NEWTFILTER,
         NLM_F_CREATE,
         ifindex,
@@ -193,10 +212,44 @@ pub fn attach_ingress(prog: RawFd, ifindex: u32, name: &str) -> io::Result<()> {
     f.attr(TCA_KIND, b"bpf\0");
     let nest = f.begin_nest(TCA_OPTIONS);
     f.attr(TCA_BPF_FD, &(prog as u32).to_ne_bytes());
-    let mut n = name.as_bytes().to_vec();
-    n.push(0);
-    f.attr(TCA_BPF_NAME, &n);
+    f.attr(TCA_BPF_NAME, &c_string(name));
     f.attr(TCA_BPF_FLAGS, &TCA_BPF_FLAG_ACT_DIRECT.to_ne_bytes());
     f.end_nest(nest);
     request(sock.as_raw_fd(), &f.finish())
+}
+
+/// Creates a veth pair `name` / `peer`, both down, in the caller's network
+/// namespace. An existing `name` is an error (EEXIST) the caller may accept.
+pub fn add_veth_pair(name: &str, peer: &str) -> io::Result<()> {
+    let mut m = Msg::new(RTM_NEWLINK, NLM_F_CREATE | NLM_F_EXCL, &IFINFOMSG);
+    m.attr(IFLA_IFNAME, &c_string(name));
+    let info = m.begin_nest(IFLA_LINKINFO);
+    m.attr(IFLA_INFO_KIND, b"veth\0");
+    let data = m.begin_nest(IFLA_INFO_DATA);
+    // The peer's attributes follow a `struct ifinfomsg` of its own.
+    let p = m.begin_nest(VETH_INFO_PEER);
+    m.0.extend_from_slice(&IFINFOMSG);
+    m.attr(IFLA_IFNAME, &c_string(peer));
+    m.end_nest(p);
+    m.end_nest(data);
+    m.end_nest(info);
+    let sock = socket()?;
+    request(sock.as_raw_fd(), &m.finish())
+}
+
+/// The index of device `name` in the caller's network namespace.
+pub fn ifindex(name: &str) -> io::Result<u32> {
+    let c =
+        std::ffi::CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: c is a valid NUL-terminated string for the call's duration.
+    match unsafe { libc::if_nametoindex(c.as_ptr()) } {
+        0 => Err(io::Error::last_os_error()),
+        i => Ok(i),
+    }
+}
+
+fn c_string(s: &str) -> Vec<u8> {
+    let mut b = s.as_bytes().to_vec();
+    b.push(0);
+    b
 }

@@ -376,7 +376,13 @@ impl Containerd {
                     .unwrap_or_default()
                     .to_string()
             })
-            .filter(|name| name.starts_with(&self.network.host_veth_prefix))
+            // Leaves out nodeplane's fast-path holder pair (npfp…/npfq…,
+            // not hex after "np"), which outlives the pods by design.
+            .filter(|name| {
+                name.starts_with(&self.network.host_veth_prefix)
+                    && !name.starts_with("npfp")
+                    && !name.starts_with("npfq")
+            })
             .collect()
     }
 

@@ -103,6 +103,49 @@ fn pod_to_pod_tcp_skips_forwarding_and_everything_else_does_not() {
     assert!(node.wait_no_veths().is_empty());
 }
 
+/// The instance outlives the network's last pod, on its holder veth pair, so
+/// a node going from one pod to none and back does not pay for new maps and a
+/// new program on the next ADD.
+#[test]
+fn the_instance_outlives_the_last_pod() {
+    let node = Node::new(&[V4]);
+    let pod = Netns::new("fpo");
+    let dir = node.state.path().join(&node.network);
+    let state = || std::fs::read_to_string(dir.join("fastpath")).expect("fastpath state file");
+    let r = node.add("pod-1", &pod);
+    let first = state();
+    node.del("pod-1", Some(&pod));
+    assert!(node.wait_no_veths().is_empty());
+
+    let (holder, peer) = nodeplane_fastpath::holder_names(&dir);
+    let links = String::from_utf8_lossy(&node.ns.sh("ip -br link").stdout).to_string();
+    assert!(
+        links.contains(&holder) && links.contains(&peer),
+        "holder pair {holder}/{peer} in {links}"
+    );
+    let out = node.ns.sh(&format!("tc filter show dev {holder} ingress"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("np_fastpath"));
+    assert!(
+        entry(&node, &ip_of(&r, 0)).is_none(),
+        "the instance is alive and has forgotten the pod"
+    );
+
+    let r = node.add("pod-2", &pod);
+    assert_eq!(state(), first, "the same program serves the next pod");
+    assert!(entry(&node, &ip_of(&r, 0)).is_some_and(|e| e.fast));
+
+    // A holder deleted by hand comes back with the next ADD (on the old
+    // instance while the kernel still has it, else on a new one).
+    node.del("pod-2", Some(&pod));
+    assert!(node.wait_no_veths().is_empty());
+    node.ns.sh(&format!("ip link del {holder}"));
+    let r = node.add("pod-3", &pod);
+    let out = node.ns.sh(&format!("tc filter show dev {holder} ingress"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("np_fastpath"));
+    assert!(entry(&node, &ip_of(&r, 0)).is_some_and(|e| e.fast));
+    node.del("pod-3", Some(&pod));
+}
+
 /// A connection to a Service address is translated by conntrack (kube-proxy's
 /// DNAT); its replies, pod to pod on the wire, must go back through conntrack
 /// or the client would see them come from the wrong address.

@@ -37,14 +37,15 @@ usage (as root): cargo run --release -p nodeplane-tests --bin cni-bench -- [opti
   --concurrency N       concurrent: parallel invocations (default 8)
   --rounds N            concurrent: bursts per plugin, median reported (default 3)
   --iperf-secs N        iperf: seconds per transfer (default 5)
-  --iperf-runs N        iperf: transfers per path, median reported (default 5)
+  --iperf-runs N        iperf: transfers per path, median reported (default 9)
   --nice N              run the bench, the plugins and iperf3 at this nice
                         value, e.g. -10 so other work on a shared machine
                         disturbs the figures less (default 0: unchanged)
   -h, --help            this text
 
 nodeplane-cni is taken from the bench's own target directory (build it with
-`cargo build --release -p nodeplane-cni`) or from $NODEPLANE_CNI_BIN.
+`cargo build --release -p nodeplane-cni`) or from $NODEPLANE_CNI_BIN;
+NODEPLANE_FAST_PATH=off runs it with \"fastPath\": false.
 Targets are printed as PASS/MISS; the exit status is 0 whatever they say.
 ";
 

@@ -183,6 +183,10 @@ impl Subject {
                     ));
                 }
                 let mut config = nodeplane_config(&dir);
+                // For comparing the wiring without the fast path.
+                if std::env::var_os("NODEPLANE_FAST_PATH").is_some_and(|v| v == "off") {
+                    config["fastPath"] = json!(false);
+                }
                 if kind == Kind::Nodeplane {
                     config["podCIDRs"] = json!([v4_cidr]);
                 }
