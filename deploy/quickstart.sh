@@ -153,9 +153,11 @@ DESC="ping  pod a -> pod b  ${V4[b]}"; check ip netns exec np-demo-a busybox pin
 DESC="ping  pod a -> pod c  ${V6[c]}"; check ip netns exec np-demo-a busybox ping -c1 -W2 "${V6[c]}"
 DESC="ping  node  -> pod b  ${V4[b]}"; check ip netns exec "$NODE" busybox ping -c1 -W2 "${V4[b]}"
 DESC="ping  pod c -> node   10.10.0.1"; check ip netns exec np-demo-c busybox ping -c1 -W2 10.10.0.1
-ip netns exec np-demo-b busybox nc -l -p 8080 > /run/nodeplane-demo/received & srv=$!
-wait_listen b 8080
-DESC="tcp   pod a -> pod b  ${V4[b]}:8080"; check sh -c "echo hello-from-a | ip netns exec np-demo-a busybox nc -w 2 ${V4[b]} 8080"
+# Not pod b's app port (8080): the node runtime connects there to ask the
+# app for its subscriptions, and this nc accepts one connection only.
+ip netns exec np-demo-b busybox nc -l -p 9000 > /run/nodeplane-demo/received & srv=$!
+wait_listen b 9000
+DESC="tcp   pod a -> pod b  ${V4[b]}:9000"; check sh -c "echo hello-from-a | ip netns exec np-demo-a busybox nc -w 2 ${V4[b]} 9000"
 wait $srv || true
 echo "    pod b received: $(cat /run/nodeplane-demo/received)"
 

@@ -9,7 +9,8 @@
 //! agent runs: nodeplane-agent marks the network as policed (a file in its
 //! state directory, [`policed_marker`]) before it programs any policy, and
 //! from then on the plugin records pods without the fast flag and the agent
-//! sets it for pods no policy applies to.
+//! sets it for pods no policy applies to. A reachable agent socket without
+//! the marker counts as policed as well (see [`policed`]).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -23,6 +24,16 @@ use crate::config::NetConf;
 /// policy table outlives the agent's process, and so must the marker.
 pub fn policed_marker(state_dir: &Path, network: &str) -> PathBuf {
     state_dir.join(network).join("policed-by-agent")
+}
+
+/// Whether an agent may be enforcing policy on this network, so that new
+/// pods must not skip netfilter until it says so. The marker is the rule; an
+/// agent socket without the marker is an agent that predates the fast path
+/// (or has not started programming yet), and it gets the safe answer too:
+/// it would never clear a flag it does not know about.
+fn policed(conf: &NetConf) -> bool {
+    policed_marker(&conf.state_dir, &conf.name).exists()
+        || (!conf.agent_socket.as_os_str().is_empty() && conf.agent_socket.exists())
 }
 
 fn dir(conf: &NetConf) -> PathBuf {
@@ -41,7 +52,7 @@ pub fn attach(conf: &NetConf, ifindex: u32, ips: &[IpAddr], mac: [u8; 6]) -> Opt
         // pod not in the pods map take the routed path, through its shaping.
         return Some("bandwidth limits requested: the pod uses the routed path".into());
     }
-    let fast = !policed_marker(&conf.state_dir, &conf.name).exists();
+    let fast = !policed(conf);
     let done = Instance::find_or_create(&dir(conf)).and_then(|i| {
         // Addresses first: a packet the program takes must find both ends.
         for ip in ips {

@@ -35,6 +35,9 @@ impl Node {
             "type": "nodeplane-cni",
             "podCIDRs": cidrs,
             "stateDir": state.path(),
+            // Inside the test's own state: an agent running on the host
+            // (its default socket) must not change what the plugin does.
+            "agentSocket": state.path().join("agent.sock"),
         });
         Node {
             ns,

@@ -203,6 +203,20 @@ fn a_policed_network_records_pods_without_the_fast_flag() {
 }
 
 #[test]
+fn an_agent_socket_without_the_marker_counts_as_policed() {
+    // An agent that predates the fast path never writes the marker and
+    // would never clear the flag, so its presence alone keeps pods routed.
+    let node = Node::new(&[V4]);
+    let socket = node.state.path().join("agent.sock");
+    std::fs::write(&socket, "").expect("stand-in for the agent's socket");
+    let a = Netns::new("fps");
+    let r = node.add("pod-a", &a);
+    let e = entry(&node, &ip_of(&r, 0)).expect("recorded");
+    assert!(!e.fast, "an agent may be enforcing policy: the routed path");
+    node.del("pod-a", Some(&a));
+}
+
+#[test]
 fn fast_path_false_sets_nothing_up_and_a_bad_value_is_refused() {
     let node = Node::new(&[V4]);
     let a = Netns::new("fpa");

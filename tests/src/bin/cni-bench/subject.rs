@@ -368,5 +368,8 @@ fn nodeplane_config(state_dir: &str) -> Value {
     config["name"] = list["name"].clone();
     config["cniVersion"] = list["cniVersion"].clone();
     config["stateDir"] = json!(state_dir);
+    // The plugin alone: an agent running on this machine must neither be
+    // notified nor make the plugin treat the bench's network as policed.
+    config["agentSocket"] = json!("");
     config
 }
