@@ -160,7 +160,7 @@ fn main() -> anyhow::Result<()> {
         println!();
         let lat = latency::run(&o, direct_ch.clone(), shim_ch.clone(), &first).await?;
         println!();
-        let thr = throughput::run(&o, ctd.socket(), shim.socket.clone()).await?;
+        let thr = throughput::run(&o, ctd.socket(), shim.socket.clone(), shim.pid()).await?;
         println!();
         println!("load average after: {}", loadavg());
         println!("targets:");

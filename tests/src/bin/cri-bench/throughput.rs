@@ -58,24 +58,81 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// Clock ticks of CPU the machine spent busy (user, nice, system, irq,
+/// softirq, steal), from /proc/stat's first line.
+fn busy_ticks() -> u64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum()
+}
+
+/// Clock ticks of CPU process `pid` used (utime + stime), 0 if unknown.
+fn process_ticks(pid: Option<u32>) -> u64 {
+    let Some(pid) = pid else { return 0 };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command's closing parenthesis; utime and stime are
+    // the 14th and 15th of the line.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
+}
+
+/// Calls per second, and CPU µs per call of the whole machine and of the
+/// shim (`shim_pid`) while they ran.
+async fn measured(
+    socket: &Path,
+    o: &Opts,
+    shim_pid: Option<u32>,
+) -> anyhow::Result<(f64, f64, f64)> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let (m0, p0) = (busy_ticks(), process_ticks(shim_pid));
+    let t = Instant::now();
+    let rate = rate(socket, o.clients, o.secs).await?;
+    let calls = (rate * t.elapsed().as_secs_f64()).max(1.0);
+    let per_call = |ticks: u64| ticks as f64 / hz * 1e6 / calls;
+    let (m1, p1) = (busy_ticks(), process_ticks(shim_pid));
+    Ok((rate, per_call(m1 - m0), per_call(p1 - p0)))
+}
+
 /// Prints the figures; returns shim/direct.
-pub async fn run(o: &Opts, direct: PathBuf, shim: PathBuf) -> anyhow::Result<f64> {
+pub async fn run(
+    o: &Opts,
+    direct: PathBuf,
+    shim: PathBuf,
+    shim_pid: Option<u32>,
+) -> anyhow::Result<f64> {
     println!("throughput, {} concurrent clients, Version + filtered ListContainers alternating ({} s x {} rounds; calls/s)", o.clients, o.secs, o.rounds);
-    let (mut d, mut s) = (Vec::new(), Vec::new());
+    println!("  (cpu: the machine's busy CPU µs per call in that round; the shim's own share after the slash)");
+    let (mut d, mut s, mut dc, mut sc, mut own) = (vec![], vec![], vec![], vec![], vec![]);
     for r in 0..o.rounds {
-        let dr = rate(&direct, o.clients, o.secs).await?;
-        let sr = rate(&shim, o.clients, o.secs).await?;
+        let (dr, dcpu, _) = measured(&direct, o, None).await?;
+        let (sr, scpu, shim_cpu) = measured(&shim, o, shim_pid).await?;
         println!(
-            "  round {}: direct {dr:>9.0}  shim {sr:>9.0}  ratio {:.3}",
+            "  round {}: direct {dr:>9.0} (cpu {dcpu:>5.1})  shim {sr:>9.0} (cpu {scpu:>5.1} / {shim_cpu:>4.1})  ratio {:.3}",
             r + 1,
             sr / dr
         );
         d.push(dr);
         s.push(sr);
+        dc.push(dcpu);
+        sc.push(scpu);
+        own.push(shim_cpu);
     }
     let (dm, sm) = (median(d), median(s));
+    let (dcm, scm, ownm) = (median(dc), median(sc), median(own));
     println!(
-        "  median : direct {dm:>9.0}  shim {sm:>9.0}  ratio {:.3}",
+        "  median : direct {dm:>9.0} (cpu {dcm:>5.1})  shim {sm:>9.0} (cpu {scm:>5.1} / {ownm:>4.1})  ratio {:.3}",
         sm / dm
     );
     Ok(sm / dm)
