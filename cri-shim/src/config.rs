@@ -105,14 +105,11 @@ pub struct Args {
     #[arg(long, env = "NODEPLANE_CRI_WORKER_THREADS", default_value_t = 1)]
     pub worker_threads: usize,
 
-    /// How calls are relayed: `uring` (the default) and `frames` forward
-    /// the kubelet's HTTP/2 frames over a containerd connection of its own
-    /// and read only the lifecycle calls (about a fifth of the instructions
-    /// per call), `uring` with every socket on one io_uring (one syscall
-    /// per batch of sends and receives; `frames` if io_uring is not
-    /// available), `frames` on tokio's epoll reactor; `h2` ends HTTP/2 on
-    /// both sides and relays each call (the shim's first relay).
-    #[arg(long, env = "NODEPLANE_CRI_RELAY", default_value = "uring", value_parser = ["uring", "frames", "h2"])]
+    /// How calls are relayed: `frames` forwards the kubelet's HTTP/2 frames
+    /// over a containerd connection of its own and reads only the lifecycle
+    /// calls (about a fifth of the instructions per call); `h2` ends HTTP/2
+    /// on both sides and relays each call (the shim's first relay).
+    #[arg(long, env = "NODEPLANE_CRI_RELAY", default_value = "frames", value_parser = ["frames", "h2"])]
     pub relay: String,
 
     /// Log filter (RUST_LOG syntax).
@@ -137,11 +134,8 @@ pub struct Config {
     pub runtime_connections: usize,
     pub inject: Option<Injection>,
     pub metrics_listen: Option<SocketAddr>,
-    /// Frame relay (`--relay frames` or `uring`) rather than HTTP/2 on
-    /// both sides.
+    /// Frame relay (`--relay frames`) rather than HTTP/2 on both sides.
     pub frames: bool,
-    /// The frame relay's sockets on io_uring (`--relay uring`).
-    pub uring: bool,
 }
 
 /// What CreateContainer adds to containers of pods that do not opt out.
@@ -246,8 +240,7 @@ impl Args {
             runtime_connections: self.runtime_connections,
             inject,
             metrics_listen: self.metrics_listen,
-            frames: self.relay != "h2",
-            uring: self.relay == "uring",
+            frames: self.relay == "frames",
         })
     }
 }

@@ -29,7 +29,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -42,7 +42,6 @@ use tokio::sync::mpsc;
 use crate::grpc;
 use crate::io::Socket;
 use crate::relay::{Hooked, Prepared, Relay};
-use crate::uring::{Relayed, RingIo};
 
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER: usize = 9;
@@ -95,22 +94,47 @@ pub async fn serve(
             return;
         }
     };
-    let mut conn = Conn::new(
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut conn = Conn {
         relay,
         active,
-        Side::new(Io::Tokio(k)),
-        Side::new(Io::Tokio(c)),
-    );
+        k: Side::new(k),
+        c: Side::new(c),
+        preface: PREFACE_LEN,
+        up: HeaderBlocks::default(),
+        down: HeaderBlocks::default(),
+        streams: HashMap::default(),
+        last_stream: 0,
+        gone_message: String::new(),
+        down_deferred: None,
+        down_broken_at: None,
+        c_stream_window: DEFAULT_WINDOW,
+        c_max_frame: DEFAULT_MAX_FRAME,
+        c_conn_window: DEFAULT_WINDOW,
+        debt: 0,
+        tx,
+        rx,
+    };
     std::future::poll_fn(|cx| conn.poll(cx)).await;
     if let Some(why) = conn.c.gone.take() {
-        conn.runtime_gone(&why);
+        // containerd restarted (or stopped). The kubelet's HPACK state and
+        // stream ids belong to this connection, so it cannot be carried
+        // over to a new containerd connection: until containerd is back,
+        // its calls are answered UNAVAILABLE naming the runtime (as the h2
+        // relay answers); then a GOAWAY sends its client to a new
+        // connection.
+        tracing::info!(reason = %why, "runtime connection closed; answering UNAVAILABLE on this kubelet connection until the runtime is back");
+        conn.refuse_open_calls(&why.to_string());
         let runtime = conn.relay.runtime_path().to_path_buf();
         tokio::select! {
             () = std::future::poll_fn(|cx| conn.poll_refusing(cx)) => {}
             () = crate::server::runtime_back(&runtime) => {
-                conn.goaway();
+                tracing::info!("runtime reachable again; closing the kubelet connection (GOAWAY) so its next one is relayed to it");
+                frame_header(&mut conn.k.output, 8, GOAWAY, 0, 0);
+                conn.k.output.extend_from_slice(&conn.last_stream.to_be_bytes());
+                conn.k.output.extend_from_slice(&0u32.to_be_bytes());
                 let flush = std::future::poll_fn(|cx| conn.k.poll_flush(cx));
-                let _ = tokio::time::timeout(GOAWAY_FLUSH, flush).await;
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(1), flush).await;
             }
         }
     } else if let Some(why) = &conn.k.gone {
@@ -119,116 +143,10 @@ pub async fn serve(
     conn.finish();
 }
 
-/// Longest a GOAWAY to the kubelet is given to leave.
-const GOAWAY_FLUSH: std::time::Duration = std::time::Duration::from_secs(1);
-
-/// What the io_uring driver relays one kubelet connection with: the same
-/// [`Conn`] as [`serve`], ending the same way.
-pub(crate) fn on_ring(relay: Arc<Relay>, active: Arc<AtomicUsize>) -> crate::uring::Make {
-    Box::new(move |[k, c]| {
-        Box::new(RingConn {
-            conn: Conn::new(
-                relay,
-                active,
-                Side::new(Io::Ring(k)),
-                Side::new(Io::Ring(c)),
-            ),
-            phase: Phase::Relaying,
-        })
-    })
-}
-
-struct RingConn {
-    conn: Conn,
-    phase: Phase,
-}
-
-enum Phase {
-    Relaying,
-    /// containerd is gone: calls are answered UNAVAILABLE until a task
-    /// finds it back (the flag). Dropping the sender ends that task.
-    Refusing {
-        back: Arc<AtomicBool>,
-        _stop: tokio::sync::oneshot::Sender<()>,
-    },
-    /// GOAWAY queued: until it is written, or until the instant.
-    Closing(Instant),
-}
-
-impl Relayed for RingConn {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        loop {
-            match &self.phase {
-                Phase::Relaying => {
-                    std::task::ready!(self.conn.poll(cx));
-                    let Some(why) = self.conn.c.gone.take() else {
-                        if let Some(why) = &self.conn.k.gone {
-                            tracing::debug!(reason = %why, "kubelet connection closed");
-                        }
-                        break;
-                    };
-                    self.conn.runtime_gone(&why);
-                    let back = Arc::new(AtomicBool::new(false));
-                    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-                    let (flag, waker) = (back.clone(), cx.waker().clone());
-                    let runtime = self.conn.relay.runtime_path().to_path_buf();
-                    tokio::spawn(async move {
-                        tokio::select! {
-                            () = crate::server::runtime_back(&runtime) => {
-                                flag.store(true, Ordering::Relaxed);
-                                waker.wake();
-                            }
-                            _ = stopped => {}
-                        }
-                    });
-                    self.phase = Phase::Refusing { back, _stop: stop };
-                }
-                Phase::Refusing { back, .. } => {
-                    if back.load(Ordering::Relaxed) {
-                        self.conn.goaway();
-                        let waker = cx.waker().clone();
-                        tokio::spawn(async move {
-                            tokio::time::sleep(GOAWAY_FLUSH).await;
-                            waker.wake();
-                        });
-                        self.phase = Phase::Closing(Instant::now() + GOAWAY_FLUSH);
-                        continue;
-                    }
-                    std::task::ready!(self.conn.poll_refusing(cx));
-                    break;
-                }
-                Phase::Closing(until) => {
-                    let failed = matches!(self.conn.k.poll_flush(cx), Poll::Ready(Err(_)));
-                    if !failed && self.conn.k.pending() > 0 && Instant::now() < *until {
-                        return Poll::Pending;
-                    }
-                    break;
-                }
-            }
-        }
-        self.conn.finish();
-        Poll::Ready(())
-    }
-
-    fn sockets(&mut self) -> [&mut RingIo; 2] {
-        match (&mut self.conn.k.io, &mut self.conn.c.io) {
-            (Io::Ring(k), Io::Ring(c)) => [k, c],
-            _ => unreachable!("a RingConn is made of ring sockets"),
-        }
-    }
-}
-
-/// How a side's socket is read and written: tokio's reactor (epoll), or
-/// the io_uring driver ([`crate::uring`]).
-enum Io {
-    Tokio(Socket),
-    Ring(RingIo),
-}
-
 /// One socket, what was read from it and not yet relayed, and what waits
 /// to be written to it.
 struct Side {
-    io: Io,
+    sock: Socket,
     input: Vec<u8>,
     output: Vec<u8>,
     /// Bytes of `output` already written.
@@ -238,9 +156,9 @@ struct Side {
 }
 
 impl Side {
-    fn new(io: Io) -> Self {
+    fn new(sock: Socket) -> Self {
         Side {
-            io,
+            sock,
             input: Vec::with_capacity(READ_CHUNK),
             output: Vec::with_capacity(64 << 10),
             sent: 0,
@@ -261,27 +179,18 @@ impl Side {
         }
     }
 
-    /// Bytes not yet written (on the ring, those of the send in flight too).
     fn pending(&self) -> usize {
-        let in_flight = match &self.io {
-            Io::Tokio(_) => 0,
-            Io::Ring(r) => r.in_flight(),
-        };
-        self.output.len() - self.sent + in_flight
+        self.output.len() - self.sent
     }
 
     /// Reads what the socket has (Ready(Ok(0)) at end of stream).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        let sock = match &mut self.io {
-            Io::Tokio(sock) => sock,
-            Io::Ring(r) => return r.take_received(&mut self.input),
-        };
         if self.input.capacity() - self.input.len() < 16 << 10 {
             self.input.reserve(READ_CHUNK);
         }
         let len = self.input.len();
         let mut rb = ReadBuf::uninit(self.input.spare_capacity_mut());
-        std::task::ready!(Pin::new(sock).poll_read(cx, &mut rb))?;
+        std::task::ready!(Pin::new(&mut self.sock).poll_read(cx, &mut rb))?;
         let n = rb.filled().len();
         // SAFETY: poll_read initialised exactly the first `n` spare bytes.
         unsafe { self.input.set_len(len + n) };
@@ -289,15 +198,11 @@ impl Side {
     }
 
     /// Writes out what it can; Ready(Err) only for a broken socket.
-    /// On the ring, Ready(Ok) means handed to the kernel.
     fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let sock = match &mut self.io {
-            Io::Tokio(sock) => sock,
-            Io::Ring(r) => return r.take_output(&mut self.output),
-        };
         while self.sent < self.output.len() {
-            let n =
-                std::task::ready!(Pin::new(&mut *sock).poll_write(cx, &self.output[self.sent..]))?;
+            let n = std::task::ready!(
+                Pin::new(&mut self.sock).poll_write(cx, &self.output[self.sent..])
+            )?;
             if n == 0 {
                 return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
             }
@@ -435,30 +340,6 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(relay: Arc<Relay>, active: Arc<AtomicUsize>, k: Side, c: Side) -> Self {
-        let (tx, rx) = mpsc::unbounded_channel();
-        Conn {
-            relay,
-            active,
-            k,
-            c,
-            preface: PREFACE_LEN,
-            up: HeaderBlocks::default(),
-            down: HeaderBlocks::default(),
-            streams: HashMap::default(),
-            last_stream: 0,
-            gone_message: String::new(),
-            down_deferred: None,
-            down_broken_at: None,
-            c_stream_window: DEFAULT_WINDOW,
-            c_max_frame: DEFAULT_MAX_FRAME,
-            c_conn_window: DEFAULT_WINDOW,
-            debt: 0,
-            tx,
-            rx,
-        }
-    }
-
     /// Relays until one side is gone (its `gone` says why).
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         loop {
@@ -502,27 +383,6 @@ impl Conn {
                 return Poll::Pending;
             }
         }
-    }
-
-    /// containerd restarted (or stopped). The kubelet's HPACK state and
-    /// stream ids belong to this connection, so it cannot be carried over
-    /// to a new containerd connection: until containerd is back, its calls
-    /// are answered UNAVAILABLE naming the runtime (as the h2 relay
-    /// answers); then a GOAWAY ([`Conn::goaway`]) sends its client to a new
-    /// connection.
-    fn runtime_gone(&mut self, why: &std::io::Error) {
-        tracing::info!(reason = %why, "runtime connection closed; answering UNAVAILABLE on this kubelet connection until the runtime is back");
-        self.refuse_open_calls(&why.to_string());
-    }
-
-    /// containerd is back: the kubelet is told to take a new connection.
-    fn goaway(&mut self) {
-        tracing::info!("runtime reachable again; closing the kubelet connection (GOAWAY) so its next one is relayed to it");
-        frame_header(&mut self.k.output, 8, GOAWAY, 0, 0);
-        self.k
-            .output
-            .extend_from_slice(&self.last_stream.to_be_bytes());
-        self.k.output.extend_from_slice(&0u32.to_be_bytes());
     }
 
     /// containerd's connection ended: every call still open is answered

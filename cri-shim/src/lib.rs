@@ -33,7 +33,6 @@ pub mod resync;
 pub mod server;
 pub mod unary;
 pub mod upstream;
-pub mod uring;
 
 pub use config::{Args, Config};
 pub use error::{Error, Result};

@@ -95,25 +95,9 @@ pub async fn run(cfg: Config) -> Result<()> {
     tracing::info!(listen = %cfg.listen.display(), runtime = %cfg.runtime.display(),
         agent = ?cfg.agent, inject = cfg.inject.is_some(), "nodeplane-cri-shim relaying");
 
-    let ring = if cfg.uring {
-        match crate::uring::Driver::start(tokio::runtime::Handle::current()) {
-            Ok(d) => {
-                tracing::info!("relaying frames on io_uring");
-                Some(d)
-            }
-            Err(e) => {
-                // Containers' default seccomp profiles, and the sysctl
-                // kernel.io_uring_disabled, refuse io_uring.
-                tracing::warn!(error = %e, "io_uring unavailable; relaying frames on epoll (--relay frames)");
-                None
-            }
-        }
-    } else {
-        None
-    };
     let active = Arc::new(AtomicUsize::new(0));
     tokio::select! {
-        _ = accept(listener, relay, ring, active.clone()) => {}
+        _ = accept(listener, relay, active.clone()) => {}
         _ = term.recv() => {}
         _ = int.recv() => {}
     }
@@ -128,12 +112,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
-async fn accept(
-    listener: UnixListener,
-    relay: Arc<Relay>,
-    ring: Option<crate::uring::Driver>,
-    active: Arc<AtomicUsize>,
-) {
+async fn accept(listener: UnixListener, relay: Arc<Relay>, active: Arc<AtomicUsize>) {
     loop {
         let stream = match listener.accept().await {
             Ok((s, _)) => s,
@@ -143,37 +122,19 @@ async fn accept(
                 continue;
             }
         };
-        tokio::spawn(connection(
-            relay.clone(),
-            ring.clone(),
-            active.clone(),
-            stream,
-        ));
+        tokio::spawn(connection(relay.clone(), active.clone(), stream));
     }
 }
 
 /// Serves one kubelet connection: with the frame relay over a containerd
 /// connection of its own, or (`--relay h2`, or containerd unreachable just
 /// now) with the h2 relay.
-async fn connection(
-    relay: Arc<Relay>,
-    ring: Option<crate::uring::Driver>,
-    active: Arc<AtomicUsize>,
-    stream: tokio::net::UnixStream,
-) {
+async fn connection(relay: Arc<Relay>, active: Arc<AtomicUsize>, stream: tokio::net::UnixStream) {
     if !relay.frames() {
         return serve_h2(relay, active, stream, false).await;
     }
     match tokio::net::UnixStream::connect(relay.runtime_path()).await {
-        Ok(runtime) => match ring {
-            Some(ring) => match (blocking_fd(stream), blocking_fd(runtime)) {
-                (Ok(k), Ok(c)) => ring.add(k, c, crate::frames::on_ring(relay, active)),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(error = %e, "handing a relayed connection to io_uring")
-                }
-            },
-            None => crate::frames::serve(relay, stream, runtime, active).await,
-        },
+        Ok(runtime) => crate::frames::serve(relay, stream, runtime, active).await,
         Err(e) => {
             tracing::warn!(runtime = %relay.runtime_path().display(), error = %e,
                 "runtime unreachable; this kubelet connection is relayed call by call until it is back");
@@ -236,14 +197,6 @@ async fn serve_h2(
     if let Err(e) = r {
         tracing::debug!(error = %e, "kubelet connection ended");
     }
-}
-
-/// The socket out of tokio's reactor, in blocking mode: io_uring then
-/// waits for it by itself instead of answering EAGAIN.
-fn blocking_fd(s: tokio::net::UnixStream) -> std::io::Result<std::os::fd::OwnedFd> {
-    let s = s.into_std()?;
-    s.set_nonblocking(false)?;
-    Ok(s.into())
 }
 
 /// Returns once the runtime's socket accepts a connection.
