@@ -1,6 +1,8 @@
 //! What the benchmarks (`tests/src/bin/*-bench`) share: clean-up when they
-//! die ([`guard`]), and the target verdicts they print ([`Report`]).
+//! die ([`guard`]), CPU time from /proc ([`cpu`]), and the target verdicts
+//! they print ([`Report`]).
 
+pub mod cpu;
 pub mod guard;
 
 /// Target verdicts and errors collected for a bench's summary.

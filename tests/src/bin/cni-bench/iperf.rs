@@ -136,19 +136,6 @@ fn forwarded(ns: &Ns) -> Result<u64, String> {
         .ok_or_else(|| format!("no ForwDatagrams in /proc/net/snmp of {}", ns.name))
 }
 
-/// Busy jiffies of all CPUs so far (/proc/stat's first line).
-fn busy_jiffies() -> Result<u64, String> {
-    let stat = std::fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
-    let line = stat.lines().next().unwrap_or_default();
-    let f: Vec<u64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq: the busy ones.
-    Ok([0, 1, 2, 5, 6].iter().filter_map(|&i| f.get(i)).sum())
-}
-
 /// Runs one iperf3 transfer of `secs` seconds over `path`.
 ///
 /// With `pin`, the server runs on CPU 1 and the client on CPU 0: left to the
@@ -173,7 +160,7 @@ pub fn measure(path: &Path<'_>, secs: u64, pin: bool) -> Result<Transfer, String
     let _server = Proc::new(server, Duration::from_secs(secs + 30));
     wait_listening(path.server)?;
     let fwd_before = path.router.map(forwarded).transpose()?;
-    let busy_before = busy_jiffies()?;
+    let busy_before = nodeplane_tests::bench::cpu::busy_ticks()?;
     let client = path
         .client
         .command("iperf3")
@@ -202,7 +189,7 @@ pub fn measure(path: &Path<'_>, secs: u64, pin: bool) -> Result<Transfer, String
         .0
         .wait()
         .map_err(|e| format!("wait iperf3 -c: {e}"))?;
-    let busy = busy_jiffies()? - busy_before;
+    let busy = nodeplane_tests::bench::cpu::busy_ticks()? - busy_before;
     let fwd = match (path.router, fwd_before) {
         (Some(r), Some(b)) => Some(forwarded(r)?.saturating_sub(b)),
         _ => None,
@@ -219,8 +206,7 @@ pub fn measure(path: &Path<'_>, secs: u64, pin: bool) -> Result<Transfer, String
             path.label, v["error"]
         ));
     };
-    // SAFETY: sysconf has no memory effects.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let hz = nodeplane_tests::bench::cpu::ticks_per_second();
     let gb = (bytes / 1e9).max(1e-9);
     Ok(Transfer {
         bps,

@@ -58,35 +58,6 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Clock ticks of CPU the machine spent busy (user, nice, system, irq,
-/// softirq, steal), from /proc/stat's first line.
-fn busy_ticks() -> u64 {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<u64> = stat
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| f.get(i)).sum()
-}
-
-/// Clock ticks of CPU process `pid` used (utime + stime), 0 if unknown.
-fn process_ticks(pid: Option<u32>) -> u64 {
-    let Some(pid) = pid else { return 0 };
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command's closing parenthesis; utime and stime are
-    // the 14th and 15th of the line.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<u64> = rest
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    f.get(10).copied().unwrap_or(0) + f.get(11).copied().unwrap_or(0)
-}
-
 /// Calls per second, and CPU µs per call of the whole machine and of the
 /// shim (`shim_pid`) while they ran.
 async fn measured(
@@ -94,14 +65,17 @@ async fn measured(
     o: &Opts,
     shim_pid: Option<u32>,
 ) -> anyhow::Result<(f64, f64, f64)> {
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let (m0, p0) = (busy_ticks(), process_ticks(shim_pid));
+    use nodeplane_tests::bench::cpu;
+    let process = |pid: Option<u32>| {
+        pid.and_then(|p| cpu::process_ticks(p).ok())
+            .map_or(0, |(user, sys)| user + sys)
+    };
+    let (m0, p0) = (cpu::busy_ticks().unwrap_or(0), process(shim_pid));
     let t = Instant::now();
     let rate = rate(socket, o.clients, o.secs).await?;
     let calls = (rate * t.elapsed().as_secs_f64()).max(1.0);
-    let per_call = |ticks: u64| ticks as f64 / hz * 1e6 / calls;
-    let (m1, p1) = (busy_ticks(), process_ticks(shim_pid));
+    let per_call = |ticks: u64| ticks as f64 / cpu::ticks_per_second() * 1e6 / calls;
+    let (m1, p1) = (cpu::busy_ticks().unwrap_or(0), process(shim_pid));
     Ok((rate, per_call(m1 - m0), per_call(p1 - p0)))
 }
 

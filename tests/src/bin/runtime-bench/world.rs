@@ -437,18 +437,11 @@ pub struct ProcSample {
 impl ProcSample {
     pub fn of(pid: u32) -> Result<ProcSample, String> {
         let at = Instant::now();
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map_err(|e| format!("/proc/{pid}/stat: {e} (did the agent exit?)"))?;
-        // Fields after the command name (which may hold spaces): the
-        // first is field 3 (state), so utime (14) and stime (15) are at
-        // indexes 11 and 12.
-        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let cpu = (ticks(11) + ticks(12)) as f64 / hz;
-        let sys = ticks(12) as f64 / hz;
+        use nodeplane_tests::bench::cpu;
+        let (user, sys) = cpu::process_ticks(pid)?;
+        let hz = cpu::ticks_per_second();
+        let cpu = (user + sys) as f64 / hz;
+        let sys = sys as f64 / hz;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .map_err(|e| format!("/proc/{pid}/status: {e}"))?;
         let field = |name: &str| -> u64 {
