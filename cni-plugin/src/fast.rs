@@ -9,8 +9,8 @@
 //! agent runs: nodeplane-agent marks the network as policed (a file in its
 //! state directory, [`policed_marker`]) before it programs any policy, and
 //! from then on the plugin records pods without the fast flag and the agent
-//! sets it for pods no policy applies to. A reachable agent socket without
-//! the marker counts as policed as well (see [`policed`]).
+//! sets it for pods no policy applies to. An agent socket that exists
+//! without the marker counts as policed as well (see [`policed`]).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};

@@ -207,8 +207,10 @@ fn an_agent_socket_without_the_marker_counts_as_policed() {
     // An agent that predates the fast path never writes the marker and
     // would never clear the flag, so its presence alone keeps pods routed.
     let node = Node::new(&[V4]);
-    let socket = node.state.path().join("agent.sock");
-    std::fs::write(&socket, "").expect("stand-in for the agent's socket");
+    let socket = node.base["agentSocket"]
+        .as_str()
+        .expect("the fixture sets agentSocket");
+    std::fs::write(socket, "").expect("stand-in for the agent's socket");
     let a = Netns::new("fps");
     let r = node.add("pod-a", &a);
     let e = entry(&node, &ip_of(&r, 0)).expect("recorded");

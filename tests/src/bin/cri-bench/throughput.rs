@@ -13,7 +13,9 @@ use nodeplane_tests::containerd::connect_channel;
 
 use crate::Opts;
 
-async fn rate(socket: &Path, clients: usize, secs: u64) -> anyhow::Result<f64> {
+/// Calls per second over the timed window, and every call completed
+/// (those still in flight when it closed included).
+async fn rate(socket: &Path, clients: usize, secs: u64) -> anyhow::Result<(f64, u64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -50,7 +52,7 @@ async fn rate(socket: &Path, clients: usize, secs: u64) -> anyhow::Result<f64> {
     for t in tasks {
         let _ = t.await;
     }
-    Ok(n as f64 / elapsed)
+    Ok((n as f64 / elapsed, done.load(Ordering::Relaxed)))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -71,12 +73,14 @@ async fn measured(
             .map_or(0, |(user, sys)| user + sys)
     };
     let (m0, p0) = (cpu::busy_ticks().unwrap_or(0), process(shim_pid));
-    let t = Instant::now();
-    let rate = rate(socket, o.clients, o.secs).await?;
-    let calls = (rate * t.elapsed().as_secs_f64()).max(1.0);
-    let per_call = |ticks: u64| ticks as f64 / cpu::ticks_per_second() * 1e6 / calls;
+    let (rate, calls) = rate(socket, o.clients, o.secs).await?;
     let (m1, p1) = (cpu::busy_ticks().unwrap_or(0), process(shim_pid));
-    Ok((rate, per_call(m1 - m0), per_call(p1 - p0)))
+    let per_call = |ticks: u64| ticks as f64 / cpu::ticks_per_second() * 1e6 / calls.max(1) as f64;
+    Ok((
+        rate,
+        per_call(m1.saturating_sub(m0)),
+        per_call(p1.saturating_sub(p0)),
+    ))
 }
 
 /// Prints the figures; returns shim/direct.
