@@ -203,6 +203,11 @@ impl Containerd {
     }
 
     /// The node namespace containerd and the CNI plugins run in.
+    /// containerd's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     pub fn node(&self) -> &Netns {
         &self.node
     }

@@ -12,7 +12,7 @@ use k8s_cri::v1::{
 use nodeplane_tests::containerd::PAUSE_IMAGE;
 use tonic::transport::Channel;
 
-use crate::stats::{ms, quantile};
+use crate::stats::{ms, p99_added_interval, quantile};
 use crate::Opts;
 
 #[derive(Clone, Copy, Debug)]
@@ -73,12 +73,12 @@ pub async fn call(m: Method, ch: &Channel, container: &str) -> anyhow::Result<Du
 /// Prints the table; returns the worst p99 added, in ms.
 pub async fn run(o: &Opts, direct: Channel, shim: Channel, container: &str) -> anyhow::Result<f64> {
     println!(
-        "latency per call ({} calls per method and path, interleaved; ms)",
+        "latency per call ({} calls per method and path, interleaved; ms; the interval is a bootstrap of both paths' samples)",
         o.iterations
     );
     println!(
-        "{:<16} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}",
-        "method", "p50 dir", "p50 shim", "p99 dir", "p99 shim", "p50 added", "p99 added"
+        "{:<16} {:>9} {:>9} {:>9} {:>9} {:>10} {:>10}  p99 added, 90% interval",
+        "method", "p50 dir", "p50 shim", "p99 dir", "p99 shim", "p50 added", "p99 added",
     );
     let mut worst = f64::MIN;
     let mut spread = Vec::new();
@@ -102,6 +102,7 @@ pub async fn run(o: &Opts, direct: Channel, shim: Channel, container: &str) -> a
             }
         }
         spread.push((m, blocks(&d, &s)));
+        let (lo, hi) = p99_added_interval(&d, &s, 200);
         d.sort_unstable();
         s.sort_unstable();
         let (d50, s50, d99, s99) = (
@@ -112,7 +113,7 @@ pub async fn run(o: &Opts, direct: Channel, shim: Channel, container: &str) -> a
         );
         worst = worst.max(s99 - d99);
         println!(
-            "{:<16} {d50:>9.3} {s50:>9.3} {d99:>9.3} {s99:>9.3} {:>10.3} {:>10.3}",
+            "{:<16} {d50:>9.3} {s50:>9.3} {d99:>9.3} {s99:>9.3} {:>10.3} {:>10.3}  {lo:.3} to {hi:.3}",
             format!("{m:?}"),
             s50 - d50,
             s99 - d99
