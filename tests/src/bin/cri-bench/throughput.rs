@@ -1,5 +1,8 @@
-//! Calls per second with N concurrent clients (one connection each, as N
-//! kubelet-like callers), ContainerStatus and Version alternating.
+//! Calls per second with N concurrent clients, Version and a filtered
+//! ListContainers alternating. By default each client has a connection of
+//! its own (N separate CRI clients, the relay's worst case); with
+//! `--connections 1` they share one, as the kubelet's goroutines share its
+//! runtime-service connection.
 //!
 //! Rounds are short and many, and each round times both paths back to back,
 //! direct first in odd rounds and the shim first in even ones. This VM's
@@ -21,12 +24,16 @@ use crate::Opts;
 
 /// Calls per second over the timed window, and every call completed
 /// (those still in flight when it closed included).
-async fn rate(socket: &Path, clients: usize, secs: f64) -> anyhow::Result<(f64, u64)> {
+async fn rate(socket: &Path, o: &Opts) -> anyhow::Result<(f64, u64)> {
     let stop = Arc::new(AtomicBool::new(false));
     let done = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let mut c = RuntimeServiceClient::new(connect_channel(socket.to_path_buf()).await?);
+    let mut channels = Vec::new();
+    for _ in 0..o.connections.clamp(1, o.clients) {
+        channels.push(connect_channel(socket.to_path_buf()).await?);
+    }
+    for i in 0..o.clients {
+        let mut c = RuntimeServiceClient::new(channels[i % channels.len()].clone());
         c.version(VersionRequest::default()).await?;
         let (stop, done) = (stop.clone(), done.clone());
         tasks.push(tokio::spawn(async move {
@@ -51,7 +58,7 @@ async fn rate(socket: &Path, clients: usize, secs: f64) -> anyhow::Result<(f64, 
         }));
     }
     let t = Instant::now();
-    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    tokio::time::sleep(Duration::from_secs_f64(o.secs)).await;
     stop.store(true, Ordering::Relaxed);
     let n = done.load(Ordering::Relaxed);
     let elapsed = t.elapsed().as_secs_f64();
@@ -87,7 +94,7 @@ async fn measured(socket: &Path, o: &Opts, pids: Pids) -> anyhow::Result<Round> 
         process(pids.containerd),
         process(pids.shim),
     );
-    let (rate, calls) = rate(socket, o.clients, o.secs).await?;
+    let (rate, calls) = rate(socket, o).await?;
     let after = (
         cpu::busy_ticks().unwrap_or(0),
         process(pids.containerd),
@@ -114,8 +121,8 @@ pub struct Pids {
 /// Prints the figures; returns the median of the rounds' shim/direct ratios.
 pub async fn run(o: &Opts, direct: PathBuf, shim: PathBuf, pids: Pids) -> anyhow::Result<f64> {
     println!(
-        "throughput, {} concurrent clients, Version + filtered ListContainers alternating ({} s per path x {} rounds; calls/s)",
-        o.clients, o.secs, o.rounds
+        "throughput, {} concurrent clients on {} connections per path, Version + filtered ListContainers alternating ({} s per path x {} rounds; calls/s)",
+        o.clients, o.connections.clamp(1, o.clients), o.secs, o.rounds
     );
     println!(
         "  (cpu: busy CPU µs per call in that round: the machine's, containerd's, the shim's)"
