@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod pods;
 pub mod relay;
 pub mod resync;
+pub mod sched;
 pub mod server;
 pub mod unary;
 pub mod upstream;

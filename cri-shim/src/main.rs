@@ -8,6 +8,7 @@ fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_logging(&args.log_level, args.log_json);
     let threads = args.worker_threads;
+    let slice = args.sched_slice_us;
     let cfg = match args.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -24,6 +25,17 @@ fn main() -> std::process::ExitCode {
             b
         }
     };
+    // The main thread runs the relay with one worker thread; the others get
+    // the slice as they start.
+    match nodeplane_cri_shim::sched::short_slice(slice) {
+        Ok(()) => {}
+        Err(e) => {
+            tracing::warn!(error = %e, slice_us = slice, "could not set the scheduler slice; the kernel's default applies")
+        }
+    }
+    builder.on_thread_start(move || {
+        let _ = nodeplane_cri_shim::sched::short_slice(slice);
+    });
     let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
