@@ -227,7 +227,10 @@ unshare --mount --propagation private sleep infinity & CSI_NS=$!
 for _ in $(seq 1 100); do [ "$(readlink /proc/$CSI_NS/ns/mnt)" != "$(readlink /proc/self/ns/mnt)" ] && break; sleep 0.05; done
 in_ns mount "$POOL_DEV" "$CSI_DIR/pool"
 CSI_EP="unix://$CSI_DIR/csi.sock"
-in_ns "$BIN/nodeplane-agent" csi --endpoint "$CSI_EP" --node-id demo-node \
+# nsenter itself, not the in_ns function: `function &` would make $! a
+# subshell, and killing that left the driver running after the demo.
+# nsenter (mount namespace only) execs the driver, so $! is the driver.
+nsenter -t "$CSI_NS" -m -- "$BIN/nodeplane-agent" csi --endpoint "$CSI_EP" --node-id demo-node \
   --state-dir "$CSI_DIR/state" --pool "$CSI_DIR/pool" > "$CSI_DIR/driver.log" 2>&1 & CSI_DRIVER=$!
 for _ in $(seq 1 100); do [ -S "$CSI_DIR/csi.sock" ] && break; sleep 0.1; done
 csictl() { "$BIN/nodeplane-csictl" --endpoint "$CSI_EP" "$@"; }
