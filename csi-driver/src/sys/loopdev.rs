@@ -6,12 +6,7 @@ use std::path::{Path, PathBuf};
 use crate::{Error, Result};
 
 /// The loop device currently backed by `file`, if any. A device whose file
-/// was deleted (sysfs shows " (deleted)") does not count. Nor does one being
-/// detached: `losetup --detach` of a device something still holds open
-/// only sets autoclear, and the kernel unbinds it at the last close. Handed
-/// out again, such a device fails its next ioctl with ENXIO (seen in CI: an
-/// unstage, then a stage whose `--set-capacity` found it gone). The driver
-/// never sets autoclear itself, so a device with it set is on its way out.
+/// was deleted (sysfs shows " (deleted)") does not count.
 pub fn find(file: &Path) -> Option<PathBuf> {
     let want = file.to_string_lossy();
     let dir = std::fs::read_dir("/sys/block").ok()?;
@@ -23,9 +18,7 @@ pub fn find(file: &Path) -> Option<PathBuf> {
         let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) else {
             continue;
         };
-        let leaving =
-            std::fs::read_to_string(e.path().join("loop/autoclear")).is_ok_and(|a| a.trim() == "1");
-        if b.trim_end_matches('\n') == want && !leaving {
+        if b.trim_end_matches('\n') == want {
             return Some(PathBuf::from(format!("/dev/{name}")));
         }
     }
