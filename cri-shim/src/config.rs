@@ -106,7 +106,7 @@ pub struct Args {
     pub worker_threads: usize,
 
     /// Scheduler slice, in µs, asked for the shim's threads (Linux 6.12 and
-    /// later; older kernels ignore it). A woken relay thread then preempts
+    /// later; by the kernel source older ones ignore it). A woken relay thread then preempts
     /// sooner instead of waiting out a busy CPU's slice, for no larger share
     /// of the CPU: on a saturated machine, a shorter tail for more context
     /// switches (the README's "CRI shim" has the figures). 100 to 100000;

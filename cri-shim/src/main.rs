@@ -27,11 +27,8 @@ fn main() -> std::process::ExitCode {
     };
     // The main thread runs the relay with one worker thread; the others get
     // the slice as they start.
-    match nodeplane_cri_shim::sched::short_slice(slice) {
-        Ok(()) => {}
-        Err(e) => {
-            tracing::warn!(error = %e, slice_us = slice, "could not set the scheduler slice; the kernel's default applies")
-        }
+    if let Err(e) = nodeplane_cri_shim::sched::short_slice(slice) {
+        tracing::warn!(error = %e, slice_us = slice, "could not set the scheduler slice; the kernel's default applies");
     }
     builder.on_thread_start(move || {
         let _ = nodeplane_cri_shim::sched::short_slice(slice);

@@ -12,7 +12,8 @@
 //! (`sched_attr.sched_runtime`). It then preempts sooner when woken, and gets
 //! no larger share of the CPU. Measured, that shortened ListContainers' p99
 //! added and cost throughput when the CPUs were saturated (more context
-//! switches), so it is the operator's choice. Older kernels ignore the field.
+//! switches), so it is the operator's choice. By the kernel source, older
+//! kernels ignore the field (not tried on one).
 
 /// Asks for a `us`-microsecond slice for the calling thread; 0 leaves the
 /// kernel's default. A thread under another policy (an operator's

@@ -202,12 +202,12 @@ impl Containerd {
         ctd
     }
 
-    /// The node namespace containerd and the CNI plugins run in.
     /// containerd's process id, while it runs.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(|c| c.id())
     }
 
+    /// The node namespace containerd and the CNI plugins run in.
     pub fn node(&self) -> &Netns {
         &self.node
     }

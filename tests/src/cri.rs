@@ -24,6 +24,14 @@ pub mod server;
 /// How long the shim gets to create its socket.
 const START: Duration = Duration::from_secs(10);
 
+/// For the relays measured in the shim's place (`cri-pump` and the like):
+/// the unix path of the shim's `--NAME=unix://PATH` in this process's
+/// command line, as `Shim::start` passes it.
+pub fn shim_arg(name: &str) -> Option<PathBuf> {
+    let prefix = format!("--{name}=unix://");
+    std::env::args().find_map(|a| a.strip_prefix(&prefix).map(PathBuf::from))
+}
+
 /// Path to the `nodeplane-cri-shim` binary built alongside the running test.
 pub fn shim_bin() -> PathBuf {
     if let Ok(p) = std::env::var("NODEPLANE_CRI_SHIM_BIN") {

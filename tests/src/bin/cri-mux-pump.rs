@@ -14,11 +14,11 @@
 //! command line (`--listen`, `--runtime-endpoint`), so
 //! `NODEPLANE_CRI_SHIM_BIN=<this binary> cri-bench` measures it.
 
+use nodeplane_tests::cri::shim_arg;
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 
 use nodeplane_cri_shim::hpack::Decoder;
 
@@ -40,11 +40,6 @@ const UPSTREAM: u64 = u64::MAX - 1;
 
 /// A decoded header block: stream, END_STREAM, fields.
 type Block = (u32, bool, Vec<(Vec<u8>, Vec<u8>)>);
-
-fn arg(name: &str) -> Option<PathBuf> {
-    let prefix = format!("--{name}=unix://");
-    std::env::args().find_map(|a| a.strip_prefix(&prefix).map(PathBuf::from))
-}
 
 /// One socket with what was read and not yet handled, and what waits to
 /// be written.
@@ -349,7 +344,7 @@ impl Pump {
 }
 
 fn main() {
-    let (Some(listen), Some(runtime)) = (arg("listen"), arg("runtime-endpoint")) else {
+    let (Some(listen), Some(runtime)) = (shim_arg("listen"), shim_arg("runtime-endpoint")) else {
         eprintln!(
             "usage: cri-mux-pump --listen=unix://PATH --runtime-endpoint=unix://PATH [ignored...]"
         );

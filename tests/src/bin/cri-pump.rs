@@ -5,20 +5,15 @@
 //! `NODEPLANE_CRI_SHIM_BIN=<this binary> cri-bench` measures it in the
 //! shim's place. Not a relay anyone should deploy: it hooks nothing.
 
-use std::path::PathBuf;
+use nodeplane_tests::cri::shim_arg;
 
 use tokio::net::{UnixListener, UnixStream};
 
 /// Read buffer per direction: a ListContainers answer fits in one read.
 const BUF: usize = 256 << 10;
 
-fn arg(name: &str) -> Option<PathBuf> {
-    let prefix = format!("--{name}=unix://");
-    std::env::args().find_map(|a| a.strip_prefix(&prefix).map(PathBuf::from))
-}
-
 fn main() -> std::io::Result<()> {
-    let (Some(listen), Some(runtime)) = (arg("listen"), arg("runtime-endpoint")) else {
+    let (Some(listen), Some(runtime)) = (shim_arg("listen"), shim_arg("runtime-endpoint")) else {
         eprintln!(
             "usage: cri-pump --listen=unix://PATH --runtime-endpoint=unix://PATH [ignored...]"
         );

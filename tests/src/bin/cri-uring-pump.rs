@@ -11,9 +11,9 @@
 //! place. A measuring tool, not a relay: it hooks nothing, and a connection's
 //! buffers are kept until the process exits (a bench opens 17).
 
+use nodeplane_tests::cri::shim_arg;
 use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::PathBuf;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
@@ -34,11 +34,6 @@ struct Direction {
     dead: bool,
 }
 
-fn arg(name: &str) -> Option<PathBuf> {
-    let prefix = format!("--{name}=unix://");
-    std::env::args().find_map(|a| a.strip_prefix(&prefix).map(PathBuf::from))
-}
-
 fn push(ring: &mut IoUring, e: &squeue::Entry) -> std::io::Result<()> {
     // SAFETY: every buffer an entry points at lives in a `Direction` that
     // is never dropped or resized while the process runs.
@@ -55,7 +50,7 @@ fn recv(d: &mut Direction, slot: usize) -> squeue::Entry {
 }
 
 fn main() -> std::io::Result<()> {
-    let (Some(listen), Some(runtime)) = (arg("listen"), arg("runtime-endpoint")) else {
+    let (Some(listen), Some(runtime)) = (shim_arg("listen"), shim_arg("runtime-endpoint")) else {
         eprintln!(
             "usage: cri-uring-pump --listen=unix://PATH --runtime-endpoint=unix://PATH [ignored...]"
         );

@@ -112,6 +112,7 @@ fn opts() -> anyhow::Result<Opts> {
         }
     }
     anyhow::ensure!(o.clients >= 1, "--clients must be at least 1");
+    anyhow::ensure!(o.rounds >= 1, "--rounds must be at least 1");
     anyhow::ensure!(o.connections >= 1, "--connections must be at least 1");
     Ok(o)
 }
